@@ -1,0 +1,56 @@
+//! Subcommands of the `dino` binary.
+
+use anyhow::{Context, Result, bail};
+use burn::module::Module;
+use burn::tensor::Device;
+use clap::{Parser, Subcommand};
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+
+use crate::model::{DinoHeadConfig, VitConfig};
+
+#[derive(Debug, Parser)]
+#[command(name = "dino", version, about = "DINO self-supervised vision transformers, in Rust")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Print the size of a backbone and its DINO head.
+    ModelInfo {
+        /// vit_tiny, vit_small or vit_base.
+        #[arg(long, default_value = "vit_small")]
+        arch: String,
+        #[arg(long, default_value_t = 16)]
+        patch_size: usize,
+        /// Side of the training images.
+        #[arg(long, default_value_t = 224)]
+        img_size: usize,
+        #[arg(long, default_value_t = 65536)]
+        out_dim: usize,
+    },
+}
+
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::ModelInfo { arch, patch_size, img_size, out_dim } => {
+            let mut vit = VitConfig::from_arch(&arch, patch_size)
+                .with_context(|| format!("--arch: unknown architecture '{arch}' (vit_tiny, vit_small, vit_base)"))?;
+            if patch_size == 0 || img_size < patch_size {
+                bail!("--patch_size {patch_size} does not fit --img_size {img_size}");
+            }
+            vit.img_size = img_size;
+            let device = Device::flex();
+            let mut rng = StdRng::seed_from_u64(0);
+            let backbone = vit.init(&mut rng, &device);
+            let head = DinoHeadConfig::new(vit.embed_dim, out_dim).init(&mut rng, &device);
+            let tokens = (img_size / patch_size).pow(2) + 1;
+            println!("{arch}/{patch_size} at {img_size}px: {tokens} tokens, dim {}, depth {}, heads {}", vit.embed_dim, vit.depth, vit.num_heads);
+            println!("backbone parameters: {}", backbone.num_params());
+            println!("head parameters:     {}", head.num_params());
+            Ok(())
+        }
+    }
+}

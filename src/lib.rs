@@ -1,0 +1,6 @@
+//! dino: DINO self-supervised vision transformers (Caron et al., ICCV 2021) on Burn.
+
+pub mod cli;
+pub mod model;
+pub mod train;
+pub mod weights;

@@ -1,0 +1,101 @@
+//! DINO projection head: an MLP to a bottleneck, L2 normalisation, and a weight-normalised
+//! linear layer to `out_dim` prototypes whose softmax is the distribution the loss compares.
+
+use burn::module::{Module, Param};
+use burn::nn::{BatchNorm, BatchNormConfig, Linear};
+use burn::tensor::activation::gelu;
+use burn::tensor::{Device, Tensor};
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+
+use super::init::uniform;
+use super::linear;
+
+/// Shape of the head; defaults are the reference's.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DinoHeadConfig {
+    pub in_dim: usize,
+    /// Number of prototypes K (65536 in the reference).
+    pub out_dim: usize,
+    /// BatchNorm after each hidden Linear.
+    pub use_bn: bool,
+    /// Fix the weight-norm gain at 1, making the last layer a cosine layer.
+    pub norm_last_layer: bool,
+    /// Linear layers in the MLP (at least 1).
+    pub nlayers: usize,
+    pub hidden_dim: usize,
+    pub bottleneck_dim: usize,
+}
+
+impl DinoHeadConfig {
+    pub fn new(in_dim: usize, out_dim: usize) -> Self {
+        Self { in_dim, out_dim, use_bn: false, norm_last_layer: true, nlayers: 3, hidden_dim: 2048, bottleneck_dim: 256 }
+    }
+
+    pub fn init(&self, rng: &mut impl Rng, device: &Device) -> DinoHead {
+        assert!(self.nlayers >= 1, "the head needs at least one layer");
+        let mut dims = vec![self.in_dim];
+        dims.extend(std::iter::repeat_n(self.hidden_dim, self.nlayers - 1));
+        dims.push(self.bottleneck_dim);
+        let mlp = dims.windows(2).map(|w| linear(w[0], w[1], true, rng, device)).collect();
+        let bn = if self.use_bn {
+            (0..self.nlayers - 1).map(|_| BatchNormConfig::new(self.hidden_dim).with_epsilon(1e-5).init(device)).collect()
+        } else {
+            Vec::new()
+        };
+        // The reference leaves the last layer at PyTorch's default Linear init, gain g = 1.
+        let bound = 1.0 / (self.bottleneck_dim as f64).sqrt();
+        let weight_v = Param::from_tensor(uniform([self.out_dim, self.bottleneck_dim], bound, rng, device));
+        let weight_g = Param::from_tensor(Tensor::ones([self.out_dim, 1], device));
+        let weight_g = if self.norm_last_layer { weight_g.set_require_grad(false) } else { weight_g };
+        DinoHead { mlp, bn, last_layer: WeightNormLinear { weight_g, weight_v } }
+    }
+}
+
+/// Linear without bias under weight normalisation: weight = g * v / ||v|| per output row.
+/// Stored as PyTorch stores it: g [out, 1], v [out, in].
+#[derive(Module, Debug)]
+pub struct WeightNormLinear {
+    pub weight_g: Param<Tensor<2>>,
+    pub weight_v: Param<Tensor<2>>,
+}
+
+impl WeightNormLinear {
+    pub fn forward(&self, x: Tensor<2>) -> Tensor<2> {
+        let v = self.weight_v.val();
+        let [out, _] = v.dims();
+        let row_norm = v.clone().square().sum_dim(1).sqrt();
+        let gain = (self.weight_g.val() / row_norm).reshape([1, out]);
+        x.matmul(v.transpose()) * gain
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct DinoHead {
+    pub mlp: Vec<Linear>,
+    pub bn: Vec<BatchNorm>,
+    pub last_layer: WeightNormLinear,
+}
+
+impl DinoHead {
+    pub fn forward(&self, x: Tensor<2>) -> Tensor<2> {
+        let last = self.mlp.len() - 1;
+        let mut x = x;
+        for (i, layer) in self.mlp.iter().enumerate() {
+            x = layer.forward(x);
+            if i < last {
+                if let Some(bn) = self.bn.get(i) {
+                    x = bn.forward(x);
+                }
+                x = gelu(x);
+            }
+        }
+        self.last_layer.forward(l2_normalize(x))
+    }
+}
+
+/// x / max(||x||, 1e-12) along the last axis, as `F.normalize`.
+pub fn l2_normalize(x: Tensor<2>) -> Tensor<2> {
+    let norm = x.clone().square().sum_dim(1).sqrt().clamp_min(1e-12);
+    x / norm
+}

@@ -1,0 +1,66 @@
+//! The networks: the ViT backbone, the DINO projection head, and the student/teacher pair
+//! that puts a multi-crop batch through both.
+
+pub mod head;
+pub mod init;
+pub mod interpolate;
+pub mod vit;
+
+use burn::module::{Module, Param};
+use burn::nn::Linear;
+use burn::tensor::{Device, Tensor};
+use rand::Rng;
+
+pub use head::{DinoHead, DinoHeadConfig};
+pub use vit::{VisionTransformer, VitConfig};
+
+/// LayerNorm over the last axis with PyTorch's parameter names and the ViT's eps of 1e-6.
+#[derive(Module, Debug)]
+pub struct LayerNorm {
+    pub weight: Param<Tensor<1>>,
+    pub bias: Param<Tensor<1>>,
+    pub eps: f64,
+}
+
+impl LayerNorm {
+    pub fn new(dim: usize, device: &Device) -> Self {
+        Self {
+            weight: Param::from_tensor(Tensor::ones([dim], device)),
+            bias: Param::from_tensor(Tensor::zeros([dim], device)),
+            eps: 1e-6,
+        }
+    }
+
+    pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        burn::tensor::module::layer_norm(x, self.weight.val(), Some(self.bias.val()), self.eps)
+    }
+}
+
+/// A Linear layer (weight stored [in, out], burn's layout) with the reference's init:
+/// trunc-normal std .02 weights and zero bias.
+pub fn linear(d_in: usize, d_out: usize, bias: bool, rng: &mut impl Rng, device: &Device) -> Linear {
+    Linear {
+        weight: Param::from_tensor(init::trunc_normal([d_in, d_out], 0.02, rng, device)),
+        bias: bias.then(|| Param::from_tensor(Tensor::zeros([d_out], device))),
+    }
+}
+
+/// Backbone plus head: the whole student (or teacher) network.
+#[derive(Module, Debug)]
+pub struct DinoModel {
+    pub backbone: VisionTransformer,
+    pub head: DinoHead,
+}
+
+impl DinoModel {
+    /// Runs crops through the network. Each element of `crop_groups` holds all crops of one
+    /// resolution, stacked view-major ([views * B, 3, H, W]); each group is one backbone
+    /// batch, and the head runs once on all features. Output rows keep the input order.
+    pub fn forward(&self, crop_groups: &[Tensor<4>], mut rng: Option<&mut rand::rngs::StdRng>) -> Tensor<2> {
+        let mut features = Vec::with_capacity(crop_groups.len());
+        for crops in crop_groups {
+            features.push(self.backbone.forward_train(crops.clone(), rng.as_deref_mut()));
+        }
+        self.head.forward(Tensor::cat(features, 0))
+    }
+}

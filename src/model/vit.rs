@@ -1,0 +1,293 @@
+//! Vision Transformer backbone (ViT-Tiny/Small/Base at any patch size), as DINO uses it:
+//! pre-norm blocks, a cls token whose final-norm output is the image feature, and position
+//! embeddings resized bicubically for inputs at other resolutions.
+
+use burn::module::{Module, Param};
+use burn::nn::Linear;
+use burn::tensor::activation::{gelu, softmax};
+use burn::tensor::{Device, Tensor};
+use rand::Rng;
+use rand::rngs::StdRng;
+use serde::{Deserialize, Serialize};
+
+use super::init::{tensor_from_vec, trunc_normal, uniform};
+use super::interpolate::resample_grid;
+use super::{LayerNorm, linear};
+
+/// Shape of a ViT. The presets follow the reference (`vit_tiny`, `vit_small`, `vit_base`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VitConfig {
+    /// Side of the square images the position embedding is learned for.
+    pub img_size: usize,
+    /// Side of a square patch in pixels.
+    pub patch_size: usize,
+    /// Token width.
+    pub embed_dim: usize,
+    /// Number of transformer blocks.
+    pub depth: usize,
+    /// Attention heads per block.
+    pub num_heads: usize,
+    /// MLP hidden width as a multiple of `embed_dim`.
+    pub mlp_ratio: usize,
+    /// Stochastic-depth rate of the last block; block i uses rate * i / (depth - 1).
+    pub drop_path_rate: f64,
+}
+
+impl VitConfig {
+    /// The named architecture (`vit_tiny`, `vit_small`, `vit_base`) at a patch size.
+    pub fn from_arch(arch: &str, patch_size: usize) -> Option<Self> {
+        let (embed_dim, num_heads) = match arch {
+            "vit_tiny" => (192, 3),
+            "vit_small" => (384, 6),
+            "vit_base" => (768, 12),
+            _ => return None,
+        };
+        Some(Self { img_size: 224, patch_size, embed_dim, depth: 12, num_heads, mlp_ratio: 4, drop_path_rate: 0.0 })
+    }
+
+    /// Per-block drop-path rates, linear from 0 to `drop_path_rate`.
+    pub fn drop_path_rates(&self) -> Vec<f64> {
+        match self.depth {
+            0 => vec![],
+            1 => vec![0.0],
+            d => (0..d).map(|i| self.drop_path_rate * i as f64 / (d - 1) as f64).collect(),
+        }
+    }
+
+    /// Builds a randomly initialised ViT (trunc-normal .02 for linear layers and embeddings).
+    pub fn init(&self, rng: &mut impl Rng, device: &Device) -> VisionTransformer {
+        assert!(self.patch_size > 0 && self.img_size >= self.patch_size, "image smaller than a patch");
+        assert!(self.embed_dim % self.num_heads == 0, "embed_dim must divide into heads");
+        let d = self.embed_dim;
+        let grid = self.img_size / self.patch_size;
+        let fan_in = 3 * self.patch_size * self.patch_size;
+        // The patch projection keeps PyTorch's default Conv2d init, as in the reference.
+        let bound = 1.0 / (fan_in as f64).sqrt();
+        let patch_embed = PatchEmbed {
+            weight: Param::from_tensor(uniform([d, 3, self.patch_size, self.patch_size], bound, rng, device)),
+            bias: Param::from_tensor(uniform([d], bound, rng, device)),
+            patch_size: self.patch_size,
+        };
+        let blocks = self
+            .drop_path_rates()
+            .into_iter()
+            .map(|rate| Block {
+                norm1: LayerNorm::new(d, device),
+                attn: Attention {
+                    qkv: linear(d, 3 * d, true, rng, device),
+                    proj: linear(d, d, true, rng, device),
+                    num_heads: self.num_heads,
+                },
+                norm2: LayerNorm::new(d, device),
+                mlp: Mlp {
+                    fc1: linear(d, d * self.mlp_ratio, true, rng, device),
+                    fc2: linear(d * self.mlp_ratio, d, true, rng, device),
+                },
+                drop_path: rate,
+            })
+            .collect();
+        VisionTransformer {
+            cls_token: Param::from_tensor(trunc_normal([1, 1, d], 0.02, rng, device)),
+            pos_embed: Param::from_tensor(trunc_normal([1, grid * grid + 1, d], 0.02, rng, device)),
+            patch_embed,
+            blocks,
+            norm: LayerNorm::new(d, device),
+        }
+    }
+}
+
+/// Non-overlapping patch projection (a Conv2d with stride = kernel = patch size), done as
+/// a reshape and one matmul. The weight keeps the Conv2d layout [dim, 3, p, p].
+#[derive(Module, Debug)]
+pub struct PatchEmbed {
+    pub weight: Param<Tensor<4>>,
+    pub bias: Param<Tensor<1>>,
+    pub patch_size: usize,
+}
+
+impl PatchEmbed {
+    /// [B, 3, H, W] -> [B, (H/p)*(W/p), dim]; pixels past the last whole patch are dropped.
+    pub fn forward(&self, x: Tensor<4>) -> Tensor<3> {
+        let p = self.patch_size;
+        let [b, c, h, w] = x.dims();
+        let (gh, gw) = (h / p, w / p);
+        let x = if gh * p != h || gw * p != w { x.slice([0..b, 0..c, 0..gh * p, 0..gw * p]) } else { x };
+        let patches = x
+            .reshape([b, c, gh, p, gw, p])
+            .permute([0, 2, 4, 1, 3, 5])
+            .reshape([b, gh * gw, c * p * p]);
+        let [dim, ..] = self.weight.dims();
+        let weight = self.weight.val().reshape([dim, c * p * p]).transpose();
+        patches.matmul(weight.unsqueeze::<3>()) + self.bias.val().reshape([1, 1, dim])
+    }
+}
+
+/// Multi-head self-attention with a fused qkv projection.
+#[derive(Module, Debug)]
+pub struct Attention {
+    pub qkv: Linear,
+    pub proj: Linear,
+    pub num_heads: usize,
+}
+
+impl Attention {
+    /// Returns the mixed tokens and the attention weights [B, heads, N, N].
+    pub fn forward(&self, x: Tensor<3>) -> (Tensor<3>, Tensor<4>) {
+        let [b, n, c] = x.dims();
+        let heads = self.num_heads;
+        let head_dim = c / heads;
+        let qkv = self.qkv.forward(x).reshape([b, n, 3, heads, head_dim]).permute([2, 0, 3, 1, 4]);
+        let q = qkv.clone().slice_dim(0, 0..1).squeeze_dim::<4>(0);
+        let k = qkv.clone().slice_dim(0, 1..2).squeeze_dim::<4>(0);
+        let v = qkv.slice_dim(0, 2..3).squeeze_dim::<4>(0);
+        let scores = q.matmul(k.transpose()).mul_scalar((head_dim as f64).powf(-0.5));
+        let weights = softmax(scores, 3);
+        let mixed = weights.clone().matmul(v).swap_dims(1, 2).reshape([b, n, c]);
+        (self.proj.forward(mixed), weights)
+    }
+}
+
+/// Two-layer MLP with exact (erf) GELU.
+#[derive(Module, Debug)]
+pub struct Mlp {
+    pub fc1: Linear,
+    pub fc2: Linear,
+}
+
+impl Mlp {
+    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        self.fc2.forward(gelu(self.fc1.forward(x)))
+    }
+}
+
+/// Pre-norm transformer block with stochastic depth on both residual branches.
+#[derive(Module, Debug)]
+pub struct Block {
+    pub norm1: LayerNorm,
+    pub attn: Attention,
+    pub norm2: LayerNorm,
+    pub mlp: Mlp,
+    pub drop_path: f64,
+}
+
+impl Block {
+    /// `rng` enables stochastic depth (training); `None` is the deterministic forward.
+    fn forward(&self, x: Tensor<3>, rng: Option<&mut StdRng>) -> (Tensor<3>, Tensor<4>) {
+        let (mixed, weights) = self.attn.forward(self.norm1.forward(x.clone()));
+        let (attn_keep, mlp_keep) = match rng {
+            Some(rng) if self.drop_path > 0.0 => {
+                let batch = x.dims()[0];
+                (Some(self.keep_mask(batch, rng, &x.device())), Some(self.keep_mask(batch, rng, &x.device())))
+            }
+            _ => (None, None),
+        };
+        let x = x + apply_keep(mixed, attn_keep);
+        let update = self.mlp.forward(self.norm2.forward(x.clone()));
+        (x + apply_keep(update, mlp_keep), weights)
+    }
+
+    /// Per-sample residual scale: 0 with probability `drop_path`, else 1 / (1 - drop_path).
+    fn keep_mask(&self, batch: usize, rng: &mut StdRng, device: &Device) -> Tensor<3> {
+        let keep = 1.0 - self.drop_path;
+        let values = (0..batch)
+            .map(|_| if rng.random::<f64>() < keep { (1.0 / keep) as f32 } else { 0.0 })
+            .collect();
+        tensor_from_vec(values, [batch, 1, 1], device)
+    }
+}
+
+fn apply_keep(update: Tensor<3>, keep: Option<Tensor<3>>) -> Tensor<3> {
+    match keep {
+        Some(mask) => update * mask,
+        None => update,
+    }
+}
+
+/// The ViT backbone. Field names follow the official checkpoints.
+#[derive(Module, Debug)]
+pub struct VisionTransformer {
+    pub cls_token: Param<Tensor<3>>,
+    pub pos_embed: Param<Tensor<3>>,
+    pub patch_embed: PatchEmbed,
+    pub blocks: Vec<Block>,
+    pub norm: LayerNorm,
+}
+
+impl VisionTransformer {
+    pub fn embed_dim(&self) -> usize {
+        self.cls_token.dims()[2]
+    }
+
+    pub fn patch_size(&self) -> usize {
+        self.patch_embed.patch_size
+    }
+
+    /// The image feature: the cls token after the final norm, [B, dim].
+    pub fn forward(&self, x: Tensor<4>) -> Tensor<2> {
+        self.forward_train(x, None)
+    }
+
+    /// As `forward`, with stochastic depth drawn from `rng` when one is given.
+    pub fn forward_train(&self, x: Tensor<4>, mut rng: Option<&mut StdRng>) -> Tensor<2> {
+        let mut tokens = self.prepare_tokens(x);
+        for block in &self.blocks {
+            tokens = block.forward(tokens, rng.as_deref_mut()).0;
+        }
+        let [b, _, d] = tokens.dims();
+        self.norm.forward(tokens.slice_dim(1, 0..1)).reshape([b, d])
+    }
+
+    /// The normalised tokens [B, 1 + patches, dim] after each of the last `n` blocks.
+    pub fn intermediate_layers(&self, x: Tensor<4>, n: usize) -> Vec<Tensor<3>> {
+        let mut tokens = self.prepare_tokens(x);
+        let depth = self.blocks.len();
+        let mut out = Vec::with_capacity(n.min(depth));
+        for (i, block) in self.blocks.iter().enumerate() {
+            tokens = block.forward(tokens, None).0;
+            if depth - i <= n {
+                out.push(self.norm.forward(tokens.clone()));
+            }
+        }
+        out
+    }
+
+    /// The last block's attention weights [B, heads, tokens, tokens] (softmax output).
+    pub fn last_self_attention(&self, x: Tensor<4>) -> Tensor<4> {
+        let mut tokens = self.prepare_tokens(x);
+        let (last, rest) = self.blocks.split_last().expect("a ViT has at least one block");
+        for block in rest {
+            tokens = block.forward(tokens, None).0;
+        }
+        last.attn.forward(last.norm1.forward(tokens)).1
+    }
+
+    /// Patch tokens with the cls token in front and position embeddings added.
+    fn prepare_tokens(&self, x: Tensor<4>) -> Tensor<3> {
+        let [b, _, h, w] = x.dims();
+        let patches = self.patch_embed.forward(x);
+        let d = self.embed_dim();
+        let cls = self.cls_token.val().expand([b, 1, d]);
+        let tokens = Tensor::cat(vec![cls, patches], 1);
+        tokens + self.position_embedding(h, w)
+    }
+
+    /// The position embedding for an h x w input, resized as the reference does: the grid is
+    /// scaled bicubically by (grid + 0.1) / trained_side, so the kernel samples slightly off
+    /// the exact ratio and the output size never rounds down.
+    fn position_embedding(&self, h: usize, w: usize) -> Tensor<3> {
+        let p = self.patch_size();
+        let (gh, gw) = (h / p, w / p);
+        let pos = self.pos_embed.val();
+        let [_, n_plus_one, d] = pos.dims();
+        let n = n_plus_one - 1;
+        if gh * gw == n && h == w {
+            return pos;
+        }
+        let side = (n as f64).sqrt().round() as usize;
+        assert_eq!(side * side, n, "position embedding grid is not square");
+        let grid = pos.clone().slice_dim(1, 1..n_plus_one).reshape([side, side, d]);
+        let scale = [(gh as f64 + 0.1) / side as f64, (gw as f64 + 0.1) / side as f64];
+        let resized = resample_grid(grid, [gh, gw], scale, &pos.device()).reshape([1, gh * gw, d]);
+        Tensor::cat(vec![pos.slice_dim(1, 0..1), resized], 1)
+    }
+}

@@ -1,0 +1,227 @@
+//! Named tensors in and out of our modules under the official DINO key names
+//! (`blocks.0.attn.qkv.weight`, `head.mlp.2.bias`, `head.last_layer.weight_v`, ...), with
+//! PyTorch's layouts: Linear weights are [out, in] there and [in, out] in burn.
+
+use std::collections::HashMap;
+
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
+use burn::tensor::{Tensor, TensorData};
+
+/// A host-side f32 tensor.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HostTensor {
+    pub shape: Vec<usize>,
+    pub values: Vec<f32>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum WeightsError {
+    #[error("missing key '{0}'")]
+    Missing(String),
+    #[error("key '{key}': shape {found:?} where the model expects {expected:?}")]
+    Shape { key: String, found: Vec<usize>, expected: Vec<usize> },
+}
+
+/// How module paths become official names: the head's MLP is a PyTorch Sequential whose
+/// Linear layers sit at indices 0, 2, 4 (GELU between) or 0, 3, 6 (with BatchNorm), and a
+/// single-layer head is a bare Linear.
+struct Naming {
+    head_stride: usize,
+    single_layer_head: bool,
+}
+
+impl Naming {
+    fn of(paths: &[String]) -> Self {
+        let has_bn = paths.iter().any(|p| p.starts_with("bn.") || p.contains("head.bn."));
+        let mlp_layers = paths
+            .iter()
+            .filter_map(|p| {
+                let rest = p.strip_prefix("head.").unwrap_or(p);
+                rest.strip_prefix("mlp.")?.split('.').next()?.parse::<usize>().ok()
+            })
+            .max();
+        Self { head_stride: if has_bn { 3 } else { 2 }, single_layer_head: mlp_layers == Some(0) }
+    }
+
+    fn official(&self, path: &str) -> String {
+        let parts: Vec<&str> = path.split('.').collect();
+        let mut out: Vec<String> = Vec::with_capacity(parts.len() + 1);
+        let mut i = 0;
+        while i < parts.len() {
+            let part = parts[i];
+            let next = parts.get(i + 1).copied();
+            match (part, next.and_then(|n| n.parse::<usize>().ok())) {
+                ("patch_embed", _) => {
+                    out.push("patch_embed.proj".into());
+                }
+                ("mlp", Some(index)) => {
+                    if !self.single_layer_head {
+                        out.push(format!("mlp.{}", index * self.head_stride));
+                    } else {
+                        out.push("mlp".into());
+                    }
+                    i += 1;
+                }
+                ("bn", Some(index)) => {
+                    out.push(format!("mlp.{}", index * self.head_stride + 1));
+                    i += 1;
+                }
+                ("gamma", _) => out.push("weight".into()),
+                ("beta", _) => out.push("bias".into()),
+                _ => out.push(part.into()),
+            }
+            i += 1;
+        }
+        out.join(".")
+    }
+}
+
+/// Burn Linear weights are stored transposed relative to PyTorch; the weight-norm layer
+/// already uses PyTorch's layout.
+fn is_transposed(path: &str, rank: usize) -> bool {
+    rank == 2 && path.ends_with(".weight") && !path.contains("last_layer")
+}
+
+fn transpose_2d(shape: &[usize], values: &[f32]) -> (Vec<usize>, Vec<f32>) {
+    let (r, c) = (shape[0], shape[1]);
+    let mut out = vec![0f32; values.len()];
+    for i in 0..r {
+        for j in 0..c {
+            out[j * r + i] = values[i * c + j];
+        }
+    }
+    (vec![c, r], out)
+}
+
+struct Paths {
+    path: Vec<String>,
+    found: Vec<(String, usize)>,
+}
+
+impl ModuleVisitor for Paths {
+    fn enter_module(&mut self, name: &str, _: &str) {
+        self.path.push(name.into());
+    }
+    fn exit_module(&mut self, _: &str, _: &str) {
+        self.path.pop();
+    }
+    fn visit_float<const D: usize>(&mut self, _: &Param<Tensor<D>>) {
+        self.found.push((self.path.join("."), D));
+    }
+}
+
+fn param_paths<M: Module>(module: &M) -> Vec<(String, usize)> {
+    let mut v = Paths { path: Vec::new(), found: Vec::new() };
+    module.visit(&mut v);
+    v.found
+}
+
+struct Export {
+    path: Vec<String>,
+    naming: Naming,
+    out: Vec<(String, HostTensor)>,
+}
+
+impl ModuleVisitor for Export {
+    fn enter_module(&mut self, name: &str, _: &str) {
+        self.path.push(name.into());
+    }
+    fn exit_module(&mut self, _: &str, _: &str) {
+        self.path.pop();
+    }
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        let path = self.path.join(".");
+        let data = param.val().into_data();
+        let shape = data.shape().to_vec();
+        let values = data.convert::<f32>().try_to_vec::<f32>().expect("f32 parameter");
+        let (shape, values) = if is_transposed(&path, D) { transpose_2d(&shape, &values) } else { (shape, values) };
+        self.out.push((self.naming.official(&path), HostTensor { shape, values }));
+    }
+}
+
+/// Every parameter of `module` under its official name, in PyTorch layout.
+pub fn export<M: Module>(module: &M) -> Vec<(String, HostTensor)> {
+    let paths: Vec<String> = param_paths(module).into_iter().map(|(p, _)| p).collect();
+    let mut e = Export { path: Vec::new(), naming: Naming::of(&paths), out: Vec::new() };
+    module.visit(&mut e);
+    e.out
+}
+
+struct Import<'a> {
+    path: Vec<String>,
+    naming: Naming,
+    prefix: &'a str,
+    source: &'a HashMap<String, HostTensor>,
+    errors: Vec<WeightsError>,
+}
+
+impl ModuleMapper for Import<'_> {
+    fn enter_module(&mut self, name: &str, _: &str) {
+        self.path.push(name.into());
+    }
+    fn exit_module(&mut self, _: &str, _: &str) {
+        self.path.pop();
+    }
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        let path = self.path.join(".");
+        let key = format!("{}{}", self.prefix, self.naming.official(&path));
+        let Some(host) = self.source.get(&key) else {
+            self.errors.push(WeightsError::Missing(key));
+            return param;
+        };
+        let (shape, values) =
+            if is_transposed(&path, D) && host.shape.len() == 2 { transpose_2d(&host.shape, &host.values) } else { (host.shape.clone(), host.values.clone()) };
+        let expected = param.lazy_shape().to_vec();
+        if shape != expected {
+            // Report shapes in the file's own layout.
+            let expected = if is_transposed(&path, D) { vec![expected[1], expected[0]] } else { expected };
+            self.errors.push(WeightsError::Shape { key, found: host.shape.clone(), expected });
+            return param;
+        }
+        let require_grad = param.is_require_grad();
+        param.map(|old| {
+            let device = old.device();
+            let fresh = Tensor::<D>::from_data(TensorData::new(values, shape), &device.clone().without_autodiff());
+            let fresh = if device.is_autodiff() { fresh.autodiff() } else { fresh };
+            if require_grad { fresh.require_grad() } else { fresh }
+        })
+    }
+}
+
+/// Replaces every parameter of `module` with `source[prefix + official name]`. All problems
+/// are collected; the first is returned.
+pub fn import<M: Module>(module: M, source: &HashMap<String, HostTensor>, prefix: &str) -> Result<M, WeightsError> {
+    let paths: Vec<String> = param_paths(&module).into_iter().map(|(p, _)| p).collect();
+    let mut imp = Import { path: Vec::new(), naming: Naming::of(&paths), prefix, source, errors: Vec::new() };
+    let module = module.map(&mut imp);
+    match imp.errors.into_iter().next() {
+        Some(e) => Err(e),
+        None => Ok(module),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn official_names() {
+        let n = Naming { head_stride: 2, single_layer_head: false };
+        assert_eq!(n.official("backbone.patch_embed.weight"), "backbone.patch_embed.proj.weight");
+        assert_eq!(n.official("blocks.3.mlp.fc1.bias"), "blocks.3.mlp.fc1.bias");
+        assert_eq!(n.official("head.mlp.2.weight"), "head.mlp.4.weight");
+        assert_eq!(n.official("head.last_layer.weight_g"), "head.last_layer.weight_g");
+        let bn = Naming { head_stride: 3, single_layer_head: false };
+        assert_eq!(bn.official("head.mlp.1.weight"), "head.mlp.3.weight");
+        assert_eq!(bn.official("head.bn.1.gamma"), "head.mlp.4.weight");
+        let single = Naming { head_stride: 2, single_layer_head: true };
+        assert_eq!(single.official("mlp.0.bias"), "mlp.bias");
+    }
+
+    #[test]
+    fn transpose_roundtrip() {
+        let (shape, t) = transpose_2d(&[2, 3], &[1., 2., 3., 4., 5., 6.]);
+        assert_eq!(shape, vec![3, 2]);
+        assert_eq!(t, vec![1., 4., 2., 5., 3., 6.]);
+    }
+}

@@ -1,0 +1,88 @@
+//! Shared helpers for the integration tests: reading the safetensors fixtures written by
+//! tests/fixtures/make_fixtures.py and comparing tensors.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use burn::tensor::{Device, Tensor, TensorData};
+use dino::weights::HostTensor;
+
+pub struct Fixture {
+    pub tensors: HashMap<String, HostTensor>,
+    pub config: serde_json::Value,
+}
+
+impl Fixture {
+    pub fn load(name: &str) -> Self {
+        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name);
+        let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).expect("safetensors header");
+        let config = meta
+            .metadata()
+            .as_ref()
+            .and_then(|m| m.get("config"))
+            .map(|c| serde_json::from_str(c).expect("config json"))
+            .unwrap_or(serde_json::Value::Null);
+        let st = safetensors::SafeTensors::deserialize(&bytes).expect("safetensors");
+        let tensors = st
+            .tensors()
+            .into_iter()
+            .map(|(name, view)| {
+                assert_eq!(view.dtype(), safetensors::Dtype::F32, "{name}");
+                let values = view.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
+                (name, HostTensor { shape: view.shape().to_vec(), values })
+            })
+            .collect();
+        Self { tensors, config }
+    }
+
+    pub fn host(&self, name: &str) -> &HostTensor {
+        self.tensors.get(name).unwrap_or_else(|| panic!("fixture has no tensor '{name}'"))
+    }
+
+    pub fn tensor<const D: usize>(&self, name: &str, device: &Device) -> Tensor<D> {
+        let h = self.host(name);
+        Tensor::from_data(TensorData::new(h.values.clone(), h.shape.clone()), device)
+    }
+
+    pub fn scalar(&self, name: &str) -> f32 {
+        self.host(name).values[0]
+    }
+}
+
+pub fn values<const D: usize>(t: Tensor<D>) -> (Vec<usize>, Vec<f32>) {
+    let data = t.into_data();
+    (data.shape().to_vec(), data.convert::<f32>().try_to_vec::<f32>().unwrap())
+}
+
+/// max |a - b| / max |b|: agreement relative to the expected tensor's scale.
+pub fn relative_error(actual: &[f32], expected: &[f32]) -> f64 {
+    assert_eq!(actual.len(), expected.len(), "length mismatch");
+    let scale = expected.iter().fold(0f64, |m, x| m.max(x.abs() as f64)).max(1e-30);
+    let diff = actual.iter().zip(expected).fold(0f64, |m, (a, b)| m.max((*a as f64 - *b as f64).abs()));
+    diff / scale
+}
+
+pub fn assert_close(what: &str, actual: &HostTensor, expected: &HostTensor, tol: f64) {
+    assert_eq!(actual.shape, expected.shape, "{what}: shape");
+    let err = relative_error(&actual.values, &expected.values);
+    assert!(err <= tol, "{what}: relative error {err:e} > {tol:e}");
+}
+
+pub fn assert_tensor_close<const D: usize>(what: &str, actual: Tensor<D>, expected: &HostTensor, tol: f64) {
+    let (shape, values) = values(actual);
+    assert_close(what, &HostTensor { shape, values }, expected, tol);
+}
+
+/// The gradient of a parameter as a host tensor.
+pub fn grad_of<const D: usize>(p: &burn::module::Param<Tensor<D>>, grads: &burn::tensor::Gradients) -> HostTensor {
+    let (shape, values) = values(p.grad(grads).expect("parameter has a gradient"));
+    HostTensor { shape, values }
+}
+
+/// The gradient of a burn Linear weight ([in, out]) in PyTorch's layout ([out, in]).
+pub fn grad_of_linear(p: &burn::module::Param<Tensor<2>>, grads: &burn::tensor::Gradients) -> HostTensor {
+    let (shape, values) = values(p.grad(grads).expect("parameter has a gradient").transpose());
+    HostTensor { shape, values }
+}
