@@ -291,3 +291,48 @@ impl VisionTransformer {
         Tensor::cat(vec![pos.slice_dim(1, 0..1), resized], 1)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    fn tiny(drop_path_rate: f64) -> VitConfig {
+        VitConfig { img_size: 8, patch_size: 4, embed_dim: 8, depth: 3, num_heads: 2, mlp_ratio: 2, drop_path_rate }
+    }
+
+    fn host(t: Tensor<2>) -> Vec<f32> {
+        t.into_data().try_to_vec::<f32>().unwrap()
+    }
+
+    #[test]
+    fn drop_path_rates_rise_linearly_from_zero() {
+        assert_eq!(tiny(0.1).drop_path_rates(), vec![0.0, 0.05, 0.1]);
+    }
+
+    #[test]
+    fn keep_mask_is_unbiased_with_the_right_drop_frequency() {
+        let dev = Device::flex();
+        let vit = tiny(0.2).init(&mut StdRng::seed_from_u64(0), &dev);
+        let block = &vit.blocks[2];
+        let n = 20_000;
+        let mask = block.keep_mask(n, &mut StdRng::seed_from_u64(1), &dev).into_data().try_to_vec::<f32>().unwrap();
+        let dropped = mask.iter().filter(|&&m| m == 0.0).count() as f64;
+        assert!(mask.iter().all(|&m| m == 0.0 || (m - 1.25).abs() < 1e-6));
+        let sigma = (n as f64 * 0.2 * 0.8).sqrt();
+        assert!((dropped - n as f64 * 0.2).abs() < 3.0 * sigma, "{dropped} dropped of {n}");
+    }
+
+    #[test]
+    fn stochastic_depth_only_when_asked() {
+        let dev = Device::flex();
+        let x = Tensor::<4>::ones([4, 3, 8, 8], &dev);
+        let vit = tiny(0.0).init(&mut StdRng::seed_from_u64(0), &dev);
+        let plain = host(vit.forward(x.clone()));
+        assert_eq!(plain, host(vit.forward_train(x.clone(), Some(&mut StdRng::seed_from_u64(2)))));
+        let vit = tiny(0.9).init(&mut StdRng::seed_from_u64(0), &dev);
+        let plain = host(vit.forward(x.clone()));
+        assert_eq!(plain, host(vit.forward(x.clone())), "deterministic without an rng");
+        assert_ne!(plain, host(vit.forward_train(x, Some(&mut StdRng::seed_from_u64(2)))));
+    }
+}

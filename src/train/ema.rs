@@ -40,3 +40,29 @@ pub fn update_teacher<M: Module>(teacher: M, student: &M, momentum: f64) -> M {
     assert!(blend.student.next().is_none(), "student has more parameters than the teacher ({count})");
     teacher
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::LayerNorm;
+    use burn::tensor::Device;
+
+    fn values(n: &LayerNorm) -> Vec<f32> {
+        n.weight.val().into_data().try_to_vec::<f32>().unwrap()
+    }
+
+    #[test]
+    fn blends_parameters_and_leaves_the_student_alone() {
+        let dev = Device::flex();
+        let teacher = LayerNorm::new(3, &dev); // weight 1, bias 0
+        let student = LayerNorm { weight: Param::from_tensor(Tensor::full([3], 3.0, &dev)), ..LayerNorm::new(3, &dev) };
+        let teacher = update_teacher(teacher, &student, 0.9);
+        // 0.9 * 1 + 0.1 * 3 = 1.2
+        for v in values(&teacher) {
+            assert!((v - 1.2).abs() < 1e-6, "{v}");
+        }
+        assert_eq!(values(&student), vec![3.0; 3]);
+        let teacher = update_teacher(teacher, &student, 1.0);
+        assert!(values(&teacher).iter().all(|v| (v - 1.2).abs() < 1e-6));
+    }
+}
