@@ -1,10 +1,12 @@
 //! The `dino` command line.
 
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches};
+use dino::cli::{Cli, run};
 
 fn main() {
-    let cli = dino::cli::Cli::parse();
-    if let Err(e) = dino::cli::run(cli) {
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    if let Err(e) = run(cli, &matches) {
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }

@@ -3,11 +3,13 @@
 use anyhow::{Context, Result, bail};
 use burn::module::Module;
 use burn::tensor::Device;
-use clap::{Parser, Subcommand};
+use clap::{ArgMatches, Parser, Subcommand};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 
 use crate::model::{DinoHeadConfig, VitConfig};
+use crate::train::config::TrainConfig;
+use crate::train::trainer;
 
 #[derive(Debug, Parser)]
 #[command(name = "dino", version, about = "DINO self-supervised vision transformers, in Rust")]
@@ -18,9 +20,12 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Pretrain a ViT with DINO on a folder of images or IDX files; resumes automatically
+    /// from the checkpoint in --output_dir.
+    Train(TrainConfig),
     /// Print the size of a backbone and its DINO head.
     ModelInfo {
-        /// vit_tiny, vit_small or vit_base.
+        /// vit_micro, vit_tiny, vit_small or vit_base.
         #[arg(long, default_value = "vit_small")]
         arch: String,
         #[arg(long, default_value_t = 16)]
@@ -33,11 +38,21 @@ pub enum Command {
     },
 }
 
-pub fn run(cli: Cli) -> Result<()> {
+/// Runs a parsed command line; `matches` tells flags given explicitly from defaults.
+pub fn run(cli: Cli, matches: &ArgMatches) -> Result<()> {
     match cli.command {
+        Command::Train(config) => {
+            let sub = matches.subcommand_matches("train").expect("train subcommand");
+            let config = config.resolve(sub)?;
+            match trainer::train(&config)? {
+                trainer::Outcome::Finished => eprintln!("training finished: {}", config.output_dir.display()),
+                trainer::Outcome::TimeBudgetReached => {}
+            }
+            Ok(())
+        }
         Command::ModelInfo { arch, patch_size, img_size, out_dim } => {
             let mut vit = VitConfig::from_arch(&arch, patch_size)
-                .with_context(|| format!("--arch: unknown architecture '{arch}' (vit_tiny, vit_small, vit_base)"))?;
+                .with_context(|| format!("--arch: unknown architecture '{arch}' (vit_micro, vit_tiny, vit_small, vit_base)"))?;
             if patch_size == 0 || img_size < patch_size {
                 bail!("--patch_size {patch_size} does not fit --img_size {img_size}");
             }

@@ -34,15 +34,17 @@ pub struct VitConfig {
 }
 
 impl VitConfig {
-    /// The named architecture (`vit_tiny`, `vit_small`, `vit_base`) at a patch size.
+    /// The named architecture at a patch size: `vit_tiny`, `vit_small`, `vit_base` (the
+    /// reference's), or `vit_micro` (ours: dim 64, 4 blocks, for tests and smoke runs).
     pub fn from_arch(arch: &str, patch_size: usize) -> Option<Self> {
-        let (embed_dim, num_heads) = match arch {
-            "vit_tiny" => (192, 3),
-            "vit_small" => (384, 6),
-            "vit_base" => (768, 12),
+        let (embed_dim, depth, num_heads) = match arch {
+            "vit_micro" => (64, 4, 2),
+            "vit_tiny" => (192, 12, 3),
+            "vit_small" => (384, 12, 6),
+            "vit_base" => (768, 12, 12),
             _ => return None,
         };
-        Some(Self { img_size: 224, patch_size, embed_dim, depth: 12, num_heads, mlp_ratio: 4, drop_path_rate: 0.0 })
+        Some(Self { img_size: 224, patch_size, embed_dim, depth, num_heads, mlp_ratio: 4, drop_path_rate: 0.0 })
     }
 
     /// Per-block drop-path rates, linear from 0 to `drop_path_rate`.

@@ -1,6 +1,10 @@
 //! Training: the DINO loss, schedules, teacher EMA and optimiser.
 
+pub mod checkpoint;
+pub mod config;
 pub mod ema;
+pub mod log;
 pub mod loss;
 pub mod optim;
 pub mod schedule;
+pub mod trainer;

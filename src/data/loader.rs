@@ -1,0 +1,116 @@
+//! The batch loader: a background thread that decodes and augments the images of upcoming
+//! batches on a worker pool, so the training step rarely waits. Everything random is seeded by
+//! (seed, epoch, image index), so batches are the same whatever the number of workers.
+
+use std::sync::Arc;
+use std::sync::mpsc::{Receiver, sync_channel};
+use std::thread::JoinHandle;
+
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rayon::prelude::*;
+
+use super::augment::{MultiCropConfig, multi_crop};
+use super::dataset::Dataset;
+
+/// Crops of one batch, view-major: global is [2 * n, 3, G, G], local [locals * n, 3, L, L],
+/// flattened, where n = `images` (smaller than the batch size when files were skipped).
+pub struct Batch {
+    pub step_in_epoch: usize,
+    pub images: usize,
+    pub global: Vec<f32>,
+    pub local: Vec<f32>,
+    /// Files of this batch that could not be read, with the reason.
+    pub skipped: Vec<String>,
+}
+
+/// Mixes seed, epoch and index into one well-spread 64-bit seed (splitmix64 finaliser).
+pub fn mix_seed(seed: u64, a: u64, b: u64) -> u64 {
+    let mut z = seed ^ a.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ b.wrapping_mul(0xD1B5_4A32_D192_ED03);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// Steps per epoch (the last partial batch is dropped, as in the reference).
+pub fn steps_per_epoch(dataset_len: usize, batch_size: usize) -> usize {
+    dataset_len / batch_size
+}
+
+/// The image order of an epoch.
+pub fn epoch_order(len: usize, seed: u64, epoch: usize) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..len).collect();
+    order.shuffle(&mut StdRng::seed_from_u64(mix_seed(seed, epoch as u64, u64::MAX)));
+    order
+}
+
+pub struct EpochLoader {
+    pub batches: Receiver<Batch>,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl Drop for EpochLoader {
+    fn drop(&mut self) {
+        // Closing the receiver stops the producer at its next send.
+        let (_, dead) = sync_channel(0);
+        drop(std::mem::replace(&mut self.batches, dead));
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+/// Starts producing the batches of `epoch` from `first_step` on.
+pub fn start_epoch(
+    dataset: Arc<Dataset>,
+    crops: MultiCropConfig,
+    batch_size: usize,
+    seed: u64,
+    epoch: usize,
+    first_step: usize,
+    pool: Arc<rayon::ThreadPool>,
+) -> EpochLoader {
+    let (tx, rx) = sync_channel(2);
+    let handle = std::thread::spawn(move || {
+        let order = epoch_order(dataset.len(), seed, epoch);
+        let steps = steps_per_epoch(dataset.len(), batch_size);
+        for step in first_step..steps {
+            let indices = &order[step * batch_size..(step + 1) * batch_size];
+            let batch = pool.install(|| make_batch(&dataset, &crops, indices, seed, epoch, step));
+            if tx.send(batch).is_err() {
+                return;
+            }
+        }
+    });
+    EpochLoader { batches: rx, handle: Some(handle) }
+}
+
+fn make_batch(dataset: &Dataset, crops: &MultiCropConfig, indices: &[usize], seed: u64, epoch: usize, step: usize) -> Batch {
+    let results: Vec<_> = indices
+        .par_iter()
+        .map(|&i| {
+            let mut rng = StdRng::seed_from_u64(mix_seed(seed, epoch as u64, i as u64));
+            dataset.load(i).map(|img| multi_crop(&img, crops, &mut rng)).map_err(|e| format!("{}: {e:#}", dataset.describe(i)))
+        })
+        .collect();
+    let mut skipped = Vec::new();
+    let mut views = Vec::new();
+    for r in results {
+        match r {
+            Ok(v) => views.push(v),
+            Err(e) => skipped.push(e),
+        }
+    }
+    let n = views.len();
+    let (g, l) = (crops.global_size, crops.local_size);
+    let mut global = Vec::with_capacity(2 * n * 3 * g * g);
+    let mut local = Vec::with_capacity(crops.local_crops_number * n * 3 * l * l);
+    for v in 0..crops.ncrops() {
+        let out = if v < 2 { &mut global } else { &mut local };
+        for image_views in &views {
+            out.extend_from_slice(&image_views[v].pixels);
+        }
+    }
+    Batch { step_in_epoch: step, images: n, global, local, skipped }
+}

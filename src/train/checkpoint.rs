@@ -1,0 +1,122 @@
+//! Training checkpoints: student, teacher, optimizer moments and the loss centre as tensors in
+//! one safetensors file, with the progress (epoch, step) and config as JSON metadata. Written
+//! to a temporary file and renamed, so a crash never leaves a half-written checkpoint.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use anyhow::{Context, Result, bail};
+use burn::tensor::{Device, Tensor, TensorData};
+use serde::{Deserialize, Serialize};
+
+use super::config::TrainConfig;
+use super::optim::{AdamW, Moments};
+use crate::model::DinoModel;
+use crate::weights::{self, HostTensor};
+
+/// Where training stands: the next step to run is `step_in_epoch` of `epoch`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Progress {
+    pub epoch: usize,
+    pub step_in_epoch: usize,
+    pub global_step: usize,
+}
+
+pub struct TrainState {
+    pub student: DinoModel,
+    pub teacher: DinoModel,
+    pub optimizer: AdamW,
+    pub center: Tensor<2>,
+    pub progress: Progress,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Metadata {
+    format: u32,
+    progress: Progress,
+    config: TrainConfig,
+    optimizer_steps: HashMap<String, u64>,
+}
+
+fn host<const D: usize>(t: &Tensor<D>) -> HostTensor {
+    let data = t.clone().into_data();
+    HostTensor { shape: data.shape().to_vec(), values: data.convert::<f32>().try_to_vec::<f32>().expect("f32") }
+}
+
+fn to_bytes(values: &[f32]) -> Vec<u8> {
+    values.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+/// Writes the state atomically to `path`.
+pub fn save(path: &Path, state: &TrainState, config: &TrainConfig) -> Result<()> {
+    let mut tensors: Vec<(String, HostTensor)> = Vec::new();
+    for (name, t) in weights::export(&state.student) {
+        tensors.push((format!("student.{name}"), t));
+    }
+    for (name, t) in weights::export(&state.teacher) {
+        tensors.push((format!("teacher.{name}"), t));
+    }
+    let mut optimizer_steps = HashMap::new();
+    for (name, m) in &state.optimizer.state {
+        tensors.push((format!("optim.{name}.exp_avg"), host(&m.exp_avg)));
+        tensors.push((format!("optim.{name}.exp_avg_sq"), host(&m.exp_avg_sq)));
+        optimizer_steps.insert(name.clone(), m.step);
+    }
+    tensors.push(("center".into(), host(&state.center)));
+    let meta = Metadata { format: 1, progress: state.progress.clone(), config: config.clone(), optimizer_steps };
+    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> =
+        tensors.into_iter().map(|(n, t)| (n, t.shape, to_bytes(&t.values))).collect();
+    let views: Vec<(String, safetensors::tensor::TensorView)> = bytes
+        .iter()
+        .map(|(n, shape, b)| (n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), b).expect("view")))
+        .collect();
+    let metadata = HashMap::from([("dino".to_string(), serde_json::to_string(&meta)?)]);
+    let data = safetensors::serialize(views, Some(metadata))?;
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, data).with_context(|| format!("{}: cannot write", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("{}: cannot rename into place", path.display()))?;
+    Ok(())
+}
+
+/// Reads every f32 tensor of a safetensors file.
+pub fn read_tensors(bytes: &[u8], path: &Path) -> Result<HashMap<String, HostTensor>> {
+    let st = safetensors::SafeTensors::deserialize(bytes).with_context(|| format!("{}: not a safetensors file", path.display()))?;
+    let mut out = HashMap::new();
+    for (name, view) in st.tensors() {
+        if view.dtype() != safetensors::Dtype::F32 {
+            bail!("{}: tensor '{name}' is {:?}, expected F32", path.display(), view.dtype());
+        }
+        let values = view.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
+        out.insert(name, HostTensor { shape: view.shape().to_vec(), values });
+    }
+    Ok(out)
+}
+
+/// Restores a checkpoint into freshly built student and teacher models of the same shape.
+pub fn load(path: &Path, student: DinoModel, teacher: DinoModel, device: &Device) -> Result<TrainState> {
+    let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).with_context(|| format!("{}: not a safetensors file", path.display()))?;
+    let meta: Metadata = header
+        .metadata()
+        .as_ref()
+        .and_then(|m| m.get("dino"))
+        .map(|s| serde_json::from_str(s))
+        .transpose()?
+        .with_context(|| format!("{}: not a dino training checkpoint", path.display()))?;
+    let tensors = read_tensors(&bytes, path)?;
+    let student = weights::import(student, &tensors, "student.").with_context(|| format!("{}: student", path.display()))?;
+    let teacher = weights::import(teacher, &tensors, "teacher.").with_context(|| format!("{}: teacher", path.display()))?;
+    let tensor = |name: &str| -> Result<Tensor<1>> {
+        let t = tensors.get(name).with_context(|| format!("{}: missing '{name}'", path.display()))?;
+        Ok(Tensor::from_data(TensorData::new(t.values.clone(), [t.values.len()]), device))
+    };
+    let mut optimizer = AdamW::default();
+    for (name, step) in meta.optimizer_steps {
+        let exp_avg = tensor(&format!("optim.{name}.exp_avg"))?;
+        let exp_avg_sq = tensor(&format!("optim.{name}.exp_avg_sq"))?;
+        optimizer.state.insert(name, Moments { step, exp_avg, exp_avg_sq });
+    }
+    let center = tensor("center")?;
+    let k = center.dims()[0];
+    Ok(TrainState { student, teacher, optimizer, center: center.reshape([1, k]), progress: meta.progress })
+}

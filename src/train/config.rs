@@ -1,0 +1,265 @@
+//! Every setting of `dino train`, with its default, in one place. The doc comments are the
+//! `--help` text. Values resolve as: defaults < `--preset` < `--config` file < command line.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use clap::parser::ValueSource;
+use clap::{ArgMatches, Args, ValueEnum};
+use serde::{Deserialize, Serialize};
+
+use crate::data::augment::MultiCropConfig;
+use crate::model::{DinoHeadConfig, VitConfig};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Preset {
+    /// The reference's ImageNet settings (224/96-px crops).
+    Imagenet,
+    /// Small images such as Fashion-MNIST: 28/12-px crops, ViT-Tiny/4, 6 local crops,
+    /// out_dim 4096, batch 128.
+    Small,
+}
+
+impl Preset {
+    /// The settings a preset changes, as (flag, value).
+    fn values(self) -> Vec<(&'static str, serde_json::Value)> {
+        use serde_json::json;
+        match self {
+            Preset::Imagenet => vec![],
+            Preset::Small => vec![
+                ("arch", json!("vit_tiny")),
+                ("patch_size", json!(4)),
+                ("global_crop_size", json!(28)),
+                ("local_crop_size", json!(12)),
+                ("local_crops_number", json!(6)),
+                ("out_dim", json!(4096)),
+                ("batch_size_per_gpu", json!(128)),
+            ],
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceKind {
+    Cpu,
+    Cuda,
+}
+
+/// `dino train` settings. Flag names follow the reference's main_dino.py.
+#[derive(Debug, Clone, Args, Serialize, Deserialize)]
+#[command(rename_all = "snake_case")]
+pub struct TrainConfig {
+    /// Training images: a folder (ImageFolder layout or flat) or a directory of IDX files.
+    #[arg(long, default_value = "/usr/share/datasets/fashion-mnist")]
+    pub data: PathBuf,
+    /// Use only the first N images of --data (0: all).
+    #[arg(long, default_value_t = 0)]
+    pub subset: usize,
+    /// Where checkpoints, logs, the plot and the resolved config go.
+    #[arg(long, default_value = "runs/dino")]
+    pub output_dir: PathBuf,
+    /// A JSON or TOML file of settings (keys are the flag names); flags override it.
+    #[arg(long)]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// Settings bundle applied under the config file and flags.
+    #[arg(long, value_enum, default_value = "imagenet")]
+    pub preset: Preset,
+
+    /// Backbone: vit_tiny, vit_small, vit_base (or vit_micro, a 4-block test size).
+    #[arg(long, default_value = "vit_small")]
+    pub arch: String,
+    /// Patch side in pixels.
+    #[arg(long, default_value_t = 16)]
+    pub patch_size: usize,
+    /// Number of prototypes K of the head's last layer.
+    #[arg(long, default_value_t = 65536)]
+    pub out_dim: usize,
+    /// Fix the last layer's weight-norm gain at 1 (more stable).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub norm_last_layer: bool,
+    /// BatchNorm in the head's MLP.
+    #[arg(long, default_value_t = false, action = clap::ArgAction::Set)]
+    pub use_bn_in_head: bool,
+    /// Stochastic depth rate of the student's last block.
+    #[arg(long, default_value_t = 0.1)]
+    pub drop_path_rate: f64,
+
+    /// Teacher EMA momentum at the start; it follows a cosine to 1.
+    #[arg(long, default_value_t = 0.996)]
+    pub momentum_teacher: f64,
+    /// Teacher temperature after warm-up.
+    #[arg(long, default_value_t = 0.04)]
+    pub teacher_temp: f64,
+    /// Teacher temperature at the start of the warm-up.
+    #[arg(long, default_value_t = 0.04)]
+    pub warmup_teacher_temp: f64,
+    /// Epochs of linear teacher-temperature warm-up.
+    #[arg(long, default_value_t = 0)]
+    pub warmup_teacher_temp_epochs: usize,
+
+    /// Peak learning rate at batch 256 (scaled linearly with the batch size).
+    #[arg(long, default_value_t = 0.0005)]
+    pub lr: f64,
+    /// Final learning rate of the cosine schedule.
+    #[arg(long, default_value_t = 1e-6)]
+    pub min_lr: f64,
+    /// Epochs of linear learning-rate warm-up.
+    #[arg(long, default_value_t = 10)]
+    pub warmup_epochs: usize,
+    /// Weight decay at the start (cosine schedule).
+    #[arg(long, default_value_t = 0.04)]
+    pub weight_decay: f64,
+    /// Weight decay at the end.
+    #[arg(long, default_value_t = 0.4)]
+    pub weight_decay_end: f64,
+    /// Per-parameter gradient norm limit (0 disables clipping).
+    #[arg(long, default_value_t = 3.0)]
+    pub clip_grad: f64,
+    /// Epochs during which the head's last layer stays fixed.
+    #[arg(long, default_value_t = 1)]
+    pub freeze_last_layer: usize,
+    /// Images per step.
+    #[arg(long, default_value_t = 64)]
+    pub batch_size_per_gpu: usize,
+    /// Training epochs.
+    #[arg(long, default_value_t = 100)]
+    pub epochs: usize,
+
+    /// Side of the global crops in pixels.
+    #[arg(long, default_value_t = 224)]
+    pub global_crop_size: usize,
+    /// Side of the local crops in pixels.
+    #[arg(long, default_value_t = 96)]
+    pub local_crop_size: usize,
+    /// Area range of the global crops, as fractions of the image.
+    #[arg(long, num_args = 2, default_values_t = [0.4, 1.0])]
+    pub global_crops_scale: Vec<f64>,
+    /// Number of local crops per image.
+    #[arg(long, default_value_t = 8)]
+    pub local_crops_number: usize,
+    /// Area range of the local crops.
+    #[arg(long, num_args = 2, default_values_t = [0.05, 0.4])]
+    pub local_crops_scale: Vec<f64>,
+
+    /// Seed of everything random (init, data order, augmentation, drop path).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Also keep checkpoint<epoch>.safetensors every N epochs (0: never).
+    #[arg(long, default_value_t = 20)]
+    pub saveckp_freq: usize,
+    /// Also checkpoint every N steps inside an epoch (0: only at epoch ends).
+    #[arg(long, default_value_t = 0)]
+    pub saveckp_steps: usize,
+    /// Threads decoding and augmenting images (0: one per CPU core).
+    #[arg(long, default_value_t = 0)]
+    pub num_workers: usize,
+    /// Compute device.
+    #[arg(long, value_enum, default_value = "cpu")]
+    pub device: DeviceKind,
+    /// Stop cleanly, with a checkpoint, after this many minutes (0: no limit).
+    #[arg(long, default_value_t = 0.0)]
+    pub max_minutes: f64,
+}
+
+impl TrainConfig {
+    /// Applies the preset and the config file to every setting not given on the command line.
+    pub fn resolve(self, matches: &ArgMatches) -> Result<Self> {
+        let explicit = |key: &str| matches!(matches.value_source(key), Some(ValueSource::CommandLine));
+        let config_path = self.config.clone();
+        let mut values = match serde_json::to_value(&self)? {
+            serde_json::Value::Object(m) => m,
+            _ => unreachable!("a struct serialises to an object"),
+        };
+        let file = match &config_path {
+            Some(path) => read_config_file(path)?,
+            None => serde_json::Map::new(),
+        };
+        for key in file.keys() {
+            if !values.contains_key(key) {
+                bail!("{}: unknown setting '{key}'", config_path.as_ref().unwrap().display());
+            }
+        }
+        let preset = match (explicit("preset"), file.get("preset")) {
+            (false, Some(p)) => serde_json::from_value(p.clone()).with_context(|| format!("{}: bad preset", config_path.as_ref().unwrap().display()))?,
+            _ => self.preset,
+        };
+        for (key, value) in preset.values() {
+            if !explicit(key) && !file.contains_key(key) {
+                values.insert(key.to_string(), value);
+            }
+        }
+        for (key, value) in file {
+            if !explicit(&key) {
+                values.insert(key, value);
+            }
+        }
+        let mut resolved: TrainConfig = serde_json::from_value(serde_json::Value::Object(values))
+            .with_context(|| format!("{}: a setting has the wrong type", config_path.unwrap_or_default().display()))?;
+        resolved.config = self.config;
+        resolved.validate()?;
+        Ok(resolved)
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        if VitConfig::from_arch(&self.arch, self.patch_size).is_none() {
+            bail!("--arch: unknown architecture '{}' (vit_micro, vit_tiny, vit_small, vit_base)", self.arch);
+        }
+        if self.patch_size == 0 || self.local_crop_size < self.patch_size {
+            bail!("--patch_size {} is larger than --local_crop_size {}", self.patch_size, self.local_crop_size);
+        }
+        for (name, s) in [("--global_crops_scale", &self.global_crops_scale), ("--local_crops_scale", &self.local_crops_scale)] {
+            if s.len() != 2 || !(0.0 < s[0] && s[0] <= s[1] && s[1] <= 1.0) {
+                bail!("{name}: want two fractions 0 < min <= max <= 1, got {s:?}");
+            }
+        }
+        if self.batch_size_per_gpu == 0 || self.epochs == 0 || self.out_dim == 0 {
+            bail!("--batch_size_per_gpu, --epochs and --out_dim must be positive");
+        }
+        if !(0.0..=1.0).contains(&self.momentum_teacher) {
+            bail!("--momentum_teacher must be within [0, 1]");
+        }
+        Ok(())
+    }
+
+    pub fn vit(&self) -> VitConfig {
+        let mut vit = VitConfig::from_arch(&self.arch, self.patch_size).expect("validated");
+        vit.img_size = self.global_crop_size;
+        vit.drop_path_rate = self.drop_path_rate;
+        vit
+    }
+
+    pub fn head(&self, in_dim: usize) -> DinoHeadConfig {
+        DinoHeadConfig {
+            use_bn: self.use_bn_in_head,
+            norm_last_layer: self.norm_last_layer,
+            ..DinoHeadConfig::new(in_dim, self.out_dim)
+        }
+    }
+
+    pub fn crops(&self) -> MultiCropConfig {
+        MultiCropConfig {
+            global_size: self.global_crop_size,
+            local_size: self.local_crop_size,
+            local_crops_number: self.local_crops_number,
+            global_crops_scale: (self.global_crops_scale[0], self.global_crops_scale[1]),
+            local_crops_scale: (self.local_crops_scale[0], self.local_crops_scale[1]),
+        }
+    }
+}
+
+fn read_config_file(path: &PathBuf) -> Result<serde_json::Map<String, serde_json::Value>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read config file", path.display()))?;
+    let value: serde_json::Value = if path.extension().is_some_and(|e| e == "toml") {
+        let t: toml::Value = toml::from_str(&text).with_context(|| format!("{}: not valid TOML", path.display()))?;
+        serde_json::to_value(t)?
+    } else {
+        serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", path.display()))?
+    };
+    match value {
+        serde_json::Value::Object(m) => Ok(m),
+        _ => bail!("{}: expected a table of settings", path.display()),
+    }
+}

@@ -1,0 +1,248 @@
+//! `dino train`: the whole training run, top to bottom — data, models, schedules, then the loop
+//! of teacher forward, student forward, loss, backward, clipped AdamW step and teacher EMA, with
+//! checkpoints, logs and a clean stop on a time budget or a non-finite loss.
+
+use std::io::IsTerminal;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use burn::module::Module;
+use burn::tensor::{Device, Tensor, TensorData};
+use indicatif::{ProgressBar, ProgressStyle};
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use serde_json::json;
+
+use super::checkpoint::{self, Progress, TrainState};
+use super::config::{DeviceKind, TrainConfig};
+use super::ema::update_teacher;
+use super::log::{StepMetrics, append_line, plot, read_step_metrics};
+use super::loss::DinoLoss;
+use super::optim::{AdamW, StepSettings};
+use super::schedule::cosine_schedule;
+use crate::data::dataset::{Dataset, IdxSplit};
+use crate::data::loader::{mix_seed, start_epoch, steps_per_epoch};
+use crate::model::DinoModel;
+
+/// The compute device a config asks for.
+pub fn device_for(kind: DeviceKind) -> Result<Device> {
+    match kind {
+        DeviceKind::Cpu => Ok(Device::flex()),
+        #[cfg(feature = "cuda")]
+        DeviceKind::Cuda => Ok(Device::cuda(0)),
+        #[cfg(not(feature = "cuda"))]
+        DeviceKind::Cuda => bail!("--device cuda: this binary was built without CUDA; rebuild with `--features cuda`"),
+    }
+}
+
+/// How a run ended.
+#[derive(Debug, PartialEq)]
+pub enum Outcome {
+    Finished,
+    TimeBudgetReached,
+}
+
+pub fn train(cfg: &TrainConfig) -> Result<Outcome> {
+    let started = Instant::now();
+    let run_dir = &cfg.output_dir;
+    std::fs::create_dir_all(run_dir).with_context(|| format!("--output_dir {}: cannot create", run_dir.display()))?;
+    std::fs::write(run_dir.join("config.json"), serde_json::to_string_pretty(cfg)?)?;
+    let device = device_for(cfg.device)?;
+
+    // Data.
+    let mut dataset = Dataset::open(&cfg.data, IdxSplit::Train).with_context(|| format!("--data {}", cfg.data.display()))?;
+    if cfg.subset > 0 {
+        dataset.truncate(cfg.subset);
+    }
+    let dataset = Arc::new(dataset);
+    let batch_size = cfg.batch_size_per_gpu;
+    let steps = steps_per_epoch(dataset.len(), batch_size);
+    if steps == 0 {
+        bail!("--data {}: {} images is less than one batch of {batch_size}", cfg.data.display(), dataset.len());
+    }
+    let crops = cfg.crops();
+    let workers = if cfg.num_workers == 0 { std::thread::available_parallelism().map_or(1, |n| n.get()) } else { cfg.num_workers };
+    let pool = Arc::new(rayon::ThreadPoolBuilder::new().num_threads(workers).build()?);
+
+    // Student, teacher (a copy that never gets gradients), loss, optimiser, schedules.
+    let vit = cfg.vit();
+    let mut rng = StdRng::seed_from_u64(cfg.seed);
+    let student = DinoModel {
+        backbone: vit.init(&mut rng, &device),
+        head: cfg.head(vit.embed_dim).init(&mut rng, &device),
+    };
+    let teacher = student.valid();
+    let mut loss_fn = DinoLoss::new(cfg.out_dim, crops.ncrops(), cfg.warmup_teacher_temp, cfg.teacher_temp, cfg.warmup_teacher_temp_epochs, cfg.epochs, &device);
+    let ckpt_path = run_dir.join("checkpoint.safetensors");
+    let mut state = if ckpt_path.exists() {
+        let s = checkpoint::load(&ckpt_path, student, teacher, &device)?;
+        eprintln!("resuming from {} at epoch {} step {}", ckpt_path.display(), s.progress.epoch, s.progress.step_in_epoch);
+        s
+    } else {
+        TrainState { student, teacher, optimizer: AdamW::default(), center: loss_fn.center.clone(), progress: Progress { epoch: 0, step_in_epoch: 0, global_step: 0 } }
+    };
+    loss_fn.center = state.center.clone();
+    let mut student = state.student.clone().fork(&device.clone().autodiff()).train();
+    let base_lr = cfg.lr * batch_size as f64 / 256.0;
+    let lr_schedule = cosine_schedule(base_lr, cfg.min_lr, cfg.epochs, steps, cfg.warmup_epochs, 0.0);
+    let wd_schedule = cosine_schedule(cfg.weight_decay, cfg.weight_decay_end, cfg.epochs, steps, 0, 0.0);
+    let momentum_schedule = cosine_schedule(cfg.momentum_teacher, 1.0, cfg.epochs, steps, 0, 0.0);
+    let budget = (cfg.max_minutes > 0.0).then(|| Duration::from_secs_f64(cfg.max_minutes * 60.0));
+    let (g, l) = (crops.global_size, crops.local_size);
+
+    while state.progress.epoch < cfg.epochs {
+        let epoch = state.progress.epoch;
+        let loader = start_epoch(dataset.clone(), crops.clone(), batch_size, cfg.seed, epoch, state.progress.step_in_epoch, pool.clone());
+        let bar = progress_bar(steps as u64, state.progress.step_in_epoch as u64, epoch, cfg.epochs);
+        let mut sums = EpochSums::default();
+        let epoch_start = Instant::now();
+        loop {
+            let wait = Instant::now();
+            let Ok(batch) = loader.batches.recv() else { break };
+            sums.data_wait += wait.elapsed();
+            for msg in &batch.skipped {
+                bar.println(format!("warning: skipped {msg}"));
+            }
+            sums.skipped += batch.skipped.len();
+            let it = state.progress.global_step;
+            if batch.images > 0 {
+                let n = batch.images;
+                let global = Tensor::<4>::from_data(TensorData::new(batch.global, [2 * n, 3, g, g]), &device);
+                let local = Tensor::<4>::from_data(TensorData::new(batch.local, [crops.local_crops_number * n, 3, l, l]), &device);
+                let mut crop_groups = vec![global.clone().autodiff()];
+                if crops.local_crops_number > 0 {
+                    crop_groups.push(local.autodiff());
+                }
+
+                let teacher_out = state.teacher.forward(&[global], None);
+                let mut drop_rng = StdRng::seed_from_u64(mix_seed(cfg.seed, it as u64, 0xD0));
+                let student_out = student.forward(&crop_groups, Some(&mut drop_rng));
+                let out = loss_fn.forward(student_out, teacher_out, epoch);
+                let loss_value: f64 = out.loss.clone().into_scalar::<f32>() as f64;
+                if !loss_value.is_finite() {
+                    bail!(
+                        "loss is {loss_value} at epoch {epoch} step {}: stopping; the last good checkpoint is {}",
+                        state.progress.step_in_epoch,
+                        ckpt_path.display()
+                    );
+                }
+                let grads = out.loss.backward();
+                let frozen = |name: &str| epoch < cfg.freeze_last_layer && name.contains("last_layer");
+                let settings = StepSettings {
+                    lr: lr_schedule[it],
+                    weight_decay: wd_schedule[it],
+                    clip_grad: (cfg.clip_grad > 0.0).then_some(cfg.clip_grad),
+                    frozen: &frozen,
+                };
+                student = state.optimizer.step(student, grads, &settings);
+                state.teacher = update_teacher(state.teacher, &student, momentum_schedule[it]);
+
+                let metrics = StepMetrics {
+                    step: it,
+                    loss: loss_value,
+                    teacher_entropy: out.teacher_entropy.into_scalar::<f32>() as f64,
+                    kl: out.kl.into_scalar::<f32>() as f64,
+                };
+                append_line(&run_dir.join("metrics.jsonl"), &metrics)?;
+                sums.add(&metrics, n);
+            }
+            state.progress.step_in_epoch += 1;
+            state.progress.global_step += 1;
+            bar.inc(1);
+            bar.set_message(format!("loss {:.4}", sums.mean(sums.loss)));
+            let tenth = (steps / 10).max(1);
+            if bar.is_hidden() && state.progress.step_in_epoch % tenth == 0 {
+                eprintln!("epoch {}/{} step {}/{steps} loss {:.4} ({:.0}s)", epoch + 1, cfg.epochs, state.progress.step_in_epoch, sums.mean(sums.loss), epoch_start.elapsed().as_secs_f64());
+            }
+            let over_budget = budget.is_some_and(|b| started.elapsed() >= b);
+            let periodic = cfg.saveckp_steps > 0 && state.progress.global_step % cfg.saveckp_steps == 0;
+            if over_budget || periodic {
+                state.center = loss_fn.center.clone();
+                state.student = student.valid();
+                checkpoint::save(&ckpt_path, &state, cfg)?;
+            }
+            if over_budget {
+                bar.abandon();
+                eprintln!("time budget of {} min reached at epoch {epoch} step {}; checkpoint saved to {}", cfg.max_minutes, state.progress.step_in_epoch, ckpt_path.display());
+                return Ok(Outcome::TimeBudgetReached);
+            }
+        }
+        drop(loader);
+        bar.finish_and_clear();
+        if sums.steps == 0 && sums.skipped > 0 {
+            bail!("--data {}: no readable images (all {} tried were skipped)", cfg.data.display(), sums.skipped);
+        }
+
+        // End of epoch: checkpoint, log line, plot.
+        state.progress.epoch += 1;
+        state.progress.step_in_epoch = 0;
+        state.center = loss_fn.center.clone();
+        state.student = student.valid();
+        checkpoint::save(&ckpt_path, &state, cfg)?;
+        if cfg.saveckp_freq > 0 && (epoch + 1) % cfg.saveckp_freq == 0 {
+            std::fs::copy(&ckpt_path, run_dir.join(format!("checkpoint{epoch:04}.safetensors")))?;
+        }
+        let last = state.progress.global_step - 1;
+        let elapsed = epoch_start.elapsed().as_secs_f64();
+        let line = json!({
+            "epoch": epoch,
+            "train_loss": sums.mean(sums.loss),
+            "teacher_entropy": sums.mean(sums.entropy),
+            "kl": sums.mean(sums.kl),
+            "train_lr": lr_schedule[last],
+            "train_wd": wd_schedule[last],
+            "teacher_momentum": momentum_schedule[last],
+            "teacher_temp": loss_fn.teacher_temps[epoch],
+            "img_per_s": sums.images as f64 / elapsed,
+            "data_wait_share": sums.data_wait.as_secs_f64() / elapsed,
+            "skipped_files": sums.skipped,
+            "steps": sums.steps,
+            "epoch_seconds": elapsed,
+        });
+        append_line(&run_dir.join("log.txt"), &line)?;
+        eprintln!("{line}");
+        plot(&read_step_metrics(&run_dir.join("metrics.jsonl")), cfg.out_dim, &run_dir.join("training.png"))?;
+    }
+    Ok(Outcome::Finished)
+}
+
+#[derive(Default)]
+struct EpochSums {
+    steps: usize,
+    images: usize,
+    loss: f64,
+    entropy: f64,
+    kl: f64,
+    skipped: usize,
+    data_wait: Duration,
+}
+
+impl EpochSums {
+    fn add(&mut self, m: &StepMetrics, images: usize) {
+        self.steps += 1;
+        self.images += images;
+        self.loss += m.loss;
+        self.entropy += m.teacher_entropy;
+        self.kl += m.kl;
+    }
+
+    fn mean(&self, sum: f64) -> f64 {
+        sum / self.steps.max(1) as f64
+    }
+}
+
+/// A bar with ETA on a terminal; plain lines every 10% of the epoch otherwise.
+fn progress_bar(len: u64, pos: u64, epoch: usize, epochs: usize) -> ProgressBar {
+    let bar = if std::io::stderr().is_terminal() {
+        ProgressBar::new(len)
+    } else {
+        ProgressBar::hidden()
+    };
+    bar.set_style(
+        ProgressStyle::with_template(&format!("epoch {}/{epochs} {{bar:30}} {{pos}}/{{len}} [{{elapsed}}<{{eta}}] {{msg}}", epoch + 1))
+            .expect("template"),
+    );
+    bar.set_position(pos);
+    bar
+}
