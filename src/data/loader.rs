@@ -114,3 +114,37 @@ fn make_batch(dataset: &Dataset, crops: &MultiCropConfig, indices: &[usize], see
     }
     Batch { step_in_epoch: step, images: n, global, local, skipped }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batches_do_not_depend_on_the_number_of_workers() {
+        let pixels: Vec<u8> = (0..12 * 20 * 20).map(|i| (i * 37 % 251) as u8).collect();
+        let dataset = Arc::new(Dataset::Idx { pixels, rows: 20, cols: 20, labels: vec![0; 12] });
+        let crops = MultiCropConfig { global_size: 12, local_size: 6, local_crops_number: 2, global_crops_scale: (0.4, 1.0), local_crops_scale: (0.05, 0.4) };
+        let collect = |workers: usize, first_step: usize| -> Vec<(usize, Vec<f32>, Vec<f32>)> {
+            let pool = Arc::new(rayon::ThreadPoolBuilder::new().num_threads(workers).build().unwrap());
+            let loader = start_epoch(dataset.clone(), crops.clone(), 4, 9, 3, first_step, pool);
+            loader.batches.iter().map(|b| (b.step_in_epoch, b.global, b.local)).collect()
+        };
+        let one = collect(1, 0);
+        assert_eq!(one.len(), 3);
+        assert_eq!(one[0].1.len(), 2 * 4 * 3 * 12 * 12);
+        assert_eq!(one[0].2.len(), 2 * 4 * 3 * 6 * 6);
+        assert_eq!(one, collect(3, 0));
+        // Resuming mid-epoch yields the same remaining batches.
+        assert_eq!(one[1..], collect(2, 1)[..]);
+    }
+
+    #[test]
+    fn epoch_order_is_a_seeded_permutation() {
+        let a = epoch_order(100, 5, 0);
+        let mut sorted = a.clone();
+        sorted.sort();
+        assert_eq!(sorted, (0..100).collect::<Vec<_>>());
+        assert_eq!(a, epoch_order(100, 5, 0));
+        assert_ne!(a, epoch_order(100, 5, 1));
+    }
+}

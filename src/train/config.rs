@@ -263,3 +263,44 @@ fn read_config_file(path: &PathBuf) -> Result<serde_json::Map<String, serde_json
         _ => bail!("{}: expected a table of settings", path.display()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::cli::Cli;
+    use clap::{CommandFactory, FromArgMatches};
+
+    fn resolve(args: &[&str]) -> anyhow::Result<super::TrainConfig> {
+        let matches = Cli::command().try_get_matches_from(args)?;
+        let cli = Cli::from_arg_matches(&matches)?;
+        match cli.command {
+            crate::cli::Command::Train(c) => c.resolve(matches.subcommand_matches("train").unwrap()),
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn defaults_preset_file_and_flags_resolve_in_order() {
+        let c = resolve(&["dino", "train"]).unwrap();
+        assert_eq!((c.arch.as_str(), c.patch_size, c.out_dim, c.global_crop_size), ("vit_small", 16, 65536, 224));
+        assert_eq!(c.global_crops_scale, vec![0.4, 1.0]);
+
+        let c = resolve(&["dino", "train", "--preset", "small", "--out_dim", "1000"]).unwrap();
+        assert_eq!((c.arch.as_str(), c.patch_size, c.global_crop_size, c.local_crop_size), ("vit_tiny", 4, 28, 12));
+        assert_eq!(c.out_dim, 1000, "a flag beats the preset");
+
+        let dir = std::env::temp_dir().join(format!("dino-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("run.toml");
+        std::fs::write(&file, "preset = \"small\"\nlr = 0.01\npatch_size = 7\nlocal_crops_scale = [0.1, 0.3]\n").unwrap();
+        let f = file.to_str().unwrap();
+        let c = resolve(&["dino", "train", "--config", f, "--lr", "0.02"]).unwrap();
+        assert_eq!(c.lr, 0.02, "a flag beats the file");
+        assert_eq!(c.patch_size, 7, "the file beats the preset");
+        assert_eq!(c.global_crop_size, 28, "the file's preset applies");
+        assert_eq!(c.local_crops_scale, vec![0.1, 0.3]);
+
+        std::fs::write(&file, "lr = \"fast\"\n").unwrap();
+        assert!(resolve(&["dino", "train", "--config", f]).is_err());
+        assert!(resolve(&["dino", "train", "--global_crops_scale", "0.5", "0.2"]).is_err());
+    }
+}

@@ -102,7 +102,7 @@ pub fn train(cfg: &TrainConfig) -> Result<Outcome> {
             let Ok(batch) = loader.batches.recv() else { break };
             sums.data_wait += wait.elapsed();
             for msg in &batch.skipped {
-                bar.println(format!("warning: skipped {msg}"));
+                bar.suspend(|| eprintln!("warning: skipped {msg}"));
             }
             sums.skipped += batch.skipped.len();
             let it = state.progress.global_step;

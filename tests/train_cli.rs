@@ -1,0 +1,207 @@
+//! `dino train` run as a user runs it: on a Fashion-MNIST subset and on image folders with
+//! broken files; killed and resumed; with bad flags.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+const FASHION_MNIST: &str = "/usr/share/datasets/fashion-mnist";
+
+fn dino() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_dino"))
+}
+
+fn fashion_mnist() -> &'static str {
+    assert!(Path::new(FASHION_MNIST).is_dir(), "these tests need `apt-get install dataset-fashion-mnist` (.ci/run does it)");
+    FASHION_MNIST
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A tiny but complete run: ViT-micro/4 on 28/12-px crops, 2 local crops, 8 steps an epoch.
+fn small_run_args(data: &str, out: &Path, epochs: usize) -> Vec<String> {
+    format!(
+        "train --data {data} --output_dir {} --preset small --arch vit_micro --local_crops_number 2 \
+         --out_dim 256 --batch_size_per_gpu 32 --subset 256 --epochs {epochs} --warmup_epochs 1 --lr 0.004 --num_workers 2",
+        out.display()
+    )
+    .split_whitespace()
+    .map(String::from)
+    .collect()
+}
+
+fn run(args: &[String]) -> Output {
+    dino().args(args).output().expect("run dino")
+}
+
+fn json_lines(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect()
+}
+
+fn checkpoint_tensors(path: &Path) -> Vec<(String, Vec<u8>)> {
+    let bytes = std::fs::read(path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut v: Vec<(String, Vec<u8>)> = st.tensors().into_iter().map(|(n, t)| (n, t.data().to_vec())).collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+#[test]
+fn trains_on_fashion_mnist_and_writes_logs_checkpoint_and_plot() {
+    let out = scratch("train_basic");
+    let o = run(&small_run_args(fashion_mnist(), &out, 2));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+
+    let epochs = json_lines(&out.join("log.txt"));
+    assert_eq!(epochs.len(), 2);
+    for (i, e) in epochs.iter().enumerate() {
+        assert_eq!(e["epoch"], i);
+        assert_eq!(e["steps"], 8);
+        assert_eq!(e["skipped_files"], 0);
+        for key in ["train_loss", "teacher_entropy", "kl", "train_lr", "train_wd", "teacher_momentum", "teacher_temp", "img_per_s", "data_wait_share"] {
+            assert!(e[key].as_f64().is_some_and(f64::is_finite), "{key} in {e}");
+        }
+        // The teacher is neither collapsed to one prototype nor uniform over the 256.
+        let h = e["teacher_entropy"].as_f64().unwrap();
+        assert!(h > 0.5 && h < (256f64).ln(), "entropy {h}");
+    }
+    let steps = json_lines(&out.join("metrics.jsonl"));
+    assert_eq!(steps.len(), 16);
+    assert!(steps.iter().all(|s| s["loss"].as_f64().unwrap().is_finite()));
+    // The student closes in on its teacher: KL(teacher || student) falls.
+    let kl = |e: &serde_json::Value| e["kl"].as_f64().unwrap();
+    assert!(kl(&epochs[1]) < kl(&epochs[0]), "KL did not fall: {} -> {}", kl(&epochs[0]), kl(&epochs[1]));
+
+    let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["arch"], "vit_micro", "flags override the preset");
+    assert_eq!(config["global_crop_size"], 28, "the preset sets crop sizes");
+    let png = std::fs::read(out.join("training.png")).unwrap();
+    assert_eq!(&png[1..4], b"PNG");
+    assert!(out.join("checkpoint.safetensors").is_file());
+    assert!(!out.join("checkpoint.tmp").exists());
+}
+
+#[test]
+fn killed_run_resumes_to_bit_identical_weights() {
+    let data = fashion_mnist();
+    let straight = scratch("resume_straight");
+    let mut args = small_run_args(data, &straight, 2);
+    args.extend(["--saveckp_steps".into(), "3".into()]);
+    let o = run(&args);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+
+    let killed = scratch("resume_killed");
+    let mut args = small_run_args(data, &killed, 2);
+    args.extend(["--saveckp_steps".into(), "3".into()]);
+    let mut child = dino().args(&args).stderr(std::process::Stdio::null()).spawn().unwrap();
+    // Kill it in the second epoch, after a mid-epoch checkpoint (step 9 of 16).
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        let lines = std::fs::read_to_string(killed.join("metrics.jsonl")).map(|t| t.lines().count()).unwrap_or(0);
+        if lines >= 11 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "run never reached step 11");
+        assert!(child.try_wait().unwrap().is_none(), "run ended before it could be killed");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    assert!(json_lines(&killed.join("log.txt")).len() == 1, "killed mid second epoch");
+
+    let o = run(&args);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("resuming from"));
+    let a = checkpoint_tensors(&straight.join("checkpoint.safetensors"));
+    let b = checkpoint_tensors(&killed.join("checkpoint.safetensors"));
+    assert_eq!(a.len(), b.len());
+    for ((na, ta), (nb, tb)) in a.iter().zip(&b) {
+        assert_eq!(na, nb);
+        assert!(ta == tb, "tensor {na} differs after resume");
+    }
+}
+
+fn write_png(path: &Path, seed: u32) {
+    let img = image::RgbImage::from_fn(20, 16, |x, y| image::Rgb([(x * 12 + seed) as u8, (y * 15) as u8, ((x * y + seed * 7) % 255) as u8]));
+    img.save(path).unwrap();
+}
+
+#[test]
+fn broken_files_are_skipped_and_named() {
+    let dir = scratch("broken_files");
+    let data = dir.join("data");
+    for class in ["cats", "dogs"] {
+        std::fs::create_dir_all(data.join(class)).unwrap();
+        for i in 0..7 {
+            write_png(&data.join(class).join(format!("{i}.png")), i * 31);
+        }
+    }
+    let mut jpeg = Vec::new();
+    image::RgbImage::from_pixel(32, 32, image::Rgb([200, 10, 10]))
+        .write_to(&mut std::io::Cursor::new(&mut jpeg), image::ImageFormat::Jpeg)
+        .unwrap();
+    std::fs::write(data.join("cats/truncated.jpg"), &jpeg[..jpeg.len() / 3]).unwrap();
+    std::fs::write(data.join("dogs/empty.png"), b"").unwrap();
+    std::fs::write(data.join("dogs/notes.png"), b"this is not an image").unwrap();
+
+    let args = |data: &Path, out: &Path, batch: usize| -> Vec<String> {
+        format!(
+            "train --data {} --output_dir {} --preset small --arch vit_micro --local_crops_number 1 --out_dim 64 \
+             --batch_size_per_gpu {batch} --epochs 1 --warmup_epochs 0",
+            data.display(),
+            out.display()
+        )
+        .split_whitespace()
+        .map(String::from)
+        .collect()
+    };
+    // One batch holding all 17 files, so none is left out with the last partial batch.
+    let out = dir.join("run");
+    let o = run(&args(&data, &out, 17));
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{stderr}");
+    for bad in ["truncated.jpg", "empty.png", "notes.png"] {
+        assert!(stderr.lines().any(|l| l.contains("warning: skipped") && l.contains(bad)), "{bad} not named in:\n{stderr}");
+    }
+    let epochs = json_lines(&out.join("log.txt"));
+    assert_eq!(epochs[0]["skipped_files"], 3);
+
+    // Nothing readable at all is an error, not a silent empty run.
+    let only_bad = dir.join("only_bad");
+    std::fs::create_dir_all(&only_bad).unwrap();
+    std::fs::write(only_bad.join("a.png"), b"").unwrap();
+    std::fs::write(only_bad.join("b.jpg"), b"nope").unwrap();
+    let o = run(&args(&only_bad, &dir.join("run_bad"), 1));
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("no readable images"), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+#[test]
+fn bad_input_gives_one_line_errors() {
+    let out = scratch("bad_input");
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (vec!["train".into(), "--arch".into(), "vit_giant".into(), "--output_dir".into(), out.display().to_string()], "--arch"),
+        (vec!["train".into(), "--data".into(), "/no/such/dir".into(), "--output_dir".into(), out.display().to_string()], "/no/such/dir"),
+    ];
+    for (args, needle) in cases {
+        let o = run(&args);
+        assert!(!o.status.success(), "{args:?} succeeded");
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+        assert!(stderr.contains(needle), "{stderr}");
+    }
+    let config = out.join("bad.toml");
+    std::fs::write(&config, "epochs = 3\nlearning_rate = 0.1\n").unwrap();
+    let o = dino().args(["train", "--config"]).arg(&config).output().unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && stderr.contains("unknown setting 'learning_rate'"), "{stderr}");
+}
