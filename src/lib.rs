@@ -1,7 +1,8 @@
 //! dino: DINO self-supervised vision transformers (Caron et al., ICCV 2021) on Burn.
 
 pub mod cli;
+pub mod data;
+pub mod eval;
 pub mod model;
 pub mod train;
 pub mod weights;
-pub mod data;

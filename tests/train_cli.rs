@@ -35,6 +35,14 @@ fn small_run_args(data: &str, out: &Path, epochs: usize) -> Vec<String> {
     .collect()
 }
 
+/// Sets `--flag value`, replacing the flag's value when it is already there.
+fn set_flag(args: &mut Vec<String>, flag: &str, value: &str) {
+    match args.iter().position(|a| a == flag) {
+        Some(i) => args[i + 1] = value.into(),
+        None => args.extend([flag.into(), value.into()]),
+    }
+}
+
 fn run(args: &[String]) -> Output {
     dino().args(args).output().expect("run dino")
 }
@@ -95,13 +103,13 @@ fn killed_run_resumes_to_bit_identical_weights() {
     let data = fashion_mnist();
     let straight = scratch("resume_straight");
     let mut args = small_run_args(data, &straight, 2);
-    args.extend(["--saveckp_steps".into(), "3".into()]);
+    set_flag(&mut args, "--saveckp_steps", "3");
     let o = run(&args);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 
     let killed = scratch("resume_killed");
     let mut args = small_run_args(data, &killed, 2);
-    args.extend(["--saveckp_steps".into(), "3".into()]);
+    set_flag(&mut args, "--saveckp_steps", "3");
     let mut child = dino().args(&args).stderr(std::process::Stdio::null()).spawn().unwrap();
     // Kill it in the second epoch, after a mid-epoch checkpoint (step 9 of 16).
     let deadline = Instant::now() + Duration::from_secs(600);
@@ -130,6 +138,27 @@ fn killed_run_resumes_to_bit_identical_weights() {
     }
 }
 
+/// A PNG whose header claims a 30-gigapixel image: it must be skipped, not decoded.
+fn huge_png_header(width: u32, height: u32) -> Vec<u8> {
+    fn chunk(kind: &[u8], data: &[u8]) -> Vec<u8> {
+        let mut crc = flate2::Crc::new();
+        crc.update(kind);
+        crc.update(data);
+        let mut out = (data.len() as u32).to_be_bytes().to_vec();
+        out.extend_from_slice(kind);
+        out.extend_from_slice(data);
+        out.extend_from_slice(&crc.sum().to_be_bytes());
+        out
+    }
+    let mut ihdr = width.to_be_bytes().to_vec();
+    ihdr.extend_from_slice(&height.to_be_bytes());
+    ihdr.extend_from_slice(&[8, 2, 0, 0, 0]);
+    let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
+    png.extend(chunk(b"IHDR", &ihdr));
+    png.extend(chunk(b"IEND", &[]));
+    png
+}
+
 fn write_png(path: &Path, seed: u32) {
     let img = image::RgbImage::from_fn(20, 16, |x, y| image::Rgb([(x * 12 + seed) as u8, (y * 15) as u8, ((x * y + seed * 7) % 255) as u8]));
     img.save(path).unwrap();
@@ -152,6 +181,9 @@ fn broken_files_are_skipped_and_named() {
     std::fs::write(data.join("cats/truncated.jpg"), &jpeg[..jpeg.len() / 3]).unwrap();
     std::fs::write(data.join("dogs/empty.png"), b"").unwrap();
     std::fs::write(data.join("dogs/notes.png"), b"this is not an image").unwrap();
+    std::fs::write(data.join("dogs/huge.png"), huge_png_header(200_000, 150_000)).unwrap();
+    // A misnamed file is read by its content, not skipped.
+    std::fs::copy(data.join("cats/0.png"), data.join("cats/actually_a_png.jpg")).unwrap();
 
     let args = |data: &Path, out: &Path, batch: usize| -> Vec<String> {
         format!(
@@ -164,16 +196,17 @@ fn broken_files_are_skipped_and_named() {
         .map(String::from)
         .collect()
     };
-    // One batch holding all 17 files, so none is left out with the last partial batch.
+    // One batch holding all 19 files, so none is left out with the last partial batch.
     let out = dir.join("run");
-    let o = run(&args(&data, &out, 17));
+    let o = run(&args(&data, &out, 19));
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{stderr}");
-    for bad in ["truncated.jpg", "empty.png", "notes.png"] {
+    for bad in ["truncated.jpg", "empty.png", "notes.png", "huge.png"] {
         assert!(stderr.lines().any(|l| l.contains("warning: skipped") && l.contains(bad)), "{bad} not named in:\n{stderr}");
     }
+    assert!(!stderr.contains("actually_a_png"), "{stderr}");
     let epochs = json_lines(&out.join("log.txt"));
-    assert_eq!(epochs[0]["skipped_files"], 3);
+    assert_eq!(epochs[0]["skipped_files"], 4);
 
     // Nothing readable at all is an error, not a silent empty run.
     let only_bad = dir.join("only_bad");
@@ -183,6 +216,21 @@ fn broken_files_are_skipped_and_named() {
     let o = run(&args(&only_bad, &dir.join("run_bad"), 1));
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("no readable images"), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+#[test]
+fn non_finite_loss_stops_the_run_and_keeps_the_checkpoint() {
+    let out = scratch("non_finite");
+    // A learning rate this large blows the weights up after the first step.
+    let mut args = small_run_args(fashion_mnist(), &out, 1);
+    set_flag(&mut args, "--lr", "1e36");
+    set_flag(&mut args, "--warmup_epochs", "0");
+    set_flag(&mut args, "--saveckp_steps", "1");
+    let o = run(&args);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{stderr}");
+    assert!(stderr.contains("loss is") && stderr.contains("stopping"), "{stderr}");
+    assert!(out.join("checkpoint.safetensors").is_file());
 }
 
 #[test]

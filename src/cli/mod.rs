@@ -1,5 +1,7 @@
 //! Subcommands of the `dino` binary.
 
+pub mod knn;
+
 use anyhow::{Context, Result, bail};
 use burn::module::Module;
 use burn::tensor::Device;
@@ -23,6 +25,8 @@ pub enum Command {
     /// Pretrain a ViT with DINO on a folder of images or IDX files; resumes automatically
     /// from the checkpoint in --output_dir.
     Train(TrainConfig),
+    /// Weighted k-NN accuracy of frozen features on a labelled train/test pair.
+    Knn(knn::KnnArgs),
     /// Print the size of a backbone and its DINO head.
     ModelInfo {
         /// vit_micro, vit_tiny, vit_small or vit_base.
@@ -50,6 +54,7 @@ pub fn run(cli: Cli, matches: &ArgMatches) -> Result<()> {
             }
             Ok(())
         }
+        Command::Knn(args) => knn::run(args),
         Command::ModelInfo { arch, patch_size, img_size, out_dim } => {
             let mut vit = VitConfig::from_arch(&arch, patch_size)
                 .with_context(|| format!("--arch: unknown architecture '{arch}' (vit_micro, vit_tiny, vit_small, vit_base)"))?;

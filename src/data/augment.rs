@@ -72,7 +72,8 @@ pub fn multi_crop(img: &RgbImage, cfg: &MultiCropConfig, rng: &mut impl Rng) -> 
 
 fn view(img: &RgbImage, size: usize, scale: (f64, f64), recipe: ViewRecipe, rng: &mut impl Rng) -> View {
     let mut record = ViewRecord { crop: random_resized_crop_box(img.width(), img.height(), scale, rng), ..Default::default() };
-    let mut px = resize_crop(img, record.crop, size);
+    let (x, y, w, h) = record.crop;
+    let mut px = resize_crop(img, (x as f64, y as f64, w as f64, h as f64), size);
     record.flipped = rng.random::<f64>() < 0.5;
     if record.flipped {
         flip_horizontal(&mut px, size);
@@ -141,12 +142,12 @@ pub fn random_resized_crop_box(width: u32, height: u32, scale: (f64, f64), rng: 
 
 /// Crops the box and resizes it to size x size with a bicubic (Catmull-Rom, PIL's BICUBIC)
 /// convolution that antialiases when shrinking. Returns HWC floats in [0, 1].
-fn resize_crop(img: &RgbImage, (x, y, w, h): (u32, u32, u32, u32), size: usize) -> Vec<f32> {
+pub(crate) fn resize_crop(img: &RgbImage, (x, y, w, h): (f64, f64, f64, f64), size: usize) -> Vec<f32> {
     let src = Image::from_vec_u8(img.width(), img.height(), img.as_raw().clone(), PixelType::U8x3).expect("rgb buffer");
     let mut dst = Image::new(size as u32, size as u32, PixelType::U8x3);
     let options = ResizeOptions::new()
         .resize_alg(ResizeAlg::Convolution(FilterType::CatmullRom))
-        .crop(x as f64, y as f64, w as f64, h as f64);
+        .crop(x, y, w, h);
     Resizer::new().resize(&src, &mut dst, &options).expect("resize");
     dst.buffer().iter().map(|&v| v as f32 / 255.0).collect()
 }
@@ -249,7 +250,8 @@ fn convolve(src: &[f32], size: usize, kernel: &[f32], (dx, dy): (i64, i64)) -> V
     out
 }
 
-fn normalize_to_chw(px: &[f32], size: usize) -> Vec<f32> {
+/// HWC [0, 1] pixels to CHW, normalised with the ImageNet mean and std.
+pub(crate) fn normalize_to_chw(px: &[f32], size: usize) -> Vec<f32> {
     let plane = size * size;
     let mut out = vec![0f32; 3 * plane];
     for (i, p) in px.chunks(3).enumerate() {

@@ -11,7 +11,9 @@ use serde::{Deserialize, Serialize};
 
 use super::config::TrainConfig;
 use super::optim::{AdamW, Moments};
-use crate::model::DinoModel;
+use crate::model::{DinoModel, VisionTransformer};
+use rand::SeedableRng;
+use rand::rngs::StdRng;
 use crate::weights::{self, HostTensor};
 
 /// Where training stands: the next step to run is `step_in_epoch` of `epoch`.
@@ -92,17 +94,32 @@ pub fn read_tensors(bytes: &[u8], path: &Path) -> Result<HashMap<String, HostTen
     Ok(out)
 }
 
-/// Restores a checkpoint into freshly built student and teacher models of the same shape.
-pub fn load(path: &Path, student: DinoModel, teacher: DinoModel, device: &Device) -> Result<TrainState> {
-    let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
-    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).with_context(|| format!("{}: not a safetensors file", path.display()))?;
-    let meta: Metadata = header
+fn read_metadata(bytes: &[u8], path: &Path) -> Result<Metadata> {
+    let (_, header) = safetensors::SafeTensors::read_metadata(bytes).with_context(|| format!("{}: not a safetensors file", path.display()))?;
+    header
         .metadata()
         .as_ref()
         .and_then(|m| m.get("dino"))
         .map(|s| serde_json::from_str(s))
         .transpose()?
-        .with_context(|| format!("{}: not a dino training checkpoint", path.display()))?;
+        .with_context(|| format!("{}: not a dino training checkpoint", path.display()))
+}
+
+/// The backbone of a training checkpoint (`key` is "teacher" or "student") and the config it
+/// was trained with.
+pub fn load_backbone(path: &Path, key: &str, device: &Device) -> Result<(VisionTransformer, TrainConfig)> {
+    let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    let meta = read_metadata(&bytes, path)?;
+    let tensors = read_tensors(&bytes, path)?;
+    let vit = meta.config.vit().init(&mut StdRng::seed_from_u64(0), device);
+    let vit = weights::import(vit, &tensors, &format!("{key}.backbone.")).with_context(|| format!("{}: {key}", path.display()))?;
+    Ok((vit, meta.config))
+}
+
+/// Restores a checkpoint into freshly built student and teacher models of the same shape.
+pub fn load(path: &Path, student: DinoModel, teacher: DinoModel, device: &Device) -> Result<TrainState> {
+    let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    let meta = read_metadata(&bytes, path)?;
     let tensors = read_tensors(&bytes, path)?;
     let student = weights::import(student, &tensors, "student.").with_context(|| format!("{}: student", path.display()))?;
     let teacher = weights::import(teacher, &tensors, "teacher.").with_context(|| format!("{}: teacher", path.display()))?;

@@ -44,6 +44,25 @@ pub fn teacher_temperatures(warmup: f64, final_temp: f64, warmup_epochs: usize, 
     temps
 }
 
+/// Per-iteration values: learning rate (base lr scaled by batch / 256, linear warm-up, cosine),
+/// weight decay (cosine up) and teacher momentum (cosine to 1).
+pub struct Schedules {
+    pub lr: Vec<f64>,
+    pub wd: Vec<f64>,
+    pub momentum: Vec<f64>,
+}
+
+impl Schedules {
+    pub fn new(cfg: &super::config::TrainConfig, steps_per_epoch: usize) -> Self {
+        let base_lr = cfg.lr * cfg.batch_size_per_gpu as f64 / 256.0;
+        Self {
+            lr: cosine_schedule(base_lr, cfg.min_lr, cfg.epochs, steps_per_epoch, cfg.warmup_epochs, 0.0),
+            wd: cosine_schedule(cfg.weight_decay, cfg.weight_decay_end, cfg.epochs, steps_per_epoch, 0, 0.0),
+            momentum: cosine_schedule(cfg.momentum_teacher, 1.0, cfg.epochs, steps_per_epoch, 0, 0.0),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

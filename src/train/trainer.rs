@@ -20,7 +20,7 @@ use super::ema::update_teacher;
 use super::log::{StepMetrics, append_line, plot, read_step_metrics};
 use super::loss::DinoLoss;
 use super::optim::{AdamW, StepSettings};
-use super::schedule::cosine_schedule;
+use super::schedule::Schedules;
 use crate::data::dataset::{Dataset, IdxSplit};
 use crate::data::loader::{mix_seed, start_epoch, steps_per_epoch};
 use crate::model::DinoModel;
@@ -84,10 +84,7 @@ pub fn train(cfg: &TrainConfig) -> Result<Outcome> {
     };
     loss_fn.center = state.center.clone();
     let mut student = state.student.clone().fork(&device.clone().autodiff()).train();
-    let base_lr = cfg.lr * batch_size as f64 / 256.0;
-    let lr_schedule = cosine_schedule(base_lr, cfg.min_lr, cfg.epochs, steps, cfg.warmup_epochs, 0.0);
-    let wd_schedule = cosine_schedule(cfg.weight_decay, cfg.weight_decay_end, cfg.epochs, steps, 0, 0.0);
-    let momentum_schedule = cosine_schedule(cfg.momentum_teacher, 1.0, cfg.epochs, steps, 0, 0.0);
+    let schedules = Schedules::new(cfg, steps);
     let budget = (cfg.max_minutes > 0.0).then(|| Duration::from_secs_f64(cfg.max_minutes * 60.0));
     let (g, l) = (crops.global_size, crops.local_size);
 
@@ -130,13 +127,13 @@ pub fn train(cfg: &TrainConfig) -> Result<Outcome> {
                 let grads = out.loss.backward();
                 let frozen = |name: &str| epoch < cfg.freeze_last_layer && name.contains("last_layer");
                 let settings = StepSettings {
-                    lr: lr_schedule[it],
-                    weight_decay: wd_schedule[it],
+                    lr: schedules.lr[it],
+                    weight_decay: schedules.wd[it],
                     clip_grad: (cfg.clip_grad > 0.0).then_some(cfg.clip_grad),
                     frozen: &frozen,
                 };
                 student = state.optimizer.step(student, grads, &settings);
-                state.teacher = update_teacher(state.teacher, &student, momentum_schedule[it]);
+                state.teacher = update_teacher(state.teacher, &student, schedules.momentum[it]);
 
                 let metrics = StepMetrics {
                     step: it,
@@ -164,6 +161,8 @@ pub fn train(cfg: &TrainConfig) -> Result<Outcome> {
             }
             if over_budget {
                 bar.abandon();
+                let temp = loss_fn.teacher_temps[epoch];
+                report_epoch(run_dir, cfg, epoch, &sums, epoch_start.elapsed(), state.progress.global_step, &schedules, temp, true)?;
                 eprintln!("time budget of {} min reached at epoch {epoch} step {}; checkpoint saved to {}", cfg.max_minutes, state.progress.step_in_epoch, ckpt_path.display());
                 return Ok(Outcome::TimeBudgetReached);
             }
@@ -183,28 +182,47 @@ pub fn train(cfg: &TrainConfig) -> Result<Outcome> {
         if cfg.saveckp_freq > 0 && (epoch + 1) % cfg.saveckp_freq == 0 {
             std::fs::copy(&ckpt_path, run_dir.join(format!("checkpoint{epoch:04}.safetensors")))?;
         }
-        let last = state.progress.global_step - 1;
-        let elapsed = epoch_start.elapsed().as_secs_f64();
-        let line = json!({
-            "epoch": epoch,
-            "train_loss": sums.mean(sums.loss),
-            "teacher_entropy": sums.mean(sums.entropy),
-            "kl": sums.mean(sums.kl),
-            "train_lr": lr_schedule[last],
-            "train_wd": wd_schedule[last],
-            "teacher_momentum": momentum_schedule[last],
-            "teacher_temp": loss_fn.teacher_temps[epoch],
-            "img_per_s": sums.images as f64 / elapsed,
-            "data_wait_share": sums.data_wait.as_secs_f64() / elapsed,
-            "skipped_files": sums.skipped,
-            "steps": sums.steps,
-            "epoch_seconds": elapsed,
-        });
-        append_line(&run_dir.join("log.txt"), &line)?;
-        eprintln!("{line}");
-        plot(&read_step_metrics(&run_dir.join("metrics.jsonl")), cfg.out_dim, &run_dir.join("training.png"))?;
+        let temp = loss_fn.teacher_temps[epoch];
+        report_epoch(run_dir, cfg, epoch, &sums, epoch_start.elapsed(), state.progress.global_step, &schedules, temp, false)?;
     }
     Ok(Outcome::Finished)
+}
+
+/// Appends the epoch's line to log.txt, prints it and redraws the plot. `partial` marks an
+/// epoch cut short by the time budget.
+#[allow(clippy::too_many_arguments)]
+fn report_epoch(
+    run_dir: &std::path::Path,
+    cfg: &TrainConfig,
+    epoch: usize,
+    sums: &EpochSums,
+    elapsed: Duration,
+    next_step: usize,
+    schedules: &Schedules,
+    teacher_temp: f64,
+    partial: bool,
+) -> Result<()> {
+    let last = next_step.saturating_sub(1);
+    let seconds = elapsed.as_secs_f64();
+    let line = json!({
+        "epoch": epoch,
+        "partial": partial,
+        "train_loss": sums.mean(sums.loss),
+        "teacher_entropy": sums.mean(sums.entropy),
+        "kl": sums.mean(sums.kl),
+        "train_lr": schedules.lr[last],
+        "train_wd": schedules.wd[last],
+        "teacher_momentum": schedules.momentum[last],
+        "teacher_temp": teacher_temp,
+        "img_per_s": sums.images as f64 / seconds,
+        "data_wait_share": sums.data_wait.as_secs_f64() / seconds,
+        "skipped_files": sums.skipped,
+        "steps": sums.steps,
+        "epoch_seconds": seconds,
+    });
+    append_line(&run_dir.join("log.txt"), &line)?;
+    eprintln!("{line}");
+    plot(&read_step_metrics(&run_dir.join("metrics.jsonl")), cfg.out_dim, &run_dir.join("training.png"))
 }
 
 #[derive(Default)]
