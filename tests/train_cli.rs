@@ -23,11 +23,12 @@ fn scratch(name: &str) -> PathBuf {
     dir
 }
 
-/// A tiny but complete run: ViT-micro/4 on 28/12-px crops, 2 local crops, 8 steps an epoch.
+/// A tiny but complete run: ViT-micro/4 on 28/12-px crops, 2 local crops, 8 steps an epoch;
+/// a teacher momentum of 0.9 lets the teacher follow within so few steps.
 fn small_run_args(data: &str, out: &Path, epochs: usize) -> Vec<String> {
     format!(
         "train --data {data} --output_dir {} --preset small --arch vit_micro --local_crops_number 2 \
-         --out_dim 256 --batch_size_per_gpu 32 --subset 256 --epochs {epochs} --warmup_epochs 1 --lr 0.004 --num_workers 2",
+         --out_dim 256 --batch_size_per_gpu 32 --subset 256 --epochs {epochs} --warmup_epochs 1 --lr 0.004 --momentum_teacher 0.9 --num_workers 2",
         out.display()
     )
     .split_whitespace()
@@ -80,11 +81,15 @@ fn trains_on_fashion_mnist_and_writes_logs_checkpoint_and_plot() {
         }
         // The teacher is neither collapsed to one prototype nor uniform over the 256.
         let h = e["teacher_entropy"].as_f64().unwrap();
-        assert!(h > 0.5 && h < (256f64).ln(), "entropy {h}");
+        assert!(h > 0.1 && h < (256f64).ln(), "entropy {h}");
     }
     let steps = json_lines(&out.join("metrics.jsonl"));
     assert_eq!(steps.len(), 16);
-    assert!(steps.iter().all(|s| s["loss"].as_f64().unwrap().is_finite()));
+    let loss = |e: &serde_json::Value| e["loss"].as_f64().unwrap();
+    assert!(steps.iter().all(|s| loss(s).is_finite()));
+    assert!(loss(&steps[15]) < loss(&steps[0]), "loss did not fall: {} -> {}", loss(&steps[0]), loss(&steps[15]));
+    let epoch_loss = |e: &serde_json::Value| e["train_loss"].as_f64().unwrap();
+    assert!(epoch_loss(&epochs[1]) < epoch_loss(&epochs[0]));
     // The student closes in on its teacher: KL(teacher || student) falls.
     let kl = |e: &serde_json::Value| e["kl"].as_f64().unwrap();
     assert!(kl(&epochs[1]) < kl(&epochs[0]), "KL did not fall: {} -> {}", kl(&epochs[0]), kl(&epochs[1]));
