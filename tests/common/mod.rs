@@ -24,16 +24,7 @@ impl Fixture {
             .and_then(|m| m.get("config"))
             .map(|c| serde_json::from_str(c).expect("config json"))
             .unwrap_or(serde_json::Value::Null);
-        let st = safetensors::SafeTensors::deserialize(&bytes).expect("safetensors");
-        let tensors = st
-            .tensors()
-            .into_iter()
-            .map(|(name, view)| {
-                assert_eq!(view.dtype(), safetensors::Dtype::F32, "{name}");
-                let values = view.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
-                (name, HostTensor { shape: view.shape().to_vec(), values })
-            })
-            .collect();
+        let tensors = dino::train::checkpoint::read_tensors(&bytes, &path).expect("f32 safetensors");
         Self { tensors, config }
     }
 
