@@ -14,6 +14,14 @@ pub struct HostTensor {
     pub values: Vec<f32>,
 }
 
+impl HostTensor {
+    /// Copies a tensor to the host as f32.
+    pub fn from_tensor<const D: usize>(t: Tensor<D>) -> Self {
+        let data = t.into_data();
+        Self { shape: data.shape().to_vec(), values: data.convert::<f32>().try_to_vec::<f32>().expect("float tensor") }
+    }
+}
+
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum WeightsError {
     #[error("missing key '{0}'")]
@@ -131,9 +139,7 @@ impl ModuleVisitor for Export {
     }
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
         let path = self.path.join(".");
-        let data = param.val().into_data();
-        let shape = data.shape().to_vec();
-        let values = data.convert::<f32>().try_to_vec::<f32>().expect("f32 parameter");
+        let HostTensor { shape, values } = HostTensor::from_tensor(param.val());
         let (shape, values) = if is_transposed(&path, D) { transpose_2d(&shape, &values) } else { (shape, values) };
         self.out.push((self.naming.official(&path), HostTensor { shape, values }));
     }

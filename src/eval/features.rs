@@ -10,6 +10,7 @@ use super::knn::LabelledFeatures;
 use crate::data::augment::{normalize_to_chw, resize_crop};
 use crate::data::dataset::Dataset;
 use crate::model::VisionTransformer;
+use crate::weights::HostTensor;
 
 /// The reference's centre-crop fraction: 224 of 256.
 pub const REFERENCE_CROP: f64 = 224.0 / 256.0;
@@ -74,7 +75,7 @@ pub fn extract(kind: FeatureKind, dataset: &Dataset, transform: EvalTransform, b
             FeatureKind::Cls(vit) => {
                 let size = transform.size;
                 let x = Tensor::<4>::from_data(TensorData::new(pixels.concat(), [n, 3, size, size]), device);
-                let feats = vit.forward(x).into_data().convert::<f32>().try_into_vec::<f32>().expect("f32");
+                let feats = HostTensor::from_tensor(vit.forward(x)).values;
                 out.dim = feats.len() / n;
                 out.values.extend(feats);
             }

@@ -7,6 +7,8 @@
 
 use burn::tensor::{Device, Tensor, TensorData};
 
+use crate::weights::HostTensor;
+
 /// Row-major features with one label per row.
 pub struct LabelledFeatures {
     pub dim: usize,
@@ -81,7 +83,7 @@ fn nearest(train: &LabelledFeatures, test_rows: &[f32], rows: usize, k: usize, d
     for (block, train_rows) in train.values.chunks(TRAIN_BLOCK * dim).enumerate() {
         let n = train_rows.len() / dim;
         let keys = Tensor::<2>::from_data(TensorData::new(train_rows.to_vec(), [n, dim]), device);
-        let sims = queries.clone().matmul(keys.transpose()).into_data().convert::<f32>().try_into_vec::<f32>().expect("f32");
+        let sims = HostTensor::from_tensor(queries.clone().matmul(keys.transpose())).values;
         for (r, row) in sims.chunks(n).enumerate() {
             let list = &mut best[r];
             list.extend(row.iter().enumerate().map(|(j, &s)| (s, block * TRAIN_BLOCK + j)));

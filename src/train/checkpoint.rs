@@ -40,11 +40,6 @@ struct Metadata {
     optimizer_steps: HashMap<String, u64>,
 }
 
-fn host<const D: usize>(t: &Tensor<D>) -> HostTensor {
-    let data = t.clone().into_data();
-    HostTensor { shape: data.shape().to_vec(), values: data.convert::<f32>().try_to_vec::<f32>().expect("f32") }
-}
-
 fn to_bytes(values: &[f32]) -> Vec<u8> {
     values.iter().flat_map(|v| v.to_le_bytes()).collect()
 }
@@ -60,11 +55,11 @@ pub fn save(path: &Path, state: &TrainState, config: &TrainConfig) -> Result<()>
     }
     let mut optimizer_steps = HashMap::new();
     for (name, m) in &state.optimizer.state {
-        tensors.push((format!("optim.{name}.exp_avg"), host(&m.exp_avg)));
-        tensors.push((format!("optim.{name}.exp_avg_sq"), host(&m.exp_avg_sq)));
+        tensors.push((format!("optim.{name}.exp_avg"), HostTensor::from_tensor(m.exp_avg.clone())));
+        tensors.push((format!("optim.{name}.exp_avg_sq"), HostTensor::from_tensor(m.exp_avg_sq.clone())));
         optimizer_steps.insert(name.clone(), m.step);
     }
-    tensors.push(("center".into(), host(&state.center)));
+    tensors.push(("center".into(), HostTensor::from_tensor(state.center.clone())));
     let meta = Metadata { format: 1, progress: state.progress.clone(), config: config.clone(), optimizer_steps };
     let bytes: Vec<(String, Vec<usize>, Vec<u8>)> =
         tensors.into_iter().map(|(n, t)| (n, t.shape, to_bytes(&t.values))).collect();

@@ -42,10 +42,6 @@ impl Fixture {
     }
 }
 
-pub fn values<const D: usize>(t: Tensor<D>) -> (Vec<usize>, Vec<f32>) {
-    let data = t.into_data();
-    (data.shape().to_vec(), data.convert::<f32>().try_to_vec::<f32>().unwrap())
-}
 
 /// max |a - b| / max |b|: agreement relative to the expected tensor's scale.
 pub fn relative_error(actual: &[f32], expected: &[f32]) -> f64 {
@@ -62,18 +58,15 @@ pub fn assert_close(what: &str, actual: &HostTensor, expected: &HostTensor, tol:
 }
 
 pub fn assert_tensor_close<const D: usize>(what: &str, actual: Tensor<D>, expected: &HostTensor, tol: f64) {
-    let (shape, values) = values(actual);
-    assert_close(what, &HostTensor { shape, values }, expected, tol);
+    assert_close(what, &HostTensor::from_tensor(actual), expected, tol);
 }
 
 /// The gradient of a parameter as a host tensor.
 pub fn grad_of<const D: usize>(p: &burn::module::Param<Tensor<D>>, grads: &burn::tensor::Gradients) -> HostTensor {
-    let (shape, values) = values(p.grad(grads).expect("parameter has a gradient"));
-    HostTensor { shape, values }
+    HostTensor::from_tensor(p.grad(grads).expect("parameter has a gradient"))
 }
 
 /// The gradient of a burn Linear weight ([in, out]) in PyTorch's layout ([out, in]).
 pub fn grad_of_linear(p: &burn::module::Param<Tensor<2>>, grads: &burn::tensor::Gradients) -> HostTensor {
-    let (shape, values) = values(p.grad(grads).expect("parameter has a gradient").transpose());
-    HostTensor { shape, values }
+    HostTensor::from_tensor(p.grad(grads).expect("parameter has a gradient").transpose())
 }
