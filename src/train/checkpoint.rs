@@ -28,7 +28,6 @@ pub struct TrainState {
     pub student: DinoModel,
     pub teacher: DinoModel,
     pub optimizer: AdamW,
-    pub center: Tensor<2>,
     pub progress: Progress,
 }
 
@@ -44,8 +43,8 @@ fn to_bytes(values: &[f32]) -> Vec<u8> {
     values.iter().flat_map(|v| v.to_le_bytes()).collect()
 }
 
-/// Writes the state atomically to `path`.
-pub fn save(path: &Path, state: &TrainState, config: &TrainConfig) -> Result<()> {
+/// Writes the state and the loss centre atomically to `path`.
+pub fn save(path: &Path, state: &TrainState, center: &Tensor<2>, config: &TrainConfig) -> Result<()> {
     let mut tensors: Vec<(String, HostTensor)> = Vec::new();
     for (name, t) in weights::export(&state.student) {
         tensors.push((format!("student.{name}"), t));
@@ -59,7 +58,7 @@ pub fn save(path: &Path, state: &TrainState, config: &TrainConfig) -> Result<()>
         tensors.push((format!("optim.{name}.exp_avg_sq"), HostTensor::from_tensor(m.exp_avg_sq.clone())));
         optimizer_steps.insert(name.clone(), m.step);
     }
-    tensors.push(("center".into(), HostTensor::from_tensor(state.center.clone())));
+    tensors.push(("center".into(), HostTensor::from_tensor(center.clone())));
     let meta = Metadata { format: 1, progress: state.progress.clone(), config: config.clone(), optimizer_steps };
     let bytes: Vec<(String, Vec<usize>, Vec<u8>)> =
         tensors.into_iter().map(|(n, t)| (n, t.shape, to_bytes(&t.values))).collect();
@@ -111,8 +110,9 @@ pub fn load_backbone(path: &Path, key: &str, device: &Device) -> Result<(VisionT
     Ok((vit, meta.config))
 }
 
-/// Restores a checkpoint into freshly built student and teacher models of the same shape.
-pub fn load(path: &Path, student: DinoModel, teacher: DinoModel, device: &Device) -> Result<TrainState> {
+/// Restores a checkpoint into freshly built student and teacher models of the same shape;
+/// returns the state and the loss centre.
+pub fn load(path: &Path, student: DinoModel, teacher: DinoModel, device: &Device) -> Result<(TrainState, Tensor<2>)> {
     let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
     let meta = read_metadata(&bytes, path)?;
     let tensors = read_tensors(&bytes, path)?;
@@ -130,5 +130,5 @@ pub fn load(path: &Path, student: DinoModel, teacher: DinoModel, device: &Device
     }
     let center = tensor("center")?;
     let k = center.dims()[0];
-    Ok(TrainState { student, teacher, optimizer, center: center.reshape([1, k]), progress: meta.progress })
+    Ok((TrainState { student, teacher, optimizer, progress: meta.progress }, center.reshape([1, k])))
 }

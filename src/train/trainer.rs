@@ -76,14 +76,15 @@ pub fn train(cfg: &TrainConfig) -> Result<Outcome> {
     let mut loss_fn = DinoLoss::new(cfg.out_dim, crops.ncrops(), cfg.warmup_teacher_temp, cfg.teacher_temp, cfg.warmup_teacher_temp_epochs, cfg.epochs, &device);
     let ckpt_path = run_dir.join("checkpoint.safetensors");
     let mut state = if ckpt_path.exists() {
-        let s = checkpoint::load(&ckpt_path, student, teacher, &device)?;
+        let (s, center) = checkpoint::load(&ckpt_path, student, teacher, &device)?;
         eprintln!("resuming from {} at epoch {} step {}", ckpt_path.display(), s.progress.epoch, s.progress.step_in_epoch);
+        loss_fn.center = center;
         s
     } else {
-        TrainState { student, teacher, optimizer: AdamW::default(), center: loss_fn.center.clone(), progress: Progress { epoch: 0, step_in_epoch: 0, global_step: 0 } }
+        TrainState { student, teacher, optimizer: AdamW::default(), progress: Progress { epoch: 0, step_in_epoch: 0, global_step: 0 } }
     };
-    loss_fn.center = state.center.clone();
-    let mut student = state.student.clone().fork(&device.clone().autodiff()).train();
+    // The student trains on the autodiff device; the teacher stays on the plain one.
+    state.student = state.student.fork(&device.clone().autodiff()).train();
     let schedules = Schedules::new(cfg, steps);
     let budget = (cfg.max_minutes > 0.0).then(|| Duration::from_secs_f64(cfg.max_minutes * 60.0));
     let (g, l) = (crops.global_size, crops.local_size);
@@ -114,7 +115,7 @@ pub fn train(cfg: &TrainConfig) -> Result<Outcome> {
 
                 let teacher_out = state.teacher.forward(&[global], None);
                 let mut drop_rng = StdRng::seed_from_u64(mix_seed(cfg.seed, it as u64, 0xD0));
-                let student_out = student.forward(&crop_groups, Some(&mut drop_rng));
+                let student_out = state.student.forward(&crop_groups, Some(&mut drop_rng));
                 let out = loss_fn.forward(student_out, teacher_out, epoch);
                 let loss_value: f64 = out.loss.clone().into_scalar::<f32>() as f64;
                 if !loss_value.is_finite() {
@@ -132,8 +133,8 @@ pub fn train(cfg: &TrainConfig) -> Result<Outcome> {
                     clip_grad: (cfg.clip_grad > 0.0).then_some(cfg.clip_grad),
                     frozen: &frozen,
                 };
-                student = state.optimizer.step(student, grads, &settings);
-                state.teacher = update_teacher(state.teacher, &student, schedules.momentum[it]);
+                state.student = state.optimizer.step(state.student, grads, &settings);
+                state.teacher = update_teacher(state.teacher, &state.student, schedules.momentum[it]);
 
                 let metrics = StepMetrics {
                     step: it,
@@ -155,9 +156,7 @@ pub fn train(cfg: &TrainConfig) -> Result<Outcome> {
             let over_budget = budget.is_some_and(|b| started.elapsed() >= b);
             let periodic = cfg.saveckp_steps > 0 && state.progress.global_step % cfg.saveckp_steps == 0;
             if over_budget || periodic {
-                state.center = loss_fn.center.clone();
-                state.student = student.valid();
-                checkpoint::save(&ckpt_path, &state, cfg)?;
+                checkpoint::save(&ckpt_path, &state, &loss_fn.center, cfg)?;
             }
             if over_budget {
                 bar.abandon();
@@ -176,9 +175,7 @@ pub fn train(cfg: &TrainConfig) -> Result<Outcome> {
         // End of epoch: checkpoint, log line, plot.
         state.progress.epoch += 1;
         state.progress.step_in_epoch = 0;
-        state.center = loss_fn.center.clone();
-        state.student = student.valid();
-        checkpoint::save(&ckpt_path, &state, cfg)?;
+        checkpoint::save(&ckpt_path, &state, &loss_fn.center, cfg)?;
         if cfg.saveckp_freq > 0 && (epoch + 1) % cfg.saveckp_freq == 0 {
             std::fs::copy(&ckpt_path, run_dir.join(format!("checkpoint{epoch:04}.safetensors")))?;
         }
