@@ -4,5 +4,6 @@ pub mod cli;
 pub mod data;
 pub mod eval;
 pub mod model;
+pub mod npy;
 pub mod train;
 pub mod weights;

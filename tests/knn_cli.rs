@@ -1,5 +1,6 @@
-//! `dino knn` as a user runs it, on Fashion-MNIST subsets: raw pixels, a randomly initialised
-//! ViT, and the teacher of a short `dino train` run.
+//! `dino knn` and `dino extract` as a user runs them, on Fashion-MNIST subsets: raw pixels, a
+//! randomly initialised ViT, the teacher of a short `dino train` run, and features written by
+//! `dino extract` then read back.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -28,14 +29,14 @@ const SUBSETS: [&str; 4] = ["--subset_train", "3000", "--subset_test", "500"];
 
 #[test]
 fn raw_pixels_and_random_vit_baselines() {
-    let (ok, out, err) = dino(&[&["knn", "--pixels", "--center_crop", "1"], &SUBSETS[..]].concat());
+    let (ok, out, err) = dino(&[&["knn", "--pixels", "--center_crop", "1", "--image_size", "28"], &SUBSETS[..]].concat());
     assert!(ok, "{err}");
     let r = results(&out);
     assert_eq!(r.iter().map(|x| x.0).collect::<Vec<_>>(), vec![10, 20, 100, 200]);
     // Cosine k-NN on raw Fashion-MNIST pixels is a strong baseline (84.6% with all 60k).
     assert!(r[1].1 > 70.0 && r[1].1 <= r[1].2, "{out}");
 
-    let (ok, out, err) = dino(&[&["knn", "--random_init", "--arch", "vit_micro", "--nb_knn", "20"], &SUBSETS[..]].concat());
+    let (ok, out, err) = dino(&[&["knn", "--random_init", "--arch", "vit_micro", "--patch_size", "4", "--image_size", "28", "--nb_knn", "20"], &SUBSETS[..]].concat());
     assert!(ok, "{err}");
     let r = results(&out);
     assert_eq!(r.len(), 1);
@@ -61,8 +62,55 @@ fn knn_on_a_trained_checkpoint() {
         assert_eq!(r.len(), 2, "{out}");
         assert!(r.iter().all(|&(_, t1, t5)| t1 > 20.0 && t1 <= t5 && t5 <= 100.0), "{out}");
     }
-    let (ok, _, err) = dino(&["knn", "--checkpoint", ckpt.to_str().unwrap(), "--checkpoint_key", "momentum"]);
+    let (ok, _, err) = dino(&["knn", "--pretrained_weights", ckpt.to_str().unwrap(), "--checkpoint_key", "momentum"]);
     assert!(!ok && err.contains("--checkpoint_key"), "{err}");
     let (ok, _, err) = dino(&["knn", "--pixels", "--random_init"]);
     assert!(!ok && err.contains("exactly one"), "{err}");
+}
+
+/// Reads features.npy and labels.npy of an extract directory.
+fn read_npy(path: &Path) -> dino::npy::Array {
+    dino::npy::read(path).unwrap_or_else(|e| panic!("{e:#}"))
+}
+
+#[test]
+fn extract_then_knn_from_the_files_equals_knn_on_images() {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("extract");
+    let _ = std::fs::remove_dir_all(&dir);
+    let model = ["--random_init", "--arch", "vit_micro", "--patch_size", "4", "--image_size", "28", "--center_crop", "1"];
+    let (train_dir, test_dir) = (dir.join("train"), dir.join("test"));
+    for (split, out, n) in [("train", &train_dir, "1000"), ("test", &test_dir, "200")] {
+        let args = [&["extract", "--data", FASHION_MNIST, "--split", split, "--subset", n, "--output_dir", out.to_str().unwrap()], &model[..]].concat();
+        let (ok, _, err) = dino(&args);
+        assert!(ok, "{err}");
+    }
+    let features = read_npy(&train_dir.join("features.npy"));
+    assert_eq!(features.shape, vec![1000, 64]);
+    let labels = read_npy(&train_dir.join("labels.npy"));
+    assert_eq!(labels.shape, vec![1000]);
+    // The first Fashion-MNIST training labels are 9 0 0 3 0 2 7 2 5 5.
+    assert_eq!(labels.values[..10], [9.0, 0.0, 0.0, 3.0, 0.0, 2.0, 7.0, 2.0, 5.0, 5.0]);
+    let files = std::fs::read_to_string(train_dir.join("files.txt")).unwrap();
+    assert_eq!(files.lines().count(), 1000);
+
+    let (ok, from_files, err) =
+        dino(&["knn", "--train_features", train_dir.to_str().unwrap(), "--test_features", test_dir.to_str().unwrap(), "--nb_knn", "10", "20"]);
+    assert!(ok, "{err}");
+    let knn_args = [&["knn", "--subset_train", "1000", "--subset_test", "200", "--nb_knn", "10", "20"], &model[..]].concat();
+    let (ok, from_images, err) = dino(&knn_args);
+    assert!(ok, "{err}");
+    assert_eq!(results(&from_files), results(&from_images));
+    assert_eq!(results(&from_files).len(), 2);
+
+    // Several blocks and the patch mean widen the feature; a depth beyond the model's is refused.
+    let wide = dir.join("wide");
+    let args = [&["extract", "--data", FASHION_MNIST, "--subset", "8", "--n_last_blocks", "2", "--avgpool_patchtokens", "--output_dir", wide.to_str().unwrap()], &model[..]].concat();
+    let (ok, _, err) = dino(&args);
+    assert!(ok, "{err}");
+    assert_eq!(read_npy(&wide.join("features.npy")).shape, vec![8, 192]);
+    let args = [&["extract", "--data", FASHION_MNIST, "--subset", "8", "--n_last_blocks", "5", "--output_dir", wide.to_str().unwrap()], &model[..]].concat();
+    let (ok, _, err) = dino(&args);
+    assert!(!ok && err.contains("--n_last_blocks"), "{err}");
+    let (ok, _, err) = dino(&["knn", "--train_features", dir.to_str().unwrap(), "--test_features", test_dir.to_str().unwrap()]);
+    assert!(!ok && err.contains("features.npy"), "{err}");
 }

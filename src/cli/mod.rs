@@ -1,5 +1,8 @@
 //! Subcommands of the `dino` binary.
 
+pub mod backbone;
+pub mod eval_args;
+pub mod extract;
 pub mod knn;
 
 use anyhow::{Context, Result, bail};
@@ -25,6 +28,8 @@ pub enum Command {
     /// Pretrain a ViT with DINO on a folder of images or IDX files; resumes automatically
     /// from the checkpoint in --output_dir.
     Train(TrainConfig),
+    /// Frozen features of a dataset as .npy (with labels and the file list).
+    Extract(extract::ExtractArgs),
     /// Weighted k-NN accuracy of frozen features on a labelled train/test pair.
     Knn(knn::KnnArgs),
     /// Print the size of a backbone and its DINO head.
@@ -54,6 +59,7 @@ pub fn run(cli: Cli, matches: &ArgMatches) -> Result<()> {
             }
             Ok(())
         }
+        Command::Extract(args) => extract::run(args),
         Command::Knn(args) => knn::run(args),
         Command::ModelInfo { arch, patch_size, img_size, out_dim } => {
             let mut vit = VitConfig::from_arch(&arch, patch_size)

@@ -1,7 +1,8 @@
 //! Frozen features of a dataset: the evaluation transform (the reference's resize-256 /
 //! centre-crop-224, scaled to any size), then the backbone's cls output, batch by batch.
 
-use anyhow::Result;
+use anyhow::{Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
 use burn::tensor::{Device, Tensor, TensorData};
 use image::RgbImage;
 use rayon::prelude::*;
@@ -40,42 +41,103 @@ impl EvalTransform {
 /// What to compute per image.
 #[derive(Debug, Clone, Copy)]
 pub enum FeatureKind<'a> {
-    /// The backbone's cls output.
-    Cls(&'a VisionTransformer),
+    /// Backbone features, see [`backbone_features`].
+    Backbone(&'a VisionTransformer, FeatureLayout),
     /// The centre-crop pixels themselves, flattened (the raw-pixel baseline).
     Pixels,
 }
 
-/// Features and labels of every readable, labelled image. Unreadable files are reported on
-/// stderr and left out.
-pub fn extract(kind: FeatureKind, dataset: &Dataset, transform: EvalTransform, batch: usize, device: &Device) -> Result<LabelledFeatures> {
-    let mut out = LabelledFeatures { dim: 0, values: Vec::new(), labels: Vec::new() };
-    let indices: Vec<usize> = (0..dataset.len()).filter(|&i| dataset.label(i).is_some()).collect();
+/// Which backbone outputs form a feature.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct FeatureLayout {
+    /// Concatenate the normalised cls tokens of the last n blocks (1: the usual cls feature).
+    pub n_last_blocks: usize,
+    /// Also take the mean of the last block's patch tokens.
+    pub avgpool_patchtokens: bool,
+}
+
+impl FeatureLayout {
+    /// The cls output alone, as k-NN uses it.
+    pub const CLS: Self = Self { n_last_blocks: 1, avgpool_patchtokens: false };
+
+    /// Width of the feature of a backbone with `embed_dim` channels.
+    pub fn dim(&self, embed_dim: usize) -> usize {
+        embed_dim * (self.n_last_blocks + self.avgpool_patchtokens as usize)
+    }
+}
+
+/// The feature of each image in `x`, [B, layout.dim(D)]. With one block and the patch mean the
+/// two are interleaved (cls_0, mean_0, cls_1, mean_1, ...), the order the reference's linear
+/// evaluation produces, so its released linear classifiers apply; with several blocks the mean
+/// follows the cls tokens.
+pub fn backbone_features(vit: &VisionTransformer, x: Tensor<4>, layout: FeatureLayout) -> Tensor<2> {
+    if layout == FeatureLayout::CLS {
+        return vit.forward(x);
+    }
+    let mut layers = vit.intermediate_layers(x, layout.n_last_blocks);
+    let [b, tokens, d] = layers[0].dims();
+    let cls = |t: Tensor<3>| t.slice_dim(1, 0..1).reshape([b, d]);
+    let mean = layout.avgpool_patchtokens.then(|| layers.last().unwrap().clone().slice_dim(1, 1..tokens).mean_dim(1).reshape([b, d]));
+    match mean {
+        Some(mean) if layers.len() == 1 => Tensor::stack::<3>(vec![cls(layers.pop().unwrap()), mean], 2).reshape([b, 2 * d]),
+        mean => Tensor::cat(layers.into_iter().map(cls).chain(mean).collect(), 1),
+    }
+}
+
+/// Features of the readable images of a dataset, in dataset order, with their labels (when the
+/// dataset has them) and their dataset indices.
+pub struct Extracted {
+    pub dim: usize,
+    pub values: Vec<f32>,
+    pub labels: Vec<Option<usize>>,
+    pub indices: Vec<usize>,
+}
+
+impl Extracted {
+    /// The features with their labels; an error naming the first unlabelled image.
+    pub fn into_labelled(self, dataset: &Dataset) -> Result<LabelledFeatures> {
+        let labels = self
+            .labels
+            .iter()
+            .zip(&self.indices)
+            .map(|(l, &i)| l.with_context(|| format!("{}: no label", dataset.describe(i))))
+            .collect::<Result<_>>()?;
+        Ok(LabelledFeatures { dim: self.dim, values: self.values, labels })
+    }
+}
+
+/// Features of every readable image. Unreadable files are reported on stderr and left out.
+pub fn extract(kind: FeatureKind, dataset: &Dataset, transform: EvalTransform, batch: usize, device: &Device) -> Result<Extracted> {
+    let mut out = Extracted { dim: 0, values: Vec::new(), labels: Vec::new(), indices: Vec::new() };
+    let indices: Vec<usize> = (0..dataset.len()).collect();
+    let progress = progress_bar(dataset.len() as u64);
     for chunk in indices.chunks(batch.max(1)) {
         let loaded: Vec<(usize, Result<RgbImage>)> = chunk.par_iter().map(|&i| (i, dataset.load(i))).collect();
         let mut pixels = Vec::new();
-        let mut labels = Vec::new();
+        let first_new = out.indices.len();
         for (i, img) in loaded {
             match img {
                 Ok(img) => {
                     pixels.push(match kind {
-                        FeatureKind::Cls(_) => transform.view(&img),
+                        FeatureKind::Backbone(..) => transform.view(&img),
                         FeatureKind::Pixels => transform.pixels(&img),
                     });
-                    labels.push(dataset.label(i).expect("labelled"));
+                    out.indices.push(i);
+                    out.labels.push(dataset.label(i));
                 }
-                Err(e) => eprintln!("warning: skipped {}: {e:#}", dataset.describe(i)),
+                Err(e) => progress.suspend(|| eprintln!("warning: skipped {}: {e:#}", dataset.describe(i))),
             }
         }
-        if labels.is_empty() {
+        progress.inc(chunk.len() as u64);
+        let n = out.indices.len() - first_new;
+        if n == 0 {
             continue;
         }
-        let n = labels.len();
         match kind {
-            FeatureKind::Cls(vit) => {
+            FeatureKind::Backbone(vit, layout) => {
                 let size = transform.size;
                 let x = Tensor::<4>::from_data(TensorData::new(pixels.concat(), [n, 3, size, size]), device);
-                let feats = HostTensor::from_tensor(vit.forward(x)).values;
+                let feats = HostTensor::from_tensor(backbone_features(vit, x, layout)).values;
                 out.dim = feats.len() / n;
                 out.values.extend(feats);
             }
@@ -84,7 +146,14 @@ pub fn extract(kind: FeatureKind, dataset: &Dataset, transform: EvalTransform, b
                 out.values.extend(pixels.concat());
             }
         }
-        out.labels.extend(labels);
     }
+    progress.finish_and_clear();
     Ok(out)
+}
+
+/// A progress bar on stderr (indicatif draws nothing when stderr is not a terminal).
+pub fn progress_bar(len: u64) -> ProgressBar {
+    let bar = ProgressBar::new(len);
+    bar.set_style(ProgressStyle::with_template("{bar:40} {pos}/{len} images, {per_sec}, eta {eta}").expect("valid template"));
+    bar
 }

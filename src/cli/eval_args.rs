@@ -1,0 +1,52 @@
+//! Flags shared by the commands that turn images into features.
+
+use std::path::Path;
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+
+use crate::data::dataset::{Dataset, IdxSplit};
+use crate::eval::features::{EvalTransform, REFERENCE_CROP};
+
+/// How evaluation images are prepared.
+#[derive(Debug, Clone, Args)]
+#[command(rename_all = "snake_case")]
+pub struct TransformArgs {
+    /// Side of the evaluation crop (default: the checkpoint's global crop size, else 224).
+    #[arg(long)]
+    pub image_size: Option<usize>,
+    /// Fraction of the shorter side kept by the centre crop (the reference: 224/256 = 0.875;
+    /// 1 keeps whole images, better for small centred images such as Fashion-MNIST).
+    #[arg(long, default_value_t = REFERENCE_CROP)]
+    pub center_crop: f64,
+    /// Images per forward pass.
+    #[arg(long, default_value_t = 256)]
+    pub batch_size: usize,
+}
+
+impl TransformArgs {
+    /// The transform; `trained_size` is the checkpoint's global crop size when known.
+    pub fn transform(&self, trained_size: Option<usize>) -> Result<EvalTransform> {
+        if !(self.center_crop > 0.0 && self.center_crop <= 1.0) {
+            bail!("--center_crop must be in (0, 1], got {}", self.center_crop);
+        }
+        let size = self.image_size.or(trained_size).unwrap_or(224);
+        if size == 0 {
+            bail!("--image_size must be positive");
+        }
+        Ok(EvalTransform { size, crop: self.center_crop })
+    }
+}
+
+/// Opens a dataset for a flag, keeping the first `subset` images (0: all); `labelled` demands
+/// labels.
+pub fn open_dataset(path: &Path, split: IdxSplit, subset: usize, flag: &str, labelled: bool) -> Result<Dataset> {
+    let mut d = Dataset::open(path, split).with_context(|| format!("{flag} {}", path.display()))?;
+    if subset > 0 {
+        d.truncate(subset);
+    }
+    if labelled && d.num_classes().is_none() {
+        bail!("{flag} {}: no labels (class subfolders or IDX label files are needed)", path.display());
+    }
+    Ok(d)
+}
