@@ -1,9 +1,11 @@
 //! Subcommands of the `dino` binary.
 
+pub mod attention;
 pub mod backbone;
 pub mod eval_args;
 pub mod extract;
 pub mod knn;
+pub mod video;
 
 use anyhow::{Context, Result, bail};
 use burn::module::Module;
@@ -32,6 +34,10 @@ pub enum Command {
     Extract(extract::ExtractArgs),
     /// Weighted k-NN accuracy of frozen features on a labelled train/test pair.
     Knn(knn::KnnArgs),
+    /// Attention maps of the last block's cls token on one image (per head, mean, masks).
+    Attention(attention::AttentionArgs),
+    /// Video object segmentation: propagate a first-frame mask through a folder of frames.
+    VideoSeg(video::VideoArgs),
     /// Print the size of a backbone and its DINO head.
     ModelInfo {
         /// vit_micro, vit_tiny, vit_small or vit_base.
@@ -61,6 +67,8 @@ pub fn run(cli: Cli, matches: &ArgMatches) -> Result<()> {
         }
         Command::Extract(args) => extract::run(args),
         Command::Knn(args) => knn::run(args),
+        Command::Attention(args) => attention::run(args),
+        Command::VideoSeg(args) => video::run(args),
         Command::ModelInfo { arch, patch_size, img_size, out_dim } => {
             let mut vit = VitConfig::from_arch(&arch, patch_size)
                 .with_context(|| format!("--arch: unknown architecture '{arch}' (vit_micro, vit_tiny, vit_small, vit_base)"))?;

@@ -108,7 +108,7 @@ fn view(img: &RgbImage, size: usize, scale: (f64, f64), recipe: ViewRecipe, rng:
         px.iter_mut().for_each(|v| if *v >= 0.5 { *v = 1.0 - *v });
         record.solarized = true;
     }
-    View { size, pixels: normalize_to_chw(&px, size), record }
+    View { size, pixels: normalize_to_chw(&px), record }
 }
 
 /// torchvision's RandomResizedCrop box: up to 10 tries of an area fraction in `scale` and a
@@ -142,9 +142,14 @@ pub fn random_resized_crop_box(width: u32, height: u32, scale: (f64, f64), rng: 
 
 /// Crops the box and resizes it to size x size with a bicubic (Catmull-Rom, PIL's BICUBIC)
 /// convolution that antialiases when shrinking. Returns HWC floats in [0, 1].
-pub(crate) fn resize_crop(img: &RgbImage, (x, y, w, h): (f64, f64, f64, f64), size: usize) -> Vec<f32> {
+pub(crate) fn resize_crop(img: &RgbImage, crop: (f64, f64, f64, f64), size: usize) -> Vec<f32> {
+    resize_crop_to(img, crop, size, size)
+}
+
+/// As [`resize_crop`], to a `width` x `height` output.
+pub(crate) fn resize_crop_to(img: &RgbImage, (x, y, w, h): (f64, f64, f64, f64), width: usize, height: usize) -> Vec<f32> {
     let src = Image::from_vec_u8(img.width(), img.height(), img.as_raw().clone(), PixelType::U8x3).expect("rgb buffer");
-    let mut dst = Image::new(size as u32, size as u32, PixelType::U8x3);
+    let mut dst = Image::new(width as u32, height as u32, PixelType::U8x3);
     let options = ResizeOptions::new()
         .resize_alg(ResizeAlg::Convolution(FilterType::CatmullRom))
         .crop(x, y, w, h);
@@ -251,8 +256,8 @@ fn convolve(src: &[f32], size: usize, kernel: &[f32], (dx, dy): (i64, i64)) -> V
 }
 
 /// HWC [0, 1] pixels to CHW, normalised with the ImageNet mean and std.
-pub(crate) fn normalize_to_chw(px: &[f32], size: usize) -> Vec<f32> {
-    let plane = size * size;
+pub(crate) fn normalize_to_chw(px: &[f32]) -> Vec<f32> {
+    let plane = px.len() / 3;
     let mut out = vec![0f32; 3 * plane];
     for (i, p) in px.chunks(3).enumerate() {
         for c in 0..3 {

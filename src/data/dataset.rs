@@ -149,7 +149,9 @@ impl Dataset {
     }
 }
 
-fn decode_file(path: &Path) -> Result<RgbImage> {
+/// Decodes one image file as RGB, whatever its extension says (the content decides), refusing
+/// headers over the pixel limit before decoding.
+pub fn decode_file(path: &Path) -> Result<RgbImage> {
     let reader = image::ImageReader::open(path)?.with_guessed_format()?;
     let (w, h) = reader.into_dimensions().context("unreadable image header")?;
     if w == 0 || h == 0 {
@@ -165,7 +167,8 @@ fn decode_file(path: &Path) -> Result<RgbImage> {
     Ok(reader.decode()?.to_rgb8())
 }
 
-fn image_files(dir: &Path, recursive: bool) -> Result<Vec<PathBuf>> {
+/// The image files under `dir` (by extension), sorted by path.
+pub fn image_files(dir: &Path, recursive: bool) -> Result<Vec<PathBuf>> {
     let mut out = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {

@@ -27,7 +27,7 @@ pub struct EvalTransform {
 impl EvalTransform {
     /// Normalised CHW pixels.
     pub fn view(&self, img: &RgbImage) -> Vec<f32> {
-        normalize_to_chw(&self.pixels(img), self.size)
+        normalize_to_chw(&self.pixels(img))
     }
 
     /// HWC pixels in [0, 1].

@@ -1,4 +1,6 @@
-//! Using the features: extraction and k-NN classification.
+//! Using the features: extraction, k-NN classification, attention maps, video segmentation.
 
+pub mod attention;
 pub mod features;
 pub mod knn;
+pub mod video;
