@@ -231,3 +231,20 @@ mod tests {
         assert_eq!(t, vec![1., 4., 2., 5., 3., 6.]);
     }
 }
+
+/// Writes f32 tensors and string metadata as a safetensors file, atomically (a temporary file
+/// renamed into place, so a crash never leaves a half-written file under `path`).
+pub fn write_safetensors(path: &std::path::Path, tensors: Vec<(String, HostTensor)>, metadata: HashMap<String, String>) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> =
+        tensors.into_iter().map(|(n, t)| (n, t.shape, t.values.iter().flat_map(|v| v.to_le_bytes()).collect())).collect();
+    let views: Vec<(String, safetensors::tensor::TensorView)> = bytes
+        .iter()
+        .map(|(n, shape, b)| (n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), b).expect("view")))
+        .collect();
+    let data = safetensors::serialize(views, Some(metadata))?;
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, data).with_context(|| format!("{}: cannot write", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("{}: cannot rename into place", path.display()))?;
+    Ok(())
+}

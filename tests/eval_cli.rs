@@ -1,8 +1,9 @@
 //! `dino attention` and `dino video-seg` as a user runs them, on real images from Debian
 //! packages (scripts/fetch_test_data.sh puts them in target/test-data; .ci/run calls it).
 
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use dino::data::palette::{LabelMap, default_palette};
 
@@ -12,10 +13,7 @@ fn test_data() -> PathBuf {
     dir
 }
 
-fn dino(args: &[&str]) -> (bool, String, String) {
-    let o = Command::new(env!("CARGO_BIN_EXE_dino")).args(args).output().unwrap();
-    (o.status.success(), String::from_utf8_lossy(&o.stdout).into(), String::from_utf8_lossy(&o.stderr).into())
-}
+use common::run_dino as dino;
 
 fn out_dir(name: &str) -> PathBuf {
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(name);

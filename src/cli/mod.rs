@@ -5,6 +5,7 @@ pub mod backbone;
 pub mod eval_args;
 pub mod extract;
 pub mod knn;
+pub mod linear;
 pub mod video;
 
 use anyhow::{Context, Result, bail};
@@ -34,6 +35,8 @@ pub enum Command {
     Extract(extract::ExtractArgs),
     /// Weighted k-NN accuracy of frozen features on a labelled train/test pair.
     Knn(knn::KnnArgs),
+    /// Linear-probe accuracy: a linear classifier trained on the frozen backbone's features.
+    Linear(linear::LinearArgs),
     /// Attention maps of the last block's cls token on one image (per head, mean, masks).
     Attention(attention::AttentionArgs),
     /// Video object segmentation: propagate a first-frame mask through a folder of frames.
@@ -67,6 +70,7 @@ pub fn run(cli: Cli, matches: &ArgMatches) -> Result<()> {
         }
         Command::Extract(args) => extract::run(args),
         Command::Knn(args) => knn::run(args),
+        Command::Linear(args) => linear::run(args),
         Command::Attention(args) => attention::run(args),
         Command::VideoSeg(args) => video::run(args),
         Command::ModelInfo { arch, patch_size, img_size, out_dim } => {

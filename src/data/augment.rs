@@ -157,7 +157,7 @@ pub(crate) fn resize_crop_to(img: &RgbImage, (x, y, w, h): (f64, f64, f64, f64),
     dst.buffer().iter().map(|&v| v as f32 / 255.0).collect()
 }
 
-fn flip_horizontal(px: &mut [f32], size: usize) {
+pub(crate) fn flip_horizontal(px: &mut [f32], size: usize) {
     for row in px.chunks_mut(size * 3) {
         for x in 0..size / 2 {
             for c in 0..3 {

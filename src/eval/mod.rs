@@ -1,6 +1,7 @@
-//! Using the features: extraction, k-NN classification, attention maps, video segmentation.
+//! Using the features: extraction, k-NN and linear classification, attention maps, video segmentation.
 
 pub mod attention;
 pub mod features;
 pub mod knn;
+pub mod linear;
 pub mod video;

@@ -39,10 +39,6 @@ struct Metadata {
     optimizer_steps: HashMap<String, u64>,
 }
 
-fn to_bytes(values: &[f32]) -> Vec<u8> {
-    values.iter().flat_map(|v| v.to_le_bytes()).collect()
-}
-
 /// Writes the state and the loss centre atomically to `path`.
 pub fn save(path: &Path, state: &TrainState, center: &Tensor<2>, config: &TrainConfig) -> Result<()> {
     let mut tensors: Vec<(String, HostTensor)> = Vec::new();
@@ -60,18 +56,8 @@ pub fn save(path: &Path, state: &TrainState, center: &Tensor<2>, config: &TrainC
     }
     tensors.push(("center".into(), HostTensor::from_tensor(center.clone())));
     let meta = Metadata { format: 1, progress: state.progress.clone(), config: config.clone(), optimizer_steps };
-    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> =
-        tensors.into_iter().map(|(n, t)| (n, t.shape, to_bytes(&t.values))).collect();
-    let views: Vec<(String, safetensors::tensor::TensorView)> = bytes
-        .iter()
-        .map(|(n, shape, b)| (n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), b).expect("view")))
-        .collect();
     let metadata = HashMap::from([("dino".to_string(), serde_json::to_string(&meta)?)]);
-    let data = safetensors::serialize(views, Some(metadata))?;
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, data).with_context(|| format!("{}: cannot write", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("{}: cannot rename into place", path.display()))?;
-    Ok(())
+    weights::write_safetensors(path, tensors, metadata)
 }
 
 /// Reads every f32 tensor of a safetensors file.

@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::process::Command;
 
 use burn::tensor::{Device, Tensor, TensorData};
 use dino::weights::HostTensor;
@@ -69,4 +70,10 @@ pub fn grad_of<const D: usize>(p: &burn::module::Param<Tensor<D>>, grads: &burn:
 /// The gradient of a burn Linear weight ([in, out]) in PyTorch's layout ([out, in]).
 pub fn grad_of_linear(p: &burn::module::Param<Tensor<2>>, grads: &burn::tensor::Gradients) -> HostTensor {
     HostTensor::from_tensor(p.grad(grads).expect("parameter has a gradient").transpose())
+}
+
+/// Runs the `dino` binary: (success, stdout, stderr).
+pub fn run_dino(args: &[&str]) -> (bool, String, String) {
+    let o = Command::new(env!("CARGO_BIN_EXE_dino")).args(args).output().expect("the dino binary runs");
+    (o.status.success(), String::from_utf8_lossy(&o.stdout).into(), String::from_utf8_lossy(&o.stderr).into())
 }
