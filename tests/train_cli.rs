@@ -67,7 +67,11 @@ fn checkpoint_tensors(path: &Path) -> Vec<(String, Vec<u8>)> {
 #[test]
 fn trains_on_fashion_mnist_and_writes_logs_checkpoint_and_plot() {
     let out = scratch("train_basic");
-    let o = run(&small_run_args(fashion_mnist(), &out, 2));
+    let mut args = small_run_args(fashion_mnist(), &out, 2);
+    for (flag, value) in [("--knn_every", "1"), ("--knn_train_subset", "1000"), ("--knn_val_subset", "200")] {
+        set_flag(&mut args, flag, value);
+    }
+    let o = run(&args);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 
     let epochs = json_lines(&out.join("log.txt"));
@@ -82,6 +86,9 @@ fn trains_on_fashion_mnist_and_writes_logs_checkpoint_and_plot() {
         // The teacher is neither collapsed to one prototype nor uniform over the 256.
         let h = e["teacher_entropy"].as_f64().unwrap();
         assert!(h > 0.1 && h < (256f64).ln(), "entropy {h}");
+        // The online k-NN ran after each epoch, well above chance (10%).
+        let knn = e["knn_top1"].as_f64().expect("knn_top1 logged");
+        assert!(knn > 20.0 && knn <= 100.0, "k-NN {knn}");
     }
     let steps = json_lines(&out.join("metrics.jsonl"));
     assert_eq!(steps.len(), 16);
@@ -241,9 +248,16 @@ fn non_finite_loss_stops_the_run_and_keeps_the_checkpoint() {
 #[test]
 fn bad_input_gives_one_line_errors() {
     let out = scratch("bad_input");
+    let unlabelled = out.join("flat");
+    std::fs::create_dir_all(&unlabelled).unwrap();
+    write_png(&unlabelled.join("a.png"), 1);
     let cases: Vec<(Vec<String>, &str)> = vec![
         (vec!["train".into(), "--arch".into(), "vit_giant".into(), "--output_dir".into(), out.display().to_string()], "--arch"),
         (vec!["train".into(), "--data".into(), "/no/such/dir".into(), "--output_dir".into(), out.display().to_string()], "/no/such/dir"),
+        (
+            ["train", "--data", unlabelled.to_str().unwrap(), "--batch_size_per_gpu", "1", "--knn_every", "1", "--output_dir", out.to_str().unwrap()].map(String::from).to_vec(),
+            "--knn_every",
+        ),
     ];
     for (args, needle) in cases {
         let o = run(&args);

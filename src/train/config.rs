@@ -162,6 +162,24 @@ pub struct TrainConfig {
     /// Stop cleanly, with a checkpoint, after this many minutes (0: no limit).
     #[arg(long, default_value_t = 0.0)]
     pub max_minutes: f64,
+    /// Weighted k-NN accuracy of the teacher every N epochs (and when the time budget stops
+    /// the run), logged with the epoch (0: never). Train features come from --data, which must
+    /// be labelled; test features from --val_data.
+    #[arg(long, default_value_t = 0)]
+    #[serde(default)]
+    pub knn_every: usize,
+    /// Labelled images for the online k-NN (default: the t10k-* files when --data is an IDX
+    /// directory).
+    #[arg(long)]
+    #[serde(default)]
+    pub val_data: Option<PathBuf>,
+    /// Use only the first N images of --data / --val_data for the online k-NN (0: all).
+    #[arg(long, default_value_t = 0)]
+    #[serde(default)]
+    pub knn_train_subset: usize,
+    #[arg(long, default_value_t = 0)]
+    #[serde(default)]
+    pub knn_val_subset: usize,
 }
 
 impl TrainConfig {

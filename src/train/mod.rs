@@ -5,6 +5,7 @@ pub mod config;
 pub mod ema;
 pub mod log;
 pub mod loss;
+pub mod online_knn;
 pub mod optim;
 pub mod schedule;
 pub mod trainer;

@@ -19,6 +19,7 @@ use super::config::{DeviceKind, TrainConfig};
 use super::ema::update_teacher;
 use super::log::{StepMetrics, append_line, plot, read_step_metrics};
 use super::loss::DinoLoss;
+use super::online_knn::OnlineKnn;
 use super::optim::{AdamW, StepSettings};
 use super::schedule::Schedules;
 use crate::data::dataset::{Dataset, IdxSplit};
@@ -64,6 +65,7 @@ pub fn train(cfg: &TrainConfig) -> Result<Outcome> {
     let crops = cfg.crops();
     let workers = if cfg.num_workers == 0 { std::thread::available_parallelism().map_or(1, |n| n.get()) } else { cfg.num_workers };
     let pool = Arc::new(rayon::ThreadPoolBuilder::new().num_threads(workers).build()?);
+    let knn = if cfg.knn_every > 0 { Some(OnlineKnn::open(cfg)?) } else { None };
 
     // Student, teacher (a copy that never gets gradients), loss, optimiser, schedules.
     let vit = cfg.vit();
@@ -161,7 +163,9 @@ pub fn train(cfg: &TrainConfig) -> Result<Outcome> {
             if over_budget {
                 bar.abandon();
                 let temp = loss_fn.teacher_temps[epoch];
-                report_epoch(run_dir, cfg, epoch, &sums, epoch_start.elapsed(), state.progress.global_step, &schedules, temp, true)?;
+                let elapsed = epoch_start.elapsed();
+                let knn_top1 = knn.as_ref().map(|k| k.top1(&state.teacher.backbone, &device)).transpose()?;
+                report_epoch(run_dir, cfg, epoch, &sums, elapsed, state.progress.global_step, &schedules, temp, knn_top1, true)?;
                 eprintln!("time budget of {} min reached at epoch {epoch} step {}; checkpoint saved to {}", cfg.max_minutes, state.progress.step_in_epoch, ckpt_path.display());
                 return Ok(Outcome::TimeBudgetReached);
             }
@@ -180,13 +184,16 @@ pub fn train(cfg: &TrainConfig) -> Result<Outcome> {
             std::fs::copy(&ckpt_path, run_dir.join(format!("checkpoint{epoch:04}.safetensors")))?;
         }
         let temp = loss_fn.teacher_temps[epoch];
-        report_epoch(run_dir, cfg, epoch, &sums, epoch_start.elapsed(), state.progress.global_step, &schedules, temp, false)?;
+        let elapsed = epoch_start.elapsed();
+        let knn_due = (epoch + 1) % cfg.knn_every.max(1) == 0 || epoch + 1 == cfg.epochs;
+        let knn_top1 = knn.as_ref().filter(|_| knn_due).map(|k| k.top1(&state.teacher.backbone, &device)).transpose()?;
+        report_epoch(run_dir, cfg, epoch, &sums, elapsed, state.progress.global_step, &schedules, temp, knn_top1, false)?;
     }
     Ok(Outcome::Finished)
 }
 
 /// Appends the epoch's line to log.txt, prints it and redraws the plot. `partial` marks an
-/// epoch cut short by the time budget.
+/// epoch cut short by the time budget; `knn_top1` is the online k-NN result when one was due.
 #[allow(clippy::too_many_arguments)]
 fn report_epoch(
     run_dir: &std::path::Path,
@@ -197,11 +204,12 @@ fn report_epoch(
     next_step: usize,
     schedules: &Schedules,
     teacher_temp: f64,
+    knn_top1: Option<f64>,
     partial: bool,
 ) -> Result<()> {
     let last = next_step.saturating_sub(1);
     let seconds = elapsed.as_secs_f64();
-    let line = json!({
+    let mut line = json!({
         "epoch": epoch,
         "partial": partial,
         "train_loss": sums.mean(sums.loss),
@@ -217,6 +225,9 @@ fn report_epoch(
         "steps": sums.steps,
         "epoch_seconds": seconds,
     });
+    if let Some(top1) = knn_top1 {
+        line["knn_top1"] = json!(top1);
+    }
     append_line(&run_dir.join("log.txt"), &line)?;
     eprintln!("{line}");
     plot(&read_step_metrics(&run_dir.join("metrics.jsonl")), cfg.out_dim, &run_dir.join("training.png"))
