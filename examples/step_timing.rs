@@ -1,5 +1,6 @@
 //! Times the parts of one DINO training step (small-image preset sizes by default).
 //! cargo run --release --example step_timing -- [batch] [global] [local] [nlocal] [patch] [out_dim]
+//!     [arch] [head_hidden_dim] [head_bottleneck_dim]
 
 use std::time::Instant;
 
@@ -11,15 +12,17 @@ use rand::SeedableRng;
 use rand::rngs::StdRng;
 
 fn main() {
-    let args: Vec<usize> = std::env::args().skip(1).map(|a| a.parse().unwrap()).collect();
-    let get = |i: usize, d: usize| args.get(i).copied().unwrap_or(d);
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let get = |i: usize, d: usize| args.get(i).map_or(d, |a| a.parse().expect("a number"));
     let (batch, gsize, lsize, nlocal, patch, out_dim) = (get(0, 128), get(1, 28), get(2, 12), get(3, 6), get(4, 4), get(5, 4096));
+    let arch = args.get(6).map_or("vit_tiny", String::as_str);
+    let (hidden, bottleneck) = (get(7, 2048), get(8, 256));
     let dev = Device::flex();
-    let mut vit = VitConfig::from_arch("vit_tiny", patch).unwrap();
+    let mut vit = VitConfig::from_arch(arch, patch).expect("known arch");
     vit.img_size = gsize;
     vit.drop_path_rate = 0.1;
     let mut rng = StdRng::seed_from_u64(0);
-    let student = DinoModel { backbone: vit.init(&mut rng, &dev), head: DinoHeadConfig::new(192, out_dim).init(&mut rng, &dev) };
+    let student = DinoModel { backbone: vit.init(&mut rng, &dev), head: DinoHeadConfig { hidden_dim: hidden, bottleneck_dim: bottleneck, ..DinoHeadConfig::new(vit.embed_dim, out_dim) }.init(&mut rng, &dev) };
     let mut teacher = student.valid();
     let mut student = student.fork(&dev.clone().autodiff()).train();
     let mut loss_fn = DinoLoss::new(out_dim, 2 + nlocal, 0.04, 0.04, 0, 1, &dev);

@@ -5,5 +5,7 @@ pub mod data;
 pub mod eval;
 pub mod model;
 pub mod npy;
+pub mod pretrained;
+pub mod pth;
 pub mod train;
 pub mod weights;

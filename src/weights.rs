@@ -28,6 +28,8 @@ pub enum WeightsError {
     Missing(String),
     #[error("key '{key}': shape {found:?} where the model expects {expected:?}")]
     Shape { key: String, found: Vec<usize>, expected: Vec<usize> },
+    #[error("unexpected key '{0}' (not a parameter of this model)")]
+    Unexpected(String),
 }
 
 /// How module paths become official names: the head's MLP is a PyTorch Sequential whose
@@ -194,16 +196,39 @@ impl ModuleMapper for Import<'_> {
     }
 }
 
-/// Replaces every parameter of `module` with `source[prefix + official name]`. All problems
-/// are collected; the first is returned.
+/// Replaces every parameter of `module` with `source[prefix + official name]`; a key under
+/// `prefix` that names no parameter is an error too. All problems are collected; the first is
+/// returned.
 pub fn import<M: Module>(module: M, source: &HashMap<String, HostTensor>, prefix: &str) -> Result<M, WeightsError> {
     let paths: Vec<String> = param_paths(&module).into_iter().map(|(p, _)| p).collect();
-    let mut imp = Import { path: Vec::new(), naming: Naming::of(&paths), prefix, source, errors: Vec::new() };
+    let naming = Naming::of(&paths);
+    let expected: std::collections::HashSet<String> = paths.iter().map(|p| format!("{prefix}{}", naming.official(p))).collect();
+    let mut imp = Import { path: Vec::new(), naming, prefix, source, errors: Vec::new() };
     let module = module.map(&mut imp);
+    let mut unexpected: Vec<&String> = source.keys().filter(|k| k.starts_with(prefix) && !expected.contains(*k)).collect();
+    unexpected.sort();
+    imp.errors.extend(unexpected.into_iter().map(|k| WeightsError::Unexpected(k.clone())));
     match imp.errors.into_iter().next() {
         Some(e) => Err(e),
         None => Ok(module),
     }
+}
+
+/// Writes f32 tensors and string metadata as a safetensors file, atomically (a temporary file
+/// renamed into place, so a crash never leaves a half-written file under `path`).
+pub fn write_safetensors(path: &std::path::Path, tensors: Vec<(String, HostTensor)>, metadata: HashMap<String, String>) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> =
+        tensors.into_iter().map(|(n, t)| (n, t.shape, t.values.iter().flat_map(|v| v.to_le_bytes()).collect())).collect();
+    let views: Vec<(String, safetensors::tensor::TensorView)> = bytes
+        .iter()
+        .map(|(n, shape, b)| (n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), b).expect("view")))
+        .collect();
+    let data = safetensors::serialize(views, Some(metadata))?;
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, data).with_context(|| format!("{}: cannot write", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("{}: cannot rename into place", path.display()))?;
+    Ok(())
 }
 
 #[cfg(test)]
@@ -230,21 +255,4 @@ mod tests {
         assert_eq!(shape, vec![3, 2]);
         assert_eq!(t, vec![1., 4., 2., 5., 3., 6.]);
     }
-}
-
-/// Writes f32 tensors and string metadata as a safetensors file, atomically (a temporary file
-/// renamed into place, so a crash never leaves a half-written file under `path`).
-pub fn write_safetensors(path: &std::path::Path, tensors: Vec<(String, HostTensor)>, metadata: HashMap<String, String>) -> anyhow::Result<()> {
-    use anyhow::Context;
-    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> =
-        tensors.into_iter().map(|(n, t)| (n, t.shape, t.values.iter().flat_map(|v| v.to_le_bytes()).collect())).collect();
-    let views: Vec<(String, safetensors::tensor::TensorView)> = bytes
-        .iter()
-        .map(|(n, shape, b)| (n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), b).expect("view")))
-        .collect();
-    let data = safetensors::serialize(views, Some(metadata))?;
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, data).with_context(|| format!("{}: cannot write", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("{}: cannot rename into place", path.display()))?;
-    Ok(())
 }

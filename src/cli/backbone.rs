@@ -9,14 +9,15 @@ use rand::SeedableRng;
 use rand::rngs::StdRng;
 
 use crate::model::{VisionTransformer, VitConfig};
-use crate::train::checkpoint::load_backbone;
+use crate::pretrained;
 
 /// Backbone flags shared by extract, knn, linear, attention and video-seg.
 #[derive(Debug, Clone, Args)]
 #[command(rename_all = "snake_case")]
 pub struct BackboneArgs {
-    /// Weights to evaluate: a `dino train` checkpoint.
-    #[arg(long, alias = "checkpoint")]
+    /// Weights to evaluate: a `dino train` checkpoint, a `dino export` file, or official DINO
+    /// weights (.pth: backbone-only or a full training checkpoint).
+    #[arg(long, visible_alias = "weights", alias = "checkpoint")]
     pub pretrained_weights: Option<PathBuf>,
     /// Which network of a training checkpoint: teacher or student.
     #[arg(long, default_value = "teacher")]
@@ -24,17 +25,19 @@ pub struct BackboneArgs {
     /// Use a randomly initialised --arch/--patch_size ViT (a baseline).
     #[arg(long, default_value_t = false)]
     pub random_init: bool,
-    /// Architecture of --random_init: vit_micro, vit_tiny, vit_small or vit_base.
-    #[arg(long, default_value = "vit_small")]
-    pub arch: String,
+    /// vit_micro, vit_tiny, vit_small or vit_base: the model of --random_init (default
+    /// vit_small); with weights, fixes the head count (otherwise width / 64) and is checked.
+    #[arg(long)]
+    pub arch: Option<String>,
     /// Patch size of --random_init.
     #[arg(long, default_value_t = 16)]
     pub patch_size: usize,
 }
 
-/// A backbone and, when it came from training, the global crop size it was trained at.
+/// A backbone, its shape and, for trained weights, the crop size it was trained at.
 pub struct Backbone {
     pub vit: VisionTransformer,
+    pub config: VitConfig,
     pub trained_size: Option<usize>,
 }
 
@@ -52,17 +55,17 @@ impl BackboneArgs {
         match (&self.pretrained_weights, self.random_init) {
             (Some(_), true) => bail!("give either --pretrained_weights or --random_init, not both"),
             (Some(path), false) => {
-                let (vit, config) = load_backbone(path, &self.checkpoint_key, device)?;
-                Ok(Backbone { vit, trained_size: Some(config.global_crop_size) })
+                let p = pretrained::load_vit(path, &self.checkpoint_key, self.arch.as_deref(), device)?;
+                Ok(Backbone { vit: p.vit, config: p.config, trained_size: Some(p.trained_size) })
             }
             (None, true) => {
-                let cfg = VitConfig::from_arch(&self.arch, self.patch_size).with_context(|| {
-                    format!("--arch: unknown architecture '{}' (vit_micro, vit_tiny, vit_small, vit_base)", self.arch)
-                })?;
+                let arch = self.arch.as_deref().unwrap_or("vit_small");
+                let cfg = VitConfig::from_arch(arch, self.patch_size)
+                    .with_context(|| format!("--arch: unknown architecture '{arch}' (vit_micro, vit_tiny, vit_small, vit_base)"))?;
                 if self.patch_size == 0 {
                     bail!("--patch_size must be positive");
                 }
-                Ok(Backbone { vit: cfg.init(&mut StdRng::seed_from_u64(0), device), trained_size: None })
+                Ok(Backbone { vit: cfg.init(&mut StdRng::seed_from_u64(0), device), config: cfg, trained_size: None })
             }
             (None, false) => bail!("no backbone: give --pretrained_weights FILE (or --random_init)"),
         }

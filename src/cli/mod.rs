@@ -3,6 +3,7 @@
 pub mod attention;
 pub mod backbone;
 pub mod eval_args;
+pub mod export;
 pub mod extract;
 pub mod knn;
 pub mod linear;
@@ -41,6 +42,8 @@ pub enum Command {
     Attention(attention::AttentionArgs),
     /// Video object segmentation: propagate a first-frame mask through a folder of frames.
     VideoSeg(video::VideoArgs),
+    /// Write a backbone (from any weights file) as safetensors under the official key names.
+    Export(export::ExportArgs),
     /// Print the size of a backbone and its DINO head.
     ModelInfo {
         /// vit_micro, vit_tiny, vit_small or vit_base.
@@ -73,6 +76,7 @@ pub fn run(cli: Cli, matches: &ArgMatches) -> Result<()> {
         Command::Linear(args) => linear::run(args),
         Command::Attention(args) => attention::run(args),
         Command::VideoSeg(args) => video::run(args),
+        Command::Export(args) => export::run(args),
         Command::ModelInfo { arch, patch_size, img_size, out_dim } => {
             let mut vit = VitConfig::from_arch(&arch, patch_size)
                 .with_context(|| format!("--arch: unknown architecture '{arch}' (vit_micro, vit_tiny, vit_small, vit_base)"))?;

@@ -83,6 +83,14 @@ pub struct TrainConfig {
     /// BatchNorm in the head's MLP.
     #[arg(long, default_value_t = false, action = clap::ArgAction::Set)]
     pub use_bn_in_head: bool,
+    /// Width of the head's hidden layers (the reference's DINOHead default).
+    #[arg(long, default_value_t = 2048)]
+    #[serde(default = "default_head_hidden_dim")]
+    pub head_hidden_dim: usize,
+    /// Width of the head's bottleneck before the weight-normalised last layer.
+    #[arg(long, default_value_t = 256)]
+    #[serde(default = "default_head_bottleneck_dim")]
+    pub head_bottleneck_dim: usize,
     /// Stochastic depth rate of the student's last block.
     #[arg(long, default_value_t = 0.1)]
     pub drop_path_rate: f64,
@@ -182,6 +190,14 @@ pub struct TrainConfig {
     pub knn_val_subset: usize,
 }
 
+fn default_head_hidden_dim() -> usize {
+    2048
+}
+
+fn default_head_bottleneck_dim() -> usize {
+    256
+}
+
 impl TrainConfig {
     /// Applies the preset and the config file to every setting not given on the command line.
     pub fn resolve(self, matches: &ArgMatches) -> Result<Self> {
@@ -236,6 +252,9 @@ impl TrainConfig {
         if self.batch_size_per_gpu == 0 || self.epochs == 0 || self.out_dim == 0 {
             bail!("--batch_size_per_gpu, --epochs and --out_dim must be positive");
         }
+        if self.head_hidden_dim == 0 || self.head_bottleneck_dim == 0 {
+            bail!("--head_hidden_dim and --head_bottleneck_dim must be positive");
+        }
         if !(0.0..=1.0).contains(&self.momentum_teacher) {
             bail!("--momentum_teacher must be within [0, 1]");
         }
@@ -253,6 +272,8 @@ impl TrainConfig {
         DinoHeadConfig {
             use_bn: self.use_bn_in_head,
             norm_last_layer: self.norm_last_layer,
+            hidden_dim: self.head_hidden_dim,
+            bottleneck_dim: self.head_bottleneck_dim,
             ..DinoHeadConfig::new(in_dim, self.out_dim)
         }
     }

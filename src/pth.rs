@@ -1,0 +1,587 @@
+//! PyTorch `.pth` files (the zip format `torch.save` writes since PyTorch 1.6): a pickle
+//! program (`data.pkl`) that describes nested dicts, lists and tensors, whose bytes live in
+//! the archive's `data/<key>` entries. This module runs the subset of the pickle machine that
+//! `torch.save` emits and turns tensors of any float or integer type into f32 host tensors.
+//! Nothing in the file is executed: globals are only names.
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::path::Path;
+
+use anyhow::{Context, Result, bail};
+
+use crate::weights::HostTensor;
+
+/// A value of the pickled object graph.
+#[derive(Debug, Clone)]
+pub enum Value {
+    None,
+    Bool(bool),
+    Int(i64),
+    Float(f64),
+    Str(String),
+    Bytes(Vec<u8>),
+    Tuple(Vec<Value>),
+    List(Vec<Value>),
+    Dict(Vec<(Value, Value)>),
+    /// A class or function named by module and name.
+    Global(String, String),
+    /// An object built by calling a global we do not model (argparse.Namespace, ...).
+    Object { class: Box<Value>, args: Box<Value>, state: Option<Box<Value>> },
+    /// A tensor storage of the archive: its key and element type.
+    Storage { key: String, dtype: Dtype },
+    Tensor(TensorRef),
+}
+
+/// Element types of tensor storages.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Dtype {
+    F64,
+    F32,
+    F16,
+    BF16,
+    I64,
+    I32,
+    I16,
+    I8,
+    U8,
+    Bool,
+}
+
+impl Dtype {
+    fn from_storage(name: &str) -> Option<Self> {
+        Some(match name {
+            "DoubleStorage" => Self::F64,
+            "FloatStorage" => Self::F32,
+            "HalfStorage" => Self::F16,
+            "BFloat16Storage" => Self::BF16,
+            "LongStorage" => Self::I64,
+            "IntStorage" => Self::I32,
+            "ShortStorage" => Self::I16,
+            "CharStorage" => Self::I8,
+            "ByteStorage" => Self::U8,
+            "BoolStorage" => Self::Bool,
+            _ => return None,
+        })
+    }
+
+    fn size(self) -> usize {
+        match self {
+            Self::F64 | Self::I64 => 8,
+            Self::F32 | Self::I32 => 4,
+            Self::F16 | Self::BF16 | Self::I16 => 2,
+            Self::I8 | Self::U8 | Self::Bool => 1,
+        }
+    }
+
+    fn read(self, b: &[u8]) -> f32 {
+        match self {
+            Self::F64 => f64::from_le_bytes(b.try_into().unwrap()) as f32,
+            Self::F32 => f32::from_le_bytes(b.try_into().unwrap()),
+            Self::F16 => f16_to_f32(u16::from_le_bytes(b.try_into().unwrap())),
+            Self::BF16 => f32::from_bits((u16::from_le_bytes(b.try_into().unwrap()) as u32) << 16),
+            Self::I64 => i64::from_le_bytes(b.try_into().unwrap()) as f32,
+            Self::I32 => i32::from_le_bytes(b.try_into().unwrap()) as f32,
+            Self::I16 => i16::from_le_bytes(b.try_into().unwrap()) as f32,
+            Self::I8 => b[0] as i8 as f32,
+            Self::U8 | Self::Bool => b[0] as f32,
+        }
+    }
+}
+
+fn f16_to_f32(h: u16) -> f32 {
+    let sign = if h & 0x8000 != 0 { -1.0 } else { 1.0 };
+    let exp = ((h >> 10) & 0x1f) as i32;
+    let frac = (h & 0x3ff) as f32;
+    sign * match exp {
+        0 => frac * 2f32.powi(-24),
+        31 if frac == 0.0 => f32::INFINITY,
+        31 => f32::NAN,
+        e => (1.0 + frac / 1024.0) * 2f32.powi(e - 15),
+    }
+}
+
+/// A tensor's view of a storage.
+#[derive(Debug, Clone)]
+pub struct TensorRef {
+    pub storage: String,
+    pub dtype: Dtype,
+    pub offset: usize,
+    pub shape: Vec<usize>,
+    pub stride: Vec<usize>,
+}
+
+/// An opened .pth archive: its object graph and the storages' bytes.
+pub struct PthFile {
+    pub root: Value,
+    storages: HashMap<String, Vec<u8>>,
+}
+
+impl PthFile {
+    pub fn open(path: &Path) -> Result<Self> {
+        let file = std::fs::File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
+        let mut archive = zip::ZipArchive::new(std::io::BufReader::new(file)).map_err(|_| {
+            anyhow::anyhow!("{}: not a PyTorch zip checkpoint (files from PyTorch before 1.6 must be re-saved with a newer torch.save)", path.display())
+        })?;
+        let mut storages = HashMap::new();
+        let mut pickle = None;
+        for i in 0..archive.len() {
+            let mut entry = archive.by_index(i)?;
+            let name = entry.name().to_string();
+            let mut bytes = Vec::with_capacity(entry.size() as usize);
+            if name.ends_with("/data.pkl") {
+                entry.read_to_end(&mut bytes)?;
+                pickle = Some(bytes);
+            } else if let Some((_, key)) = name.rsplit_once("/data/") {
+                entry.read_to_end(&mut bytes)?;
+                storages.insert(key.to_string(), bytes);
+            }
+        }
+        let pickle = pickle.with_context(|| format!("{}: zip archive without data.pkl (not a torch.save file)", path.display()))?;
+        let root = Machine::default().run(&pickle).with_context(|| format!("{}: unreadable pickle", path.display()))?;
+        Ok(Self { root, storages })
+    }
+
+    /// The tensor's values in row-major order.
+    pub fn tensor(&self, t: &TensorRef) -> Result<HostTensor> {
+        let bytes = self.storages.get(&t.storage).with_context(|| format!("storage {} missing from the archive", t.storage))?;
+        let size = t.dtype.size();
+        let count: usize = t.shape.iter().product();
+        let mut values = Vec::with_capacity(count);
+        let mut index = vec![0usize; t.shape.len()];
+        for _ in 0..count {
+            let at = t.offset + index.iter().zip(&t.stride).map(|(i, s)| i * s).sum::<usize>();
+            let b = bytes.get(at * size..(at + 1) * size).with_context(|| format!("storage {} is shorter than its tensor", t.storage))?;
+            values.push(t.dtype.read(b));
+            for d in (0..index.len()).rev() {
+                index[d] += 1;
+                if index[d] < t.shape[d] {
+                    break;
+                }
+                index[d] = 0;
+            }
+        }
+        Ok(HostTensor { shape: t.shape.clone(), values })
+    }
+
+    /// Every tensor of a dict of tensors (a state dict), by key. Entries that are not tensors
+    /// are left out.
+    pub fn state_dict(&self, value: &Value) -> Result<HashMap<String, HostTensor>> {
+        let Value::Dict(items) = value else { bail!("expected a state dict, found {}", value.kind()) };
+        let mut out = HashMap::new();
+        for (k, v) in items {
+            if let (Value::Str(k), Value::Tensor(t)) = (k, v) {
+                out.insert(k.clone(), self.tensor(t)?);
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl Value {
+    /// The entry of a dict with a string key.
+    pub fn get(&self, key: &str) -> Option<&Value> {
+        match self {
+            Value::Dict(items) => items.iter().find(|(k, _)| matches!(k, Value::Str(s) if s == key)).map(|(_, v)| v),
+            _ => None,
+        }
+    }
+
+    /// The string keys of a dict.
+    pub fn keys(&self) -> Vec<&str> {
+        match self {
+            Value::Dict(items) => items.iter().filter_map(|(k, _)| if let Value::Str(s) = k { Some(s.as_str()) } else { None }).collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    fn kind(&self) -> &'static str {
+        match self {
+            Value::None => "None",
+            Value::Bool(_) => "a bool",
+            Value::Int(_) => "an int",
+            Value::Float(_) => "a float",
+            Value::Str(_) => "a string",
+            Value::Bytes(_) => "bytes",
+            Value::Tuple(_) => "a tuple",
+            Value::List(_) => "a list",
+            Value::Dict(_) => "a dict",
+            Value::Global(..) => "a global",
+            Value::Object { .. } => "an object",
+            Value::Storage { .. } => "a storage",
+            Value::Tensor(_) => "a tensor",
+        }
+    }
+}
+
+/// The pickle machine: a stack with marks, and the memo.
+#[derive(Default)]
+struct Machine {
+    stack: Vec<Value>,
+    marks: Vec<usize>,
+    memo: HashMap<u32, Value>,
+}
+
+struct Reader<'a> {
+    bytes: &'a [u8],
+    at: usize,
+}
+
+impl Reader<'_> {
+    fn take(&mut self, n: usize) -> Result<&[u8]> {
+        let s = self.bytes.get(self.at..self.at + n).context("pickle ends early")?;
+        self.at += n;
+        Ok(s)
+    }
+
+    fn u8(&mut self) -> Result<u8> {
+        Ok(self.take(1)?[0])
+    }
+
+    fn u16(&mut self) -> Result<u16> {
+        Ok(u16::from_le_bytes(self.take(2)?.try_into().unwrap()))
+    }
+
+    fn u32(&mut self) -> Result<u32> {
+        Ok(u32::from_le_bytes(self.take(4)?.try_into().unwrap()))
+    }
+
+    fn line(&mut self) -> Result<String> {
+        let end = self.bytes[self.at..].iter().position(|&b| b == b'\n').context("pickle ends early")?;
+        let s = String::from_utf8_lossy(&self.bytes[self.at..self.at + end]).into_owned();
+        self.at += end + 1;
+        Ok(s)
+    }
+
+    fn string(&mut self, n: usize) -> Result<String> {
+        Ok(String::from_utf8_lossy(self.take(n)?).into_owned())
+    }
+}
+
+impl Machine {
+    fn pop(&mut self) -> Result<Value> {
+        self.stack.pop().context("pickle stack underflow")
+    }
+
+    fn pop_mark(&mut self) -> Result<Vec<Value>> {
+        let mark = self.marks.pop().context("pickle mark missing")?;
+        if mark > self.stack.len() {
+            bail!("pickle mark beyond the stack");
+        }
+        Ok(self.stack.split_off(mark))
+    }
+
+    fn top(&mut self) -> Result<&mut Value> {
+        self.stack.last_mut().context("pickle stack underflow")
+    }
+
+    fn set_items(&mut self, items: Vec<Value>) -> Result<()> {
+        if items.len() % 2 != 0 {
+            bail!("odd number of dict items");
+        }
+        let target = self.top()?;
+        let dict = match target {
+            Value::Dict(d) => d,
+            // OrderedDict() and friends: keep the items on the object as a dict.
+            Value::Object { state, .. } => match state.get_or_insert_with(|| Box::new(Value::Dict(Vec::new()))).as_mut() {
+                Value::Dict(d) => d,
+                _ => bail!("SETITEMS on an object with a non-dict state"),
+            },
+            other => bail!("SETITEMS on {}", other.kind()),
+        };
+        let mut it = items.into_iter();
+        while let (Some(k), Some(v)) = (it.next(), it.next()) {
+            dict.push((k, v));
+        }
+        Ok(())
+    }
+
+    /// Calls a global: the tensor rebuilders and dict constructors are modelled, anything else
+    /// becomes an opaque object.
+    fn call(&self, callable: Value, args: Value) -> Result<Value> {
+        let Value::Tuple(mut a) = args else { bail!("call arguments are not a tuple") };
+        let Value::Global(module, name) = &callable else { return Ok(Value::Object { class: Box::new(callable), args: Box::new(Value::Tuple(a)), state: None }) };
+        match (module.as_str(), name.as_str()) {
+            ("torch._utils", "_rebuild_tensor_v2") | ("torch._utils", "_rebuild_tensor") => {
+                if a.len() < 4 {
+                    bail!("{name}: too few arguments");
+                }
+                let as_dims = |v: &Value| -> Result<Vec<usize>> {
+                    match v {
+                        Value::Tuple(items) | Value::List(items) => items
+                            .iter()
+                            .map(|d| if let Value::Int(i) = d { Ok(*i as usize) } else { bail!("non-integer tensor dimension") })
+                            .collect(),
+                        _ => bail!("tensor size is not a tuple"),
+                    }
+                };
+                let (Value::Storage { key, dtype }, Value::Int(offset)) = (&a[0], &a[1]) else { bail!("{name}: unexpected arguments") };
+                Ok(Value::Tensor(TensorRef { storage: key.clone(), dtype: *dtype, offset: *offset as usize, shape: as_dims(&a[2])?, stride: as_dims(&a[3])? }))
+            }
+            ("torch._utils", "_rebuild_parameter") | ("torch._utils", "_rebuild_parameter_with_state") => {
+                if a.is_empty() {
+                    bail!("{name}: no arguments");
+                }
+                Ok(a.swap_remove(0))
+            }
+            ("collections", "OrderedDict") | ("builtins", "dict") if a.is_empty() => Ok(Value::Dict(Vec::new())),
+            _ => Ok(Value::Object { class: Box::new(callable), args: Box::new(Value::Tuple(a)), state: None }),
+        }
+    }
+
+    fn run(mut self, bytes: &[u8]) -> Result<Value> {
+        let mut r = Reader { bytes, at: 0 };
+        loop {
+            let op = r.u8()?;
+            match op {
+                0x80 => {
+                    r.u8()?; // PROTO
+                }
+                0x95 => {
+                    r.take(8)?; // FRAME
+                }
+                b'.' => return self.pop(), // STOP
+                b'(' => self.marks.push(self.stack.len()),
+                b'}' => self.stack.push(Value::Dict(Vec::new())),
+                b']' => self.stack.push(Value::List(Vec::new())),
+                b')' => self.stack.push(Value::Tuple(Vec::new())),
+                b'N' => self.stack.push(Value::None),
+                0x88 => self.stack.push(Value::Bool(true)),
+                0x89 => self.stack.push(Value::Bool(false)),
+                b'J' => {
+                    let v = r.u32()? as i32;
+                    self.stack.push(Value::Int(v as i64));
+                }
+                b'K' => {
+                    let v = r.u8()?;
+                    self.stack.push(Value::Int(v as i64));
+                }
+                b'M' => {
+                    let v = r.u16()?;
+                    self.stack.push(Value::Int(v as i64));
+                }
+                0x8a => {
+                    // LONG1: little-endian two's complement of n bytes.
+                    let n = r.u8()? as usize;
+                    let b = r.take(n)?;
+                    if n > 8 {
+                        bail!("integer wider than 64 bits");
+                    }
+                    let mut v: i64 = 0;
+                    for (i, &byte) in b.iter().enumerate() {
+                        v |= (byte as i64) << (8 * i);
+                    }
+                    if n > 0 && n < 8 && b[n - 1] & 0x80 != 0 {
+                        v -= 1i64 << (8 * n);
+                    }
+                    self.stack.push(Value::Int(v));
+                }
+                b'G' => {
+                    let v = f64::from_be_bytes(r.take(8)?.try_into().unwrap());
+                    self.stack.push(Value::Float(v));
+                }
+                b'X' => {
+                    let n = r.u32()? as usize;
+                    let s = r.string(n)?;
+                    self.stack.push(Value::Str(s));
+                }
+                0x8c => {
+                    let n = r.u8()? as usize;
+                    let s = r.string(n)?;
+                    self.stack.push(Value::Str(s));
+                }
+                0x8d => {
+                    let n = u64::from_le_bytes(r.take(8)?.try_into().unwrap()) as usize;
+                    let s = r.string(n)?;
+                    self.stack.push(Value::Str(s));
+                }
+                b'U' => {
+                    let n = r.u8()? as usize;
+                    let s = r.string(n)?;
+                    self.stack.push(Value::Str(s));
+                }
+                b'T' => {
+                    let n = r.u32()? as usize;
+                    let s = r.string(n)?;
+                    self.stack.push(Value::Str(s));
+                }
+                b'C' => {
+                    let n = r.u8()? as usize;
+                    let b = r.take(n)?.to_vec();
+                    self.stack.push(Value::Bytes(b));
+                }
+                b'B' => {
+                    let n = r.u32()? as usize;
+                    let b = r.take(n)?.to_vec();
+                    self.stack.push(Value::Bytes(b));
+                }
+                b'c' => {
+                    let module = r.line()?;
+                    let name = r.line()?;
+                    self.stack.push(Value::Global(module, name));
+                }
+                0x93 => {
+                    let name = self.pop()?;
+                    let module = self.pop()?;
+                    let (Value::Str(m), Value::Str(n)) = (module, name) else { bail!("STACK_GLOBAL without strings") };
+                    self.stack.push(Value::Global(m, n));
+                }
+                b'q' => {
+                    let i = r.u8()? as u32;
+                    let v = self.top()?.clone();
+                    self.memo.insert(i, v);
+                }
+                b'r' => {
+                    let i = r.u32()?;
+                    let v = self.top()?.clone();
+                    self.memo.insert(i, v);
+                }
+                0x94 => {
+                    let i = self.memo.len() as u32;
+                    let v = self.top()?.clone();
+                    self.memo.insert(i, v);
+                }
+                b'h' => {
+                    let i = r.u8()? as u32;
+                    let v = self.memo.get(&i).context("memo entry missing")?.clone();
+                    self.stack.push(v);
+                }
+                b'j' => {
+                    let i = r.u32()?;
+                    let v = self.memo.get(&i).context("memo entry missing")?.clone();
+                    self.stack.push(v);
+                }
+                b't' => {
+                    let items = self.pop_mark()?;
+                    self.stack.push(Value::Tuple(items));
+                }
+                0x85 => {
+                    let a = self.pop()?;
+                    self.stack.push(Value::Tuple(vec![a]));
+                }
+                0x86 => {
+                    let b = self.pop()?;
+                    let a = self.pop()?;
+                    self.stack.push(Value::Tuple(vec![a, b]));
+                }
+                0x87 => {
+                    let c = self.pop()?;
+                    let b = self.pop()?;
+                    let a = self.pop()?;
+                    self.stack.push(Value::Tuple(vec![a, b, c]));
+                }
+                b'l' => {
+                    let items = self.pop_mark()?;
+                    self.stack.push(Value::List(items));
+                }
+                b'd' => {
+                    let items = self.pop_mark()?;
+                    self.stack.push(Value::Dict(Vec::new()));
+                    self.set_items(items)?;
+                }
+                b'a' => {
+                    let v = self.pop()?;
+                    match self.top()? {
+                        Value::List(l) => l.push(v),
+                        other => bail!("APPEND to {}", other.kind()),
+                    }
+                }
+                b'e' => {
+                    let items = self.pop_mark()?;
+                    match self.top()? {
+                        Value::List(l) => l.extend(items),
+                        other => bail!("APPENDS to {}", other.kind()),
+                    }
+                }
+                b's' => {
+                    let v = self.pop()?;
+                    let k = self.pop()?;
+                    self.set_items(vec![k, v])?;
+                }
+                b'u' => {
+                    let items = self.pop_mark()?;
+                    self.set_items(items)?;
+                }
+                0x8f => self.stack.push(Value::List(Vec::new())), // EMPTY_SET, kept as a list
+                0x90 => {
+                    let items = self.pop_mark()?;
+                    match self.top()? {
+                        Value::List(l) => l.extend(items),
+                        other => bail!("ADDITEMS to {}", other.kind()),
+                    }
+                }
+                b'R' => {
+                    let args = self.pop()?;
+                    let callable = self.pop()?;
+                    let v = self.call(callable, args)?;
+                    self.stack.push(v);
+                }
+                0x81 => {
+                    // NEWOBJ: cls.__new__(cls, *args)
+                    let args = self.pop()?;
+                    let class = self.pop()?;
+                    self.stack.push(Value::Object { class: Box::new(class), args: Box::new(args), state: None });
+                }
+                b'b' => {
+                    let new_state = self.pop()?;
+                    match self.top()? {
+                        Value::Object { state, .. } => *state = Some(Box::new(new_state)),
+                        // OrderedDict state (e.g. _metadata of a state dict) and tensor
+                        // hooks are not needed.
+                        _ => {}
+                    }
+                }
+                b'Q' => {
+                    let pid = self.pop()?;
+                    let Value::Tuple(items) = pid else { bail!("persistent id is not a tuple") };
+                    match items.as_slice() {
+                        [Value::Str(tag), Value::Global(_, storage_type), Value::Str(key), ..] if tag == "storage" => {
+                            let dtype = Dtype::from_storage(storage_type).with_context(|| format!("unsupported storage type {storage_type}"))?;
+                            self.stack.push(Value::Storage { key: key.clone(), dtype });
+                        }
+                        _ => bail!("unsupported persistent id"),
+                    }
+                }
+                other => bail!("unsupported pickle opcode 0x{other:02x} at byte {}", r.at - 1),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn half_precision_values() {
+        assert_eq!(f16_to_f32(0x3c00), 1.0);
+        assert_eq!(f16_to_f32(0xc000), -2.0);
+        assert_eq!(f16_to_f32(0x3555), 0.33325195);
+        assert_eq!(f16_to_f32(0x0001), 2f32.powi(-24));
+    }
+
+    #[test]
+    fn runs_a_small_protocol_2_program() {
+        // pickle.dumps({'a': [1, -2, 3.5], 'b': (True, None), 'c': 70000}, protocol=2)
+        let program = b"\x80\x02}q\x00(X\x01\x00\x00\x00aq\x01]q\x02(K\x01J\xfe\xff\xff\xffG@\x0c\x00\x00\x00\x00\x00\x00eX\x01\x00\x00\x00bq\x03\x88N\x86q\x04X\x01\x00\x00\x00cq\x05Jp\x11\x01\x00u.";
+        let v = Machine::default().run(program).unwrap();
+        assert_eq!(v.keys(), vec!["a", "b", "c"]);
+        let Some(Value::List(a)) = v.get("a") else { panic!("{v:?}") };
+        assert!(matches!(a.as_slice(), [Value::Int(1), Value::Int(-2), Value::Float(f)] if *f == 3.5));
+        assert!(matches!(v.get("b"), Some(Value::Tuple(t)) if matches!(t.as_slice(), [Value::Bool(true), Value::None])));
+        assert!(matches!(v.get("c"), Some(Value::Int(70000))));
+    }
+
+    #[test]
+    fn strided_views_are_read_in_row_major_order() {
+        let storage: Vec<u8> = (0..6).flat_map(|i| (i as f32).to_le_bytes()).collect();
+        let file = PthFile { root: Value::None, storages: HashMap::from([("0".to_string(), storage)]) };
+        // A transposed 2x3 view: shape [3, 2], strides [1, 3].
+        let t = TensorRef { storage: "0".into(), dtype: Dtype::F32, offset: 0, shape: vec![3, 2], stride: vec![1, 3] };
+        assert_eq!(file.tensor(&t).unwrap().values, vec![0.0, 3.0, 1.0, 4.0, 2.0, 5.0]);
+        let t = TensorRef { storage: "0".into(), dtype: Dtype::F32, offset: 4, shape: vec![2], stride: vec![1] };
+        assert_eq!(file.tensor(&t).unwrap().values, vec![4.0, 5.0]);
+        let t = TensorRef { storage: "0".into(), dtype: Dtype::F32, offset: 5, shape: vec![2], stride: vec![1] };
+        assert!(file.tensor(&t).is_err());
+    }
+}
