@@ -272,3 +272,38 @@ fn bad_input_gives_one_line_errors() {
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && stderr.contains("unknown setting 'learning_rate'"), "{stderr}");
 }
+
+#[test]
+fn pretrained_weights_initialise_the_backbone() {
+    let source = scratch("pretrained_source");
+    let mut args = small_run_args(fashion_mnist(), &source, 1);
+    set_flag(&mut args, "--subset", "64");
+    let o = run(&args);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let source_ckpt = source.join("checkpoint.safetensors");
+
+    // Learning rate 0 and teacher momentum 1: the backbones stay what they were loaded as.
+    let out = scratch("pretrained_init");
+    let mut args = small_run_args(fashion_mnist(), &out, 1);
+    for (flag, value) in [("--subset", "64"), ("--lr", "0"), ("--momentum_teacher", "1"), ("--pretrained_weights", source_ckpt.to_str().unwrap())] {
+        set_flag(&mut args, flag, value);
+    }
+    let o = run(&args);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("backbone initialised from"));
+    let backbone = |path: &Path, net: &str| -> Vec<(String, Vec<u8>)> {
+        checkpoint_tensors(path).into_iter().filter_map(|(k, v)| Some((k.strip_prefix(&format!("{net}.backbone."))?.to_string(), v))).collect()
+    };
+    let loaded = backbone(&source_ckpt, "teacher");
+    assert_eq!(loaded.len(), 4 * 12 + 6);
+    assert_eq!(backbone(&out.join("checkpoint.safetensors"), "teacher"), loaded);
+    assert_eq!(backbone(&out.join("checkpoint.safetensors"), "student"), loaded);
+
+    let mut args = small_run_args(fashion_mnist(), &scratch("pretrained_wrong_arch"), 1);
+    for (flag, value) in [("--arch", "vit_tiny"), ("--pretrained_weights", source_ckpt.to_str().unwrap())] {
+        set_flag(&mut args, flag, value);
+    }
+    let o = run(&args);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && stderr.contains("--pretrained_weights"), "{stderr}");
+}

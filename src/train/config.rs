@@ -68,6 +68,12 @@ pub struct TrainConfig {
     #[arg(long, value_enum, default_value = "imagenet")]
     pub preset: Preset,
 
+    /// Start the student and teacher backbones from these weights (any file --pretrained_weights
+    /// of the evaluation commands takes: official .pth, `dino export`, a training checkpoint's
+    /// teacher); the head starts fresh. Ignored when resuming.
+    #[arg(long)]
+    #[serde(default)]
+    pub pretrained_weights: Option<PathBuf>,
     /// Backbone: vit_tiny, vit_small, vit_base (or vit_micro, a 4-block test size).
     #[arg(long, default_value = "vit_small")]
     pub arch: String,

@@ -2,6 +2,7 @@
 //! of teacher forward, student forward, loss, backward, clipped AdamW step and teacher EMA, with
 //! checkpoints, logs and a clean stop on a time budget or a non-finite loss.
 
+use std::collections::HashMap;
 use std::io::IsTerminal;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -25,6 +26,8 @@ use super::schedule::Schedules;
 use crate::data::dataset::{Dataset, IdxSplit};
 use crate::data::loader::{mix_seed, start_epoch, steps_per_epoch};
 use crate::model::DinoModel;
+use crate::pretrained;
+use crate::weights::{self, HostTensor};
 
 /// The compute device a config asks for.
 pub fn device_for(kind: DeviceKind) -> Result<Device> {
@@ -70,10 +73,17 @@ pub fn train(cfg: &TrainConfig) -> Result<Outcome> {
     // Student, teacher (a copy that never gets gradients), loss, optimiser, schedules.
     let vit = cfg.vit();
     let mut rng = StdRng::seed_from_u64(cfg.seed);
-    let student = DinoModel {
+    let mut student = DinoModel {
         backbone: vit.init(&mut rng, &device),
         head: cfg.head(vit.embed_dim).init(&mut rng, &device),
     };
+    if let Some(path) = cfg.pretrained_weights.as_ref().filter(|_| !run_dir.join("checkpoint.safetensors").exists()) {
+        let loaded = pretrained::load_vit(path, "teacher", Some(&cfg.arch), &device).context("--pretrained_weights")?;
+        let tensors: HashMap<String, HostTensor> = weights::export(&loaded.vit).into_iter().collect();
+        student.backbone = weights::import(student.backbone, &tensors, "")
+            .with_context(|| format!("--pretrained_weights {} does not fit --arch {} --patch_size {} at {} px", path.display(), cfg.arch, cfg.patch_size, cfg.global_crop_size))?;
+        eprintln!("backbone initialised from {}", path.display());
+    }
     let teacher = student.valid();
     let mut loss_fn = DinoLoss::new(cfg.out_dim, crops.ncrops(), cfg.warmup_teacher_temp, cfg.teacher_temp, cfg.warmup_teacher_temp_epochs, cfg.epochs, &device);
     let ckpt_path = run_dir.join("checkpoint.safetensors");
