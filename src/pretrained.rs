@@ -1,9 +1,10 @@
-//! ViT backbones from any weights file a user brings: our training checkpoints, our
-//! `dino export` safetensors, plain safetensors state dicts under the official names, and the
-//! official PyTorch `.pth` releases (backbone-only or full training checkpoints). The
-//! architecture is read from the tensors: width and depth from the keys, patch size from the
-//! patch projection, training resolution from the position embedding, and heads from the width
-//! (every DINO ViT uses 64-dim heads) unless --arch names them.
+//! Backbones from any weights file a user brings: our training checkpoints, our `dino export`
+//! safetensors, plain safetensors state dicts under the official names, and the official
+//! PyTorch `.pth` releases (ViT backbone-only files, full training checkpoints, ResNet-50). The
+//! architecture is read from the tensors: for a ViT, width and depth from the keys, patch size
+//! from the patch projection, training resolution from the position embedding, and heads from
+//! the width (every DINO ViT uses 64-dim heads) unless --arch names them; for a ResNet, the
+//! stages and widths from its convolutions.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -13,7 +14,7 @@ use burn::tensor::Device;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 
-use crate::model::{VisionTransformer, VitConfig};
+use crate::model::{Network, ResNet, VisionTransformer, VitConfig};
 use crate::pth::PthFile;
 use crate::train::checkpoint;
 use crate::weights::{self, HostTensor};
@@ -21,17 +22,26 @@ use crate::weights::{self, HostTensor};
 /// safetensors metadata key under which `dino export` records the backbone's shape.
 pub const EXPORT_METADATA: &str = "dino_vit";
 
-/// A loaded backbone, its shape, and the crop size it was trained at when known.
+/// A loaded backbone, a ViT's shape, and the crop size it was trained at when known.
 pub struct Pretrained {
-    pub vit: VisionTransformer,
-    pub config: VitConfig,
-    pub trained_size: usize,
+    pub network: Network,
+    pub vit_config: Option<VitConfig>,
+    pub trained_size: Option<usize>,
+}
+
+/// A ViT backbone, its shape and training crop size (an error for other networks).
+pub fn load_vit(path: &Path, key: &str, arch: Option<&str>, device: &Device) -> Result<(VisionTransformer, VitConfig, usize)> {
+    let p = load(path, key, arch, device)?;
+    match (p.network, p.vit_config) {
+        (Network::Vit(vit), Some(config)) => Ok((vit, config, p.trained_size.unwrap_or(224))),
+        _ => bail!("{}: a ViT is needed here; these weights are a ResNet", path.display()),
+    }
 }
 
 /// Loads the backbone stored in `path`. `key` picks teacher or student in training
-/// checkpoints; `arch` (vit_tiny, vit_small, ...) fixes the head count and is checked against
-/// the tensors.
-pub fn load_vit(path: &Path, key: &str, arch: Option<&str>, device: &Device) -> Result<Pretrained> {
+/// checkpoints; `arch` (vit_tiny, vit_small, ...) fixes a ViT's head count and is checked
+/// against the tensors.
+pub fn load(path: &Path, key: &str, arch: Option<&str>, device: &Device) -> Result<Pretrained> {
     let mut magic = [0u8; 4];
     {
         use std::io::Read;
@@ -50,19 +60,25 @@ pub fn load_vit(path: &Path, key: &str, arch: Option<&str>, device: &Device) -> 
         let meta = meta.metadata().clone().unwrap_or_default();
         if meta.contains_key("dino") {
             let (vit, config) = checkpoint::load_backbone(path, key, device)?;
-            let vit_config = config.vit();
-            return Ok(Pretrained { vit, config: vit_config, trained_size: config.global_crop_size });
+            return Ok(Pretrained { network: Network::Vit(vit), vit_config: Some(config.vit()), trained_size: Some(config.global_crop_size) });
         }
         let known: Option<VitConfig> = meta.get(EXPORT_METADATA).map(|s| serde_json::from_str(s)).transpose().with_context(|| format!("{}: bad {EXPORT_METADATA} metadata", path.display()))?;
         (strip_prefixes(checkpoint::read_tensors(&bytes, path)?), known)
     };
+    if known.is_none() && ResNet::recognises(&tensors) {
+        if arch.is_some_and(|a| a != "resnet50") {
+            bail!("{}: --arch {} but the weights are a ResNet", path.display(), arch.unwrap_or_default());
+        }
+        let resnet = ResNet::from_state_dict(&tensors, device).with_context(|| format!("{}", path.display()))?;
+        return Ok(Pretrained { network: Network::ResNet(resnet), vit_config: None, trained_size: None });
+    }
     let config = match known {
         Some(c) => c,
         None => infer_config(&tensors, arch).with_context(|| format!("{}", path.display()))?,
     };
     let vit = config.init(&mut StdRng::seed_from_u64(0), device);
     let vit = weights::import(vit, &tensors, "").with_context(|| format!("{}", path.display()))?;
-    Ok(Pretrained { vit, trained_size: config.img_size, config })
+    Ok(Pretrained { network: Network::Vit(vit), trained_size: Some(config.img_size), vit_config: Some(config) })
 }
 
 /// The backbone tensors of a .pth file: a backbone state dict, or the `key` network of a
@@ -103,9 +119,6 @@ fn strip_prefixes(tensors: HashMap<String, HostTensor>) -> HashMap<String, HostT
 pub fn infer_config(tensors: &HashMap<String, HostTensor>, arch: Option<&str>) -> Result<VitConfig> {
     let shape = |k: &str| tensors.get(k).map(|t| t.shape.as_slice());
     let Some(&[1, 1, dim]) = shape("cls_token") else {
-        if tensors.contains_key("conv1.weight") && tensors.contains_key("layer1.0.conv1.weight") {
-            bail!("this is a ResNet state dict; only ViT backbones are supported so far");
-        }
         let mut keys: Vec<&String> = tensors.keys().collect();
         keys.sort();
         let some: Vec<&str> = keys.iter().take(4).map(|k| k.as_str()).collect();

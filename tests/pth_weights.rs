@@ -23,14 +23,14 @@ fn expected() -> Fixture {
 fn backbone_pth_matches_pytorch() {
     let dev = Device::flex();
     let fx = expected();
-    let p = load_vit(&pth("backbone.pth"), "teacher", None, &dev).unwrap();
-    assert_eq!((p.config.embed_dim, p.config.depth, p.config.num_heads, p.config.patch_size, p.config.mlp_ratio), (64, 2, 1, 8, 4));
-    assert_eq!(p.trained_size, 32);
+    let (vit, config, trained_size) = load_vit(&pth("backbone.pth"), "teacher", None, &dev).unwrap();
+    assert_eq!((config.embed_dim, config.depth, config.num_heads, config.patch_size, config.mlp_ratio), (64, 2, 1, 8, 4));
+    assert_eq!(trained_size, 32);
     let square = fx.tensor::<4>("square.input", &dev);
-    assert_tensor_close("cls", p.vit.forward(square.clone()), fx.host("backbone.square.cls"), 1e-5);
-    assert_tensor_close("attention", p.vit.last_self_attention(square), fx.host("backbone.square.attention"), 1e-5);
+    assert_tensor_close("cls", vit.forward(square.clone()), fx.host("backbone.square.cls"), 1e-5);
+    assert_tensor_close("attention", vit.last_self_attention(square), fx.host("backbone.square.attention"), 1e-5);
     // 32x48: the position embedding is interpolated to a 4x6 grid.
-    assert_tensor_close("wide cls", p.vit.forward(fx.tensor::<4>("wide.input", &dev)), fx.host("backbone.wide.cls"), 1e-5);
+    assert_tensor_close("wide cls", vit.forward(fx.tensor::<4>("wide.input", &dev)), fx.host("backbone.wide.cls"), 1e-5);
 }
 
 #[test]
@@ -39,8 +39,8 @@ fn full_checkpoint_teacher_and_student() {
     let fx = expected();
     let square = fx.tensor::<4>("square.input", &dev);
     for key in ["teacher", "student"] {
-        let p = load_vit(&pth("full_checkpoint.pth"), key, None, &dev).unwrap();
-        assert_tensor_close(key, p.vit.forward(square.clone()), fx.host(&format!("{key}.square.cls")), 1e-5);
+        let (vit, _, _) = load_vit(&pth("full_checkpoint.pth"), key, None, &dev).unwrap();
+        assert_tensor_close(key, vit.forward(square.clone()), fx.host(&format!("{key}.square.cls")), 1e-5);
     }
 }
 
@@ -54,13 +54,13 @@ fn export_then_load_round_trips_bit_exactly() {
     assert!(ok, "{err}");
     let original = load_vit(&pth("full_checkpoint.pth"), "student", None, &dev).unwrap();
     let reloaded = load_vit(&out, "teacher", None, &dev).unwrap();
-    assert_eq!(reloaded.config, original.config);
+    assert_eq!(reloaded.1, original.1);
     let bits = |v: &dino::model::VisionTransformer| -> Vec<(String, Vec<usize>, Vec<u32>)> {
         let mut t: Vec<_> = export(v).into_iter().map(|(k, h): (String, HostTensor)| (k, h.shape, h.values.iter().map(|x| x.to_bits()).collect())).collect();
         t.sort_by(|a, b| a.0.cmp(&b.0));
         t
     };
-    assert_eq!(bits(&reloaded.vit), bits(&original.vit));
+    assert_eq!(bits(&reloaded.0), bits(&original.0));
     // The file holds the official names only: the keys of the PyTorch state dict.
     let bytes = std::fs::read(&out).unwrap();
     let names = dino::train::checkpoint::read_tensors(&bytes, &out).unwrap();
@@ -123,4 +123,31 @@ fn extract_and_attention_with_an_official_file() {
     // 40x36 resized to 40x36 (shorter side 36), cropped to multiples of 8: 40x32; one head.
     assert_eq!(image::image_dimensions(attention.join("attn-head0.png")).unwrap(), (40, 32));
     assert!(!attention.join("attn-head1.png").exists());
+}
+
+#[test]
+fn resnet_in_torchvision_layout_matches_pytorch_and_round_trips() {
+    let dev = Device::flex();
+    let fx = expected();
+    let p = dino::pretrained::load(&pth("resnet.pth"), "teacher", None, &dev).unwrap();
+    let dino::model::Network::ResNet(resnet) = &p.network else { panic!("not recognised as a ResNet") };
+    assert_eq!(resnet.stage_depths(), vec![2, 1, 1, 1]);
+    assert_eq!(resnet.out_dim(), 128);
+    assert_tensor_close("pooled features", resnet.forward(fx.tensor::<4>("resnet.input", &dev)), fx.host("resnet.features"), 1e-5);
+
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("resnet_export");
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = dir.join("resnet.safetensors");
+    let (ok, _, err) = run_dino(&["export", "--weights", pth("resnet.pth").to_str().unwrap(), "--output", out.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    let again = dino::pretrained::load(&out, "teacher", None, &dev).unwrap();
+    let dino::model::Network::ResNet(again) = &again.network else { panic!("export is not a ResNet") };
+    let bits = |r: &dino::model::ResNet| -> Vec<(String, Vec<u32>)> { r.state_dict().into_iter().map(|(k, h)| (k, h.values.iter().map(|v| v.to_bits()).collect())).collect() };
+    assert_eq!(bits(again), bits(resnet));
+
+    // Attention maps need a ViT: one clear line.
+    let photo = dir.join("photo.png");
+    image::RgbImage::from_pixel(64, 64, image::Rgb([10, 200, 30])).save(&photo).unwrap();
+    let (ok, _, err) = run_dino(&["attention", "--image_path", photo.to_str().unwrap(), "--weights", pth("resnet.pth").to_str().unwrap()]);
+    assert!(!ok && err.contains("attention maps needs a ViT"), "{err}");
 }

@@ -43,7 +43,8 @@ pub fn run(args: AttentionArgs) -> Result<()> {
     let device = Device::flex();
     let img = decode_file(&args.image_path).with_context(|| format!("--image_path {}", args.image_path.display()))?;
     let backbone = args.backbone.load(&device)?;
-    let p = backbone.vit.patch_size();
+    let vit = backbone.network.vit("attention maps")?;
+    let p = vit.patch_size();
 
     // Resize so the shorter side is --image_size, then keep the top-left multiple of the patch.
     let (w, h) = (img.width() as f64, img.height() as f64);
@@ -56,7 +57,7 @@ pub fn run(args: AttentionArgs) -> Result<()> {
     let shown = image::RgbImage::from_raw(width as u32, height as u32, pixels.iter().map(|&v| (v * 255.0).round() as u8).collect())
         .expect("buffer size");
 
-    let maps = cls_attention(&backbone.vit, normalize_to_chw(&pixels), height, width, &device);
+    let maps = cls_attention(vit, normalize_to_chw(&pixels), height, width, &device);
     let out = &args.output_dir;
     std::fs::create_dir_all(out).with_context(|| format!("--output_dir {}: cannot create", out.display()))?;
     let save = |img: &image::RgbImage, name: &str| -> Result<()> {

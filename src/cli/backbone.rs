@@ -8,7 +8,7 @@ use clap::Args;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 
-use crate::model::{VisionTransformer, VitConfig};
+use crate::model::{Network, VitConfig};
 use crate::pretrained;
 
 /// Backbone flags shared by extract, knn, linear, attention and video-seg.
@@ -34,10 +34,10 @@ pub struct BackboneArgs {
     pub patch_size: usize,
 }
 
-/// A backbone, its shape and, for trained weights, the crop size it was trained at.
+/// A backbone, a ViT's shape and, for trained weights, the crop size it was trained at.
 pub struct Backbone {
-    pub vit: VisionTransformer,
-    pub config: VitConfig,
+    pub network: Network,
+    pub vit_config: Option<VitConfig>,
     pub trained_size: Option<usize>,
 }
 
@@ -55,8 +55,8 @@ impl BackboneArgs {
         match (&self.pretrained_weights, self.random_init) {
             (Some(_), true) => bail!("give either --pretrained_weights or --random_init, not both"),
             (Some(path), false) => {
-                let p = pretrained::load_vit(path, &self.checkpoint_key, self.arch.as_deref(), device)?;
-                Ok(Backbone { vit: p.vit, config: p.config, trained_size: Some(p.trained_size) })
+                let p = pretrained::load(path, &self.checkpoint_key, self.arch.as_deref(), device)?;
+                Ok(Backbone { network: p.network, vit_config: p.vit_config, trained_size: p.trained_size })
             }
             (None, true) => {
                 let arch = self.arch.as_deref().unwrap_or("vit_small");
@@ -65,7 +65,7 @@ impl BackboneArgs {
                 if self.patch_size == 0 {
                     bail!("--patch_size must be positive");
                 }
-                Ok(Backbone { vit: cfg.init(&mut StdRng::seed_from_u64(0), device), config: cfg, trained_size: None })
+                Ok(Backbone { network: Network::Vit(cfg.init(&mut StdRng::seed_from_u64(0), device)), vit_config: Some(cfg), trained_size: None })
             }
             (None, false) => bail!("no backbone: give --pretrained_weights FILE (or --random_init)"),
         }

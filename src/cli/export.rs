@@ -12,6 +12,7 @@ use clap::Args;
 
 use super::backbone::BackboneArgs;
 use crate::pretrained::EXPORT_METADATA;
+use crate::model::Network;
 use crate::weights::{export, write_safetensors};
 
 #[derive(Debug, Args)]
@@ -29,20 +30,30 @@ pub fn run(args: ExportArgs) -> Result<()> {
         bail!("--random_init: export takes trained weights (--pretrained_weights FILE)");
     }
     let loaded = args.backbone.load(&Device::flex())?;
-    let mut config = loaded.config.clone();
-    config.img_size = loaded.trained_size.unwrap_or(config.img_size);
-    config.drop_path_rate = 0.0;
-    let tensors = export(&loaded.vit);
-    let count = tensors.len();
-    let metadata = HashMap::from([(EXPORT_METADATA.to_string(), serde_json::to_string(&config)?)]);
-    write_safetensors(&args.output, tensors, metadata)?;
-    eprintln!(
-        "{count} tensors (ViT width {}, depth {}, patch {}, trained at {} px) -> {}",
-        config.embed_dim,
-        config.depth,
-        config.patch_size,
-        config.img_size,
-        args.output.display()
-    );
+    match (&loaded.network, loaded.vit_config) {
+        (Network::Vit(vit), Some(mut config)) => {
+            config.img_size = loaded.trained_size.unwrap_or(config.img_size);
+            config.drop_path_rate = 0.0;
+            let tensors = export(vit);
+            let count = tensors.len();
+            let metadata = HashMap::from([(EXPORT_METADATA.to_string(), serde_json::to_string(&config)?)]);
+            write_safetensors(&args.output, tensors, metadata)?;
+            eprintln!(
+                "{count} tensors (ViT width {}, depth {}, patch {}, trained at {} px) -> {}",
+                config.embed_dim,
+                config.depth,
+                config.patch_size,
+                config.img_size,
+                args.output.display()
+            );
+        }
+        (Network::ResNet(resnet), _) => {
+            let tensors = resnet.state_dict();
+            let count = tensors.len();
+            write_safetensors(&args.output, tensors, HashMap::new())?;
+            eprintln!("{count} tensors (ResNet, stages {:?}, {}-d output) -> {}", resnet.stage_depths(), resnet.out_dim(), args.output.display());
+        }
+        (Network::Vit(_), None) => unreachable!("a loaded ViT has its shape"),
+    }
     Ok(())
 }

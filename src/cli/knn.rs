@@ -11,7 +11,7 @@ use clap::Args;
 use super::backbone::BackboneArgs;
 use super::eval_args::{TransformArgs, open_dataset};
 use crate::data::dataset::IdxSplit;
-use crate::eval::features::{FeatureKind, FeatureLayout, extract};
+use crate::eval::features::{FeatureKind, FeatureLayout, extract, network_features};
 use crate::eval::knn::{LabelledFeatures, knn_accuracy};
 use crate::npy;
 
@@ -69,7 +69,7 @@ pub fn run(args: KnnArgs) -> Result<()> {
             let backbone = if args.pixels { None } else { Some(args.backbone.load(&device)?) };
             let transform = args.transform.transform(backbone.as_ref().and_then(|b| b.trained_size))?;
             let kind = match &backbone {
-                Some(b) => FeatureKind::Backbone(&b.vit, FeatureLayout::CLS),
+                Some(b) => network_features(&b.network, FeatureLayout::CLS),
                 None => FeatureKind::Pixels,
             };
             let batch = args.transform.batch_size;

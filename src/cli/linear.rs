@@ -19,10 +19,10 @@ use super::eval_args::open_dataset;
 use crate::data::augment::{flip_horizontal, normalize_to_chw, random_resized_crop_box, resize_crop};
 use crate::data::dataset::{Dataset, IdxSplit};
 use crate::data::loader::{epoch_order, mix_seed};
-use crate::eval::features::{EvalTransform, FeatureKind, FeatureLayout, REFERENCE_CROP, backbone_features, extract, progress_bar};
+use crate::eval::features::{EvalTransform, FeatureKind, FeatureLayout, REFERENCE_CROP, extract, feature_dim, network_features, progress_bar};
 use crate::eval::knn::LabelledFeatures;
 use crate::eval::linear::{LinearProbe, cosine_lr};
-use crate::model::VisionTransformer;
+use crate::model::Network;
 use crate::weights::{HostTensor, write_safetensors};
 
 #[derive(Debug, Args)]
@@ -39,7 +39,8 @@ pub struct LinearArgs {
     pub output_dir: PathBuf,
     #[command(flatten)]
     pub backbone: BackboneArgs,
-    /// Concatenate the cls tokens of the last n blocks (reference: 4 for ViT-S, 1 for ViT-B).
+    /// Concatenate the cls tokens of the last n blocks (reference: 4 for ViT-S, 1 for ViT-B;
+    /// a ResNet always gives its pooled output).
     #[arg(long, default_value_t = 4)]
     pub n_last_blocks: usize,
     /// Also use the mean patch token of the last block (reference: ViT-B).
@@ -80,7 +81,7 @@ pub struct LinearArgs {
 fn batch_features(
     indices: &[usize],
     cached: Option<&LabelledFeatures>,
-    source: (&Dataset, &VisionTransformer, FeatureLayout, usize),
+    source: (&Dataset, FeatureKind, usize),
     seed: u64,
     epoch: usize,
     device: &Device,
@@ -90,7 +91,7 @@ fn batch_features(
         let labels = indices.iter().map(|&i| f.labels[i]).collect();
         return Some((Tensor::from_data(TensorData::new(values, [indices.len(), f.dim]), device), labels));
     }
-    let (dataset, vit, layout, size) = source;
+    let (dataset, kind, size) = source;
     let views: Vec<(Vec<f32>, usize)> = indices
         .par_iter()
         .filter_map(|&i| {
@@ -110,7 +111,7 @@ fn batch_features(
     let n = views.len();
     let (pixels, labels): (Vec<Vec<f32>>, Vec<usize>) = views.into_iter().unzip();
     let x = Tensor::<4>::from_data(TensorData::new(pixels.concat(), [n, 3, size, size]), device);
-    Some((backbone_features(vit, x, layout), labels))
+    Some((kind.features(x), labels))
 }
 
 pub fn run(args: LinearArgs) -> Result<()> {
@@ -121,16 +122,17 @@ pub fn run(args: LinearArgs) -> Result<()> {
     let train = open_dataset(&args.train_data, IdxSplit::Train, args.subset_train, "--train_data", true)?;
     let test = open_dataset(&args.test_data, IdxSplit::Test, args.subset_test, "--test_data", true)?;
     let backbone = args.backbone.load(&device)?;
-    let vit = &backbone.vit;
-    if args.n_last_blocks == 0 || args.n_last_blocks > vit.blocks.len() {
-        bail!("--n_last_blocks must be between 1 and the depth {}, got {}", vit.blocks.len(), args.n_last_blocks);
+    if let Network::Vit(vit) = &backbone.network {
+        if args.n_last_blocks == 0 || args.n_last_blocks > vit.blocks.len() {
+            bail!("--n_last_blocks must be between 1 and the depth {}, got {}", vit.blocks.len(), args.n_last_blocks);
+        }
     }
     if !(args.center_crop > 0.0 && args.center_crop <= 1.0) {
         bail!("--center_crop must be in (0, 1], got {}", args.center_crop);
     }
     let size = args.image_size.or(backbone.trained_size).unwrap_or(224);
     let layout = FeatureLayout { n_last_blocks: args.n_last_blocks, avgpool_patchtokens: args.avgpool_patchtokens };
-    let kind = FeatureKind::Backbone(vit, layout);
+    let kind = network_features(&backbone.network, layout);
     let eval = EvalTransform { size, crop: args.center_crop };
     let extract_batch = args.batch_size_per_gpu.max(64);
     eprintln!("test features ({} images)...", test.len());
@@ -146,7 +148,7 @@ pub fn run(args: LinearArgs) -> Result<()> {
         Some(f)
     };
     let classes = train.num_classes().unwrap_or(0).max(test.num_classes().unwrap_or(0));
-    let dim = layout.dim(vit.embed_dim());
+    let dim = feature_dim(&backbone.network, layout);
     let mut probe = LinearProbe::new(dim, classes, args.momentum, &mut StdRng::seed_from_u64(args.seed), &device);
     let base_lr = args.lr * args.batch_size_per_gpu as f64 / 256.0;
 
@@ -161,7 +163,7 @@ pub fn run(args: LinearArgs) -> Result<()> {
         let bar = progress_bar(train.len() as u64);
         let (mut loss_sum, mut steps) = (0.0, 0);
         for chunk in order.chunks(args.batch_size_per_gpu) {
-            if let Some((x, labels)) = batch_features(chunk, cached.as_ref(), (&train, vit, layout, size), args.seed, epoch, &device) {
+            if let Some((x, labels)) = batch_features(chunk, cached.as_ref(), (&train, kind, size), args.seed, epoch, &device) {
                 loss_sum += probe.step(x, &labels, lr);
                 steps += 1;
             }

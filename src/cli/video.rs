@@ -96,7 +96,8 @@ pub fn run(args: VideoArgs) -> Result<()> {
         None => None,
     };
     let backbone = args.backbone.load(&device)?;
-    let p = backbone.vit.patch_size();
+    let vit = backbone.network.vit("video segmentation")?;
+    let p = vit.patch_size();
     let cfg = PropagationConfig { temperature: args.temperature, topk: args.topk, neighbourhood: args.size_mask_neighborhood };
     std::fs::create_dir_all(&args.output_dir).with_context(|| format!("--output_dir {}: cannot create", args.output_dir.display()))?;
 
@@ -110,8 +111,8 @@ pub fn run(args: VideoArgs) -> Result<()> {
         bail!("--scale {} is smaller than one {p}-pixel patch", args.scale);
     }
     let grid = (size.1 / p, size.0 / p);
-    let dim = backbone.vit.embed_dim();
-    let first_features = patch_features(&backbone.vit, &frame0, size, &device);
+    let dim = vit.embed_dim();
+    let first_features = patch_features(vit, &frame0, size, &device);
     let first_soft = video::one_hot(&first.resize_nearest(grid.1, grid.0).labels, classes);
     let mut predictions = vec![first.clone()];
     first.write(&output_path(&args.output_dir, &frames[0]))?;
@@ -123,7 +124,7 @@ pub fn run(args: VideoArgs) -> Result<()> {
         if (frame.width() as usize, frame.height() as usize) != (ori_w, ori_h) {
             bail!("{}: {}x{} but the first frame is {ori_w}x{ori_h}", path.display(), frame.width(), frame.height());
         }
-        let features = patch_features(&backbone.vit, &frame, size, &device);
+        let features = patch_features(vit, &frame, size, &device);
         let mut contexts = vec![video::Context { features: &first_features, labels: &first_soft }];
         contexts.extend(recent.iter().map(|(f, l)| video::Context { features: f, labels: l }));
         let soft = video::propagate(&features, &contexts, grid, dim, classes, cfg);

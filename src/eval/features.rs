@@ -10,7 +10,7 @@ use rayon::prelude::*;
 use super::knn::LabelledFeatures;
 use crate::data::augment::{normalize_to_chw, resize_crop};
 use crate::data::dataset::Dataset;
-use crate::model::VisionTransformer;
+use crate::model::{Network, ResNet, VisionTransformer};
 use crate::weights::HostTensor;
 
 /// The reference's centre-crop fraction: 224 of 256.
@@ -41,10 +41,23 @@ impl EvalTransform {
 /// What to compute per image.
 #[derive(Debug, Clone, Copy)]
 pub enum FeatureKind<'a> {
-    /// Backbone features, see [`backbone_features`].
+    /// ViT features, see [`backbone_features`].
     Backbone(&'a VisionTransformer, FeatureLayout),
+    /// A ResNet's pooled output.
+    ResNet(&'a ResNet),
     /// The centre-crop pixels themselves, flattened (the raw-pixel baseline).
     Pixels,
+}
+
+impl FeatureKind<'_> {
+    /// A backbone's features of a batch of normalised images.
+    pub fn features(&self, x: Tensor<4>) -> Tensor<2> {
+        match *self {
+            FeatureKind::Backbone(vit, layout) => backbone_features(vit, x, layout),
+            FeatureKind::ResNet(resnet) => resnet.forward(x),
+            FeatureKind::Pixels => unreachable!("pixel features are not computed from tensors"),
+        }
+    }
 }
 
 /// Which backbone outputs form a feature.
@@ -84,6 +97,22 @@ pub fn backbone_features(vit: &VisionTransformer, x: Tensor<4>, layout: FeatureL
     }
 }
 
+/// The features of a network: a ViT's with `layout`, a ResNet's pooled output.
+pub fn network_features(network: &Network, layout: FeatureLayout) -> FeatureKind<'_> {
+    match network {
+        Network::Vit(v) => FeatureKind::Backbone(v, layout),
+        Network::ResNet(r) => FeatureKind::ResNet(r),
+    }
+}
+
+/// Width of those features.
+pub fn feature_dim(network: &Network, layout: FeatureLayout) -> usize {
+    match network {
+        Network::Vit(v) => layout.dim(v.embed_dim()),
+        Network::ResNet(r) => r.out_dim(),
+    }
+}
+
 /// Features of the readable images of a dataset, in dataset order, with their labels (when the
 /// dataset has them) and their dataset indices.
 pub struct Extracted {
@@ -119,7 +148,7 @@ pub fn extract(kind: FeatureKind, dataset: &Dataset, transform: EvalTransform, b
             match img {
                 Ok(img) => {
                     pixels.push(match kind {
-                        FeatureKind::Backbone(..) => transform.view(&img),
+                        FeatureKind::Backbone(..) | FeatureKind::ResNet(_) => transform.view(&img),
                         FeatureKind::Pixels => transform.pixels(&img),
                     });
                     out.indices.push(i);
@@ -134,10 +163,10 @@ pub fn extract(kind: FeatureKind, dataset: &Dataset, transform: EvalTransform, b
             continue;
         }
         match kind {
-            FeatureKind::Backbone(vit, layout) => {
+            FeatureKind::Backbone(..) | FeatureKind::ResNet(_) => {
                 let size = transform.size;
                 let x = Tensor::<4>::from_data(TensorData::new(pixels.concat(), [n, 3, size, size]), device);
-                let feats = HostTensor::from_tensor(backbone_features(vit, x, layout)).values;
+                let feats = HostTensor::from_tensor(kind.features(x)).values;
                 out.dim = feats.len() / n;
                 out.values.extend(feats);
             }

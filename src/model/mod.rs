@@ -4,6 +4,7 @@
 pub mod head;
 pub mod init;
 pub mod interpolate;
+pub mod resnet;
 pub mod vit;
 
 use burn::module::{Module, Param};
@@ -12,7 +13,25 @@ use burn::tensor::{Device, Tensor};
 use rand::Rng;
 
 pub use head::{DinoHead, DinoHeadConfig};
+pub use resnet::ResNet;
 pub use vit::{VisionTransformer, VitConfig};
+
+/// A feature extractor of either family.
+#[derive(Debug)]
+pub enum Network {
+    Vit(VisionTransformer),
+    ResNet(ResNet),
+}
+
+impl Network {
+    /// The ViT, or an error naming `what` needs one.
+    pub fn vit(&self, what: &str) -> anyhow::Result<&VisionTransformer> {
+        match self {
+            Network::Vit(v) => Ok(v),
+            Network::ResNet(_) => anyhow::bail!("{what} needs a ViT; these weights are a ResNet"),
+        }
+    }
+}
 
 /// LayerNorm over the last axis with PyTorch's parameter names and the ViT's eps of 1e-6.
 #[derive(Module, Debug)]

@@ -78,8 +78,8 @@ pub fn train(cfg: &TrainConfig) -> Result<Outcome> {
         head: cfg.head(vit.embed_dim).init(&mut rng, &device),
     };
     if let Some(path) = cfg.pretrained_weights.as_ref().filter(|_| !run_dir.join("checkpoint.safetensors").exists()) {
-        let loaded = pretrained::load_vit(path, "teacher", Some(&cfg.arch), &device).context("--pretrained_weights")?;
-        let tensors: HashMap<String, HostTensor> = weights::export(&loaded.vit).into_iter().collect();
+        let (loaded, _, _) = pretrained::load_vit(path, "teacher", Some(&cfg.arch), &device).context("--pretrained_weights")?;
+        let tensors: HashMap<String, HostTensor> = weights::export(&loaded).into_iter().collect();
         student.backbone = weights::import(student.backbone, &tensors, "")
             .with_context(|| format!("--pretrained_weights {} does not fit --arch {} --patch_size {} at {} px", path.display(), cfg.arch, cfg.patch_size, cfg.global_crop_size))?;
         eprintln!("backbone initialised from {}", path.display());

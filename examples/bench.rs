@@ -1,0 +1,95 @@
+//! Our side of the speed harness (bench/run.sh runs it next to bench/dino_step.py): one DINO
+//! training step — teacher forward on the global crops, student forward on all crops, loss,
+//! backward, clipped AdamW, teacher EMA — or feature extraction, timed part by part.
+//! Prints one JSON line: median seconds, images per second, peak RSS, and the step's parts.
+//!
+//!     cargo run --release --example bench -- --mode step --arch vit_tiny --patch 16 --batch 8 --out_dim 65536
+
+use std::time::Instant;
+
+use burn::module::Module;
+use burn::tensor::{Device, Distribution, Tensor};
+use dino::model::{DinoHeadConfig, DinoModel, VitConfig};
+use dino::train::{ema, loss::DinoLoss, optim};
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+
+fn arg<T: std::str::FromStr>(name: &str, default: T) -> T {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).map_or(default, |v| v.parse().ok().expect("a valid value"))
+}
+
+fn peak_rss_mb() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status.lines().find_map(|l| l.strip_prefix("VmHWM:")).and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok()).map_or(0.0, |kb| kb / 1024.0)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn main() {
+    let mode: String = arg("--mode", "step".to_string());
+    let arch: String = arg("--arch", "vit_tiny".to_string());
+    let (patch, batch, out_dim): (usize, usize, usize) = (arg("--patch", 16), arg("--batch", 8), arg("--out_dim", 65536));
+    let (gsize, lsize, nlocal): (usize, usize, usize) = (arg("--global_size", 224), arg("--local_size", 96), arg("--nlocal", 8));
+    let (steps, warmup): (usize, usize) = (arg("--steps", 5), arg("--warmup", 2));
+    let (hidden, bottleneck): (usize, usize) = (arg("--head_hidden_dim", 2048), arg("--head_bottleneck_dim", 256));
+    let dev = Device::flex();
+    let mut vit = VitConfig::from_arch(&arch, patch).expect("known arch");
+    vit.img_size = gsize;
+    vit.drop_path_rate = 0.1;
+    let mut rng = StdRng::seed_from_u64(0);
+    let backbone = vit.init(&mut rng, &dev);
+    let mut times = Vec::new();
+    let mut parts: Vec<[f64; 5]> = Vec::new();
+    if mode == "extract" {
+        for _ in 0..warmup + steps {
+            let x = Tensor::<4>::random([batch, 3, gsize, gsize], Distribution::Normal(0.0, 1.0), &dev);
+            let t0 = Instant::now();
+            let _ = backbone.forward(x).into_data();
+            times.push(t0.elapsed().as_secs_f64());
+        }
+    } else {
+        let head = DinoHeadConfig { hidden_dim: hidden, bottleneck_dim: bottleneck, ..DinoHeadConfig::new(vit.embed_dim, out_dim) }.init(&mut rng, &dev);
+        let student = DinoModel { backbone, head };
+        let mut teacher = student.valid();
+        let mut student = student.fork(&dev.clone().autodiff()).train();
+        let mut loss_fn = DinoLoss::new(out_dim, 2 + nlocal, 0.04, 0.04, 0, 1, &dev);
+        let mut adamw = optim::AdamW::default();
+        let never = |_: &str| false;
+        for _ in 0..warmup + steps {
+            let global = Tensor::<4>::random([2 * batch, 3, gsize, gsize], Distribution::Normal(0.0, 1.0), &dev);
+            let local = Tensor::<4>::random([nlocal * batch, 3, lsize, lsize], Distribution::Normal(0.0, 1.0), &dev);
+            let t0 = Instant::now();
+            let t_out = teacher.forward(&[global.clone()], None);
+            let _ = t_out.clone().into_data();
+            let t1 = Instant::now();
+            let s_out = student.forward(&[global.autodiff(), local.autodiff()], Some(&mut rng));
+            let out = loss_fn.forward(s_out, t_out, 0);
+            let _ = out.loss.clone().into_data();
+            let t2 = Instant::now();
+            let grads = out.loss.backward();
+            let t3 = Instant::now();
+            let settings = optim::StepSettings { lr: 1e-4, weight_decay: 0.04, clip_grad: Some(3.0), frozen: &never };
+            student = adamw.step(student, grads, &settings);
+            let _ = student.head.last_layer.weight_v.val().into_data();
+            let t4 = Instant::now();
+            teacher = ema::update_teacher(teacher, &student, 0.996);
+            let _ = teacher.head.last_layer.weight_v.val().into_data();
+            let t5 = Instant::now();
+            times.push((t5 - t0).as_secs_f64());
+            parts.push([(t1 - t0).as_secs_f64(), (t2 - t1).as_secs_f64(), (t3 - t2).as_secs_f64(), (t4 - t3).as_secs_f64(), (t5 - t4).as_secs_f64()]);
+        }
+    }
+    let m = median(times[warmup..].to_vec());
+    let mut line = serde_json::json!({ "impl": "dino (burn flex)", "median_s": m, "img_per_s": batch as f64 / m, "peak_rss_mb": peak_rss_mb() });
+    if !parts.is_empty() {
+        let names = ["teacher_forward", "student_forward_loss", "backward", "adamw", "ema"];
+        for (i, name) in names.iter().enumerate() {
+            line[name] = serde_json::json!(median(parts[warmup..].iter().map(|p| p[i]).collect()));
+        }
+    }
+    println!("{line}");
+}

@@ -1,0 +1,237 @@
+//! ResNet backbones with bottleneck blocks (ResNet-50 and narrower or shallower variants) in
+//! torchvision's layout, as DINO's released ResNet-50 uses it: the classifier removed, the
+//! feature is the global average of the last stage (2048-d for ResNet-50). Built from a state
+//! dict for inference: BatchNorm uses the stored running statistics.
+
+use std::collections::{HashMap, HashSet};
+
+use anyhow::{Result, bail};
+use burn::module::{Module, Param};
+use burn::tensor::module::{conv2d, max_pool2d};
+use burn::tensor::ops::{ConvOptions, MaxPoolOptions};
+use burn::tensor::{Device, Tensor, TensorData};
+
+use crate::weights::HostTensor;
+
+/// torchvision's BatchNorm2d epsilon.
+const BN_EPS: f64 = 1e-5;
+
+/// BatchNorm with fixed statistics: y = (x - mean) / sqrt(var + eps) * weight + bias.
+#[derive(Module, Debug)]
+pub struct FrozenBatchNorm {
+    pub weight: Param<Tensor<1>>,
+    pub bias: Param<Tensor<1>>,
+    pub running_mean: Param<Tensor<1>>,
+    pub running_var: Param<Tensor<1>>,
+}
+
+impl FrozenBatchNorm {
+    pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        let c = self.weight.dims()[0];
+        let scale = self.weight.val() / self.running_var.val().add_scalar(BN_EPS).sqrt();
+        let shift = self.bias.val() - self.running_mean.val() * scale.clone();
+        x * scale.reshape([1, c, 1, 1]) + shift.reshape([1, c, 1, 1])
+    }
+}
+
+/// A bias-free convolution with square kernel, stride and padding.
+#[derive(Module, Debug)]
+pub struct Conv {
+    pub weight: Param<Tensor<4>>,
+    pub stride: usize,
+    pub padding: usize,
+}
+
+impl Conv {
+    pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        let s = self.stride;
+        conv2d(x, self.weight.val(), None, ConvOptions::new([s, s], [self.padding; 2], [1, 1], 1))
+    }
+}
+
+/// The 1x1 convolution + BatchNorm on a block's shortcut when its shape changes.
+#[derive(Module, Debug)]
+pub struct Downsample {
+    pub conv: Conv,
+    pub bn: FrozenBatchNorm,
+}
+
+/// 1x1 reduce, 3x3 (carrying the stride, as torchvision's v1.5), 1x1 expand, plus shortcut.
+#[derive(Module, Debug)]
+pub struct Bottleneck {
+    pub conv1: Conv,
+    pub bn1: FrozenBatchNorm,
+    pub conv2: Conv,
+    pub bn2: FrozenBatchNorm,
+    pub conv3: Conv,
+    pub bn3: FrozenBatchNorm,
+    pub downsample: Option<Downsample>,
+}
+
+impl Bottleneck {
+    pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        let out = self.bn1.forward(self.conv1.forward(x.clone())).clamp_min(0.0);
+        let out = self.bn2.forward(self.conv2.forward(out)).clamp_min(0.0);
+        let out = self.bn3.forward(self.conv3.forward(out));
+        let shortcut = match &self.downsample {
+            Some(d) => d.bn.forward(d.conv.forward(x)),
+            None => x,
+        };
+        (out + shortcut).clamp_min(0.0)
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct ResNet {
+    pub conv1: Conv,
+    pub bn1: FrozenBatchNorm,
+    pub layers: Vec<Vec<Bottleneck>>,
+}
+
+impl ResNet {
+    /// Width of the pooled feature (2048 for ResNet-50).
+    pub fn out_dim(&self) -> usize {
+        let last = self.layers.last().and_then(|l| l.last()).expect("at least one block");
+        last.bn3.weight.dims()[0]
+    }
+
+    /// Blocks per stage (3, 4, 6, 3 for ResNet-50).
+    pub fn stage_depths(&self) -> Vec<usize> {
+        self.layers.iter().map(Vec::len).collect()
+    }
+
+    /// Global-average-pooled features [B, out_dim] of normalised images [B, 3, H, W].
+    pub fn forward(&self, x: Tensor<4>) -> Tensor<2> {
+        let x = self.bn1.forward(self.conv1.forward(x)).clamp_min(0.0);
+        let mut x = max_pool2d(x, MaxPoolOptions::new([3, 3]).with_stride([2, 2]).with_padding([1, 1]));
+        for stage in &self.layers {
+            for block in stage {
+                x = block.forward(x);
+            }
+        }
+        let [b, c, h, w] = x.dims();
+        x.reshape([b, c, h * w]).mean_dim(2).reshape([b, c])
+    }
+
+    /// True when the tensors look like a torchvision ResNet state dict.
+    pub fn recognises(tensors: &HashMap<String, HostTensor>) -> bool {
+        tensors.contains_key("conv1.weight") && tensors.contains_key("layer1.0.conv1.weight")
+    }
+
+    /// Builds the network a torchvision-layout state dict describes (stages `layer1..4`,
+    /// bottleneck blocks, shortcut convolutions at `downsample.0/1`). The classifier `fc.*`
+    /// and BatchNorm's `num_batches_tracked` are not used; any other unused key is an error.
+    pub fn from_state_dict(tensors: &HashMap<String, HostTensor>, device: &Device) -> Result<Self> {
+        let used = std::cell::RefCell::new(HashSet::new());
+        let take = |key: &str, rank: usize| -> Result<HostTensor> {
+            let t = tensors.get(key).ok_or_else(|| anyhow::anyhow!("missing key '{key}'"))?;
+            if t.shape.len() != rank {
+                bail!("key '{key}': shape {:?} is not {rank}-D", t.shape);
+            }
+            used.borrow_mut().insert(key.to_string());
+            Ok(t.clone())
+        };
+        let param1 = |t: HostTensor| Param::from_tensor(Tensor::<1>::from_data(TensorData::new(t.values, t.shape), device));
+        let bn = |prefix: &str, channels: usize| -> Result<FrozenBatchNorm> {
+            let part = |name: &str| -> Result<Param<Tensor<1>>> {
+                let key = format!("{prefix}.{name}");
+                let t = take(&key, 1)?;
+                if t.shape != [channels] {
+                    bail!("key '{key}': shape {:?} where the convolution before it gives [{channels}]", t.shape);
+                }
+                Ok(param1(t))
+            };
+            Ok(FrozenBatchNorm { weight: part("weight")?, bias: part("bias")?, running_mean: part("running_mean")?, running_var: part("running_var")? })
+        };
+        // A convolution and the channel count it produces, checked against its input.
+        let conv = |key: &str, in_channels: usize, kernel: usize, stride: usize| -> Result<(Conv, usize)> {
+            let t = take(key, 4)?;
+            let [out, cin, kh, kw] = t.shape[..] else { unreachable!("4-D") };
+            if cin != in_channels || kh != kernel || kw != kernel {
+                bail!("key '{key}': shape {:?} where the model expects [{out}, {in_channels}, {kernel}, {kernel}]", t.shape);
+            }
+            let weight = Param::from_tensor(Tensor::<4>::from_data(TensorData::new(t.values, t.shape), device));
+            Ok((Conv { weight, stride, padding: kernel / 2 }, out))
+        };
+
+        let (conv1, mut channels) = conv("conv1.weight", 3, 7, 2)?;
+        let bn1 = bn("bn1", channels)?;
+        let mut layers = Vec::new();
+        for stage in 1..=4 {
+            let mut blocks = Vec::new();
+            for index in 0.. {
+                let p = format!("layer{stage}.{index}");
+                if !tensors.contains_key(&format!("{p}.conv1.weight")) {
+                    break;
+                }
+                let stride = if stage > 1 && index == 0 { 2 } else { 1 };
+                let (c1, w1) = conv(&format!("{p}.conv1.weight"), channels, 1, 1)?;
+                let (c2, w2) = conv(&format!("{p}.conv2.weight"), w1, 3, stride)?;
+                let (c3, out) = conv(&format!("{p}.conv3.weight"), w2, 1, 1)?;
+                let downsample = if tensors.contains_key(&format!("{p}.downsample.0.weight")) {
+                    let (d, dout) = conv(&format!("{p}.downsample.0.weight"), channels, 1, stride)?;
+                    if dout != out {
+                        bail!("key '{p}.downsample.0.weight': {dout} output channels where the block has {out}");
+                    }
+                    Some(Downsample { conv: d, bn: bn(&format!("{p}.downsample.1"), out)? })
+                } else {
+                    if out != channels || stride != 1 {
+                        bail!("missing key '{p}.downsample.0.weight' (the block changes shape)");
+                    }
+                    None
+                };
+                blocks.push(Bottleneck {
+                    conv1: c1,
+                    bn1: bn(&format!("{p}.bn1"), w1)?,
+                    conv2: c2,
+                    bn2: bn(&format!("{p}.bn2"), w2)?,
+                    conv3: c3,
+                    bn3: bn(&format!("{p}.bn3"), out)?,
+                    downsample,
+                });
+                channels = out;
+            }
+            if blocks.is_empty() {
+                bail!("missing key 'layer{stage}.0.conv1.weight'");
+            }
+            layers.push(blocks);
+        }
+        let used = used.into_inner();
+        let mut unexpected: Vec<&String> = tensors
+            .keys()
+            .filter(|k| !used.contains(*k) && !k.ends_with("num_batches_tracked") && !k.starts_with("fc."))
+            .collect();
+        unexpected.sort();
+        if let Some(k) = unexpected.first() {
+            bail!("unexpected key '{k}' (not a parameter of this ResNet)");
+        }
+        Ok(Self { conv1, bn1, layers })
+    }
+
+    /// The parameters under torchvision's names (running statistics included).
+    pub fn state_dict(&self) -> Vec<(String, HostTensor)> {
+        let mut out = Vec::new();
+        let push_conv = |out: &mut Vec<(String, HostTensor)>, key: String, c: &Conv| out.push((key, HostTensor::from_tensor(c.weight.val())));
+        let push_bn = |out: &mut Vec<(String, HostTensor)>, prefix: String, b: &FrozenBatchNorm| {
+            for (name, p) in [("weight", &b.weight), ("bias", &b.bias), ("running_mean", &b.running_mean), ("running_var", &b.running_var)] {
+                out.push((format!("{prefix}.{name}"), HostTensor::from_tensor(p.val())));
+            }
+        };
+        push_conv(&mut out, "conv1.weight".into(), &self.conv1);
+        push_bn(&mut out, "bn1".into(), &self.bn1);
+        for (s, stage) in self.layers.iter().enumerate() {
+            for (i, block) in stage.iter().enumerate() {
+                let p = format!("layer{}.{i}", s + 1);
+                for (k, (c, b)) in [(&block.conv1, &block.bn1), (&block.conv2, &block.bn2), (&block.conv3, &block.bn3)].into_iter().enumerate() {
+                    push_conv(&mut out, format!("{p}.conv{}.weight", k + 1), c);
+                    push_bn(&mut out, format!("{p}.bn{}", k + 1), b);
+                }
+                if let Some(d) = &block.downsample {
+                    push_conv(&mut out, format!("{p}.downsample.0.weight"), &d.conv);
+                    push_bn(&mut out, format!("{p}.downsample.1"), &d.bn);
+                }
+            }
+        }
+        out
+    }
+}
