@@ -8,7 +8,7 @@
 use std::time::Instant;
 
 use burn::module::Module;
-use burn::tensor::{Device, Distribution, Tensor};
+use burn::tensor::{Distribution, Tensor};
 use dino::model::{DinoHeadConfig, DinoModel, VitConfig};
 use dino::train::{ema, loss::DinoLoss, optim};
 use rand::SeedableRng;
@@ -36,7 +36,9 @@ fn main() {
     let (gsize, lsize, nlocal): (usize, usize, usize) = (arg("--global_size", 224), arg("--local_size", 96), arg("--nlocal", 8));
     let (steps, warmup): (usize, usize) = (arg("--steps", 5), arg("--warmup", 2));
     let (hidden, bottleneck): (usize, usize) = (arg("--head_hidden_dim", 2048), arg("--head_bottleneck_dim", 256));
-    let dev = Device::flex();
+    let device: String = arg("--device", "cpu".to_string());
+    let kind = <dino::train::config::DeviceKind as clap::ValueEnum>::from_str(&device, true).expect("--device cpu, cuda or vulkan");
+    let dev = dino::train::trainer::device_for(kind).expect("device available in this build");
     let mut vit = VitConfig::from_arch(&arch, patch).expect("known arch");
     vit.img_size = gsize;
     vit.drop_path_rate = 0.1;
@@ -84,7 +86,7 @@ fn main() {
         }
     }
     let m = median(times[warmup..].to_vec());
-    let mut line = serde_json::json!({ "impl": "dino (burn flex)", "median_s": m, "img_per_s": batch as f64 / m, "peak_rss_mb": peak_rss_mb() });
+    let mut line = serde_json::json!({ "impl": format!("dino ({device})"), "median_s": m, "img_per_s": batch as f64 / m, "peak_rss_mb": peak_rss_mb() });
     if !parts.is_empty() {
         let names = ["teacher_forward", "student_forward_loss", "backward", "adamw", "ema"];
         for (i, name) in names.iter().enumerate() {

@@ -44,7 +44,10 @@ impl Preset {
 #[serde(rename_all = "lowercase")]
 pub enum DeviceKind {
     Cpu,
+    /// NVIDIA GPU 0 (a binary built with `--features cuda`).
     Cuda,
+    /// The default GPU through Vulkan (a binary built with `--features vulkan`).
+    Vulkan,
 }
 
 /// `dino train` settings. Flag names follow the reference's main_dino.py.

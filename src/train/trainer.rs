@@ -37,6 +37,10 @@ pub fn device_for(kind: DeviceKind) -> Result<Device> {
         DeviceKind::Cuda => Ok(Device::cuda(0)),
         #[cfg(not(feature = "cuda"))]
         DeviceKind::Cuda => bail!("--device cuda: this binary was built without CUDA; rebuild with `--features cuda`"),
+        #[cfg(feature = "vulkan")]
+        DeviceKind::Vulkan => Ok(Device::vulkan(burn::tensor::DeviceKind::DefaultDevice)),
+        #[cfg(not(feature = "vulkan"))]
+        DeviceKind::Vulkan => bail!("--device vulkan: this binary was built without Vulkan; rebuild with `--features vulkan`"),
     }
 }
 
