@@ -24,7 +24,7 @@ if [ "${1:-}" != quick ]; then
     "--mode step --arch vit_small --patch 16 --batch 32 --out_dim 4096"
   )
 fi
-field() { sed -E "s/.*\"$1\":([0-9.e+-]+).*/\1/"; }
+field() { sed -E "s/.*\"$1\": ?([0-9.e+-]+).*/\1/"; }
 echo "| case | PyTorch img/s | dino img/s | dino / PyTorch | PyTorch peak RSS MB | dino peak RSS MB |"
 echo "|---|---|---|---|---|---|"
 for c in "${cases[@]}"; do
