@@ -276,7 +276,7 @@ impl Machine {
     }
 
     fn set_items(&mut self, items: Vec<Value>) -> Result<()> {
-        if items.len() % 2 != 0 {
+        if !items.len().is_multiple_of(2) {
             bail!("odd number of dict items");
         }
         let target = self.top()?;
@@ -524,11 +524,10 @@ impl Machine {
                 }
                 b'b' => {
                     let new_state = self.pop()?;
-                    match self.top()? {
-                        Value::Object { state, .. } => *state = Some(Box::new(new_state)),
-                        // OrderedDict state (e.g. _metadata of a state dict) and tensor
-                        // hooks are not needed.
-                        _ => {}
+                    // Only objects keep their state: an OrderedDict's (a state dict's _metadata)
+                    // and tensor hooks are not needed.
+                    if let Value::Object { state, .. } = self.top()? {
+                        *state = Some(Box::new(new_state));
                     }
                 }
                 b'Q' => {

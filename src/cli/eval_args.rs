@@ -7,6 +7,7 @@ use clap::Args;
 
 use crate::data::dataset::{Dataset, IdxSplit};
 use crate::eval::features::{EvalTransform, REFERENCE_CROP};
+use crate::model::Network;
 
 /// How evaluation images are prepared.
 #[derive(Debug, Clone, Args)]
@@ -27,15 +28,29 @@ pub struct TransformArgs {
 impl TransformArgs {
     /// The transform; `trained_size` is the checkpoint's global crop size when known.
     pub fn transform(&self, trained_size: Option<usize>) -> Result<EvalTransform> {
-        if !(self.center_crop > 0.0 && self.center_crop <= 1.0) {
-            bail!("--center_crop must be in (0, 1], got {}", self.center_crop);
-        }
-        let size = self.image_size.or(trained_size).unwrap_or(224);
-        if size == 0 {
-            bail!("--image_size must be positive");
-        }
-        Ok(EvalTransform { size, crop: self.center_crop })
+        eval_transform(self.image_size.or(trained_size).unwrap_or(224), self.center_crop)
     }
+}
+
+/// The evaluation transform, with --image_size and --center_crop checked.
+pub fn eval_transform(size: usize, center_crop: f64) -> Result<EvalTransform> {
+    if !(center_crop > 0.0 && center_crop <= 1.0) {
+        bail!("--center_crop must be in (0, 1], got {center_crop}");
+    }
+    if size == 0 {
+        bail!("--image_size must be positive");
+    }
+    Ok(EvalTransform { size, crop: center_crop })
+}
+
+/// Checks --n_last_blocks against a ViT's depth (a ResNet has a single output).
+pub fn check_last_blocks(network: &Network, n_last_blocks: usize) -> Result<()> {
+    if let Network::Vit(vit) = network
+        && (n_last_blocks == 0 || n_last_blocks > vit.blocks.len())
+    {
+        bail!("--n_last_blocks must be between 1 and the depth {}, got {n_last_blocks}", vit.blocks.len());
+    }
+    Ok(())
 }
 
 /// Opens a dataset for a flag, keeping the first `subset` images (0: all); `labelled` demands

@@ -9,10 +9,9 @@ use burn::tensor::Device;
 use clap::Args;
 
 use super::backbone::BackboneArgs;
-use super::eval_args::{TransformArgs, open_dataset};
+use super::eval_args::{TransformArgs, check_last_blocks, open_dataset};
 use crate::data::dataset::IdxSplit;
 use crate::eval::features::{FeatureLayout, extract, network_features};
-use crate::model::Network;
 use crate::npy;
 
 #[derive(Debug, Args)]
@@ -55,11 +54,7 @@ pub fn run(args: ExtractArgs) -> Result<()> {
     let device = Device::flex();
     let dataset = open_dataset(&args.data, idx_split(&args.split)?, args.subset, "--data", false)?;
     let backbone = args.backbone.load(&device)?;
-    if let Network::Vit(vit) = &backbone.network {
-        if args.n_last_blocks == 0 || args.n_last_blocks > vit.blocks.len() {
-            bail!("--n_last_blocks must be between 1 and the depth {}, got {}", vit.blocks.len(), args.n_last_blocks);
-        }
-    }
+    check_last_blocks(&backbone.network, args.n_last_blocks)?;
     let transform = args.transform.transform(backbone.trained_size)?;
     let layout = FeatureLayout { n_last_blocks: args.n_last_blocks, avgpool_patchtokens: args.avgpool_patchtokens };
     let started = std::time::Instant::now();

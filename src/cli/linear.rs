@@ -15,14 +15,13 @@ use rand::{Rng, SeedableRng};
 use rayon::prelude::*;
 
 use super::backbone::BackboneArgs;
-use super::eval_args::open_dataset;
+use super::eval_args::{check_last_blocks, eval_transform, open_dataset};
 use crate::data::augment::{flip_horizontal, normalize_to_chw, random_resized_crop_box, resize_crop};
 use crate::data::dataset::{Dataset, IdxSplit};
 use crate::data::loader::{epoch_order, mix_seed};
-use crate::eval::features::{EvalTransform, FeatureKind, FeatureLayout, REFERENCE_CROP, extract, feature_dim, network_features, progress_bar};
+use crate::eval::features::{FeatureKind, FeatureLayout, REFERENCE_CROP, extract, feature_dim, network_features, progress_bar};
 use crate::eval::knn::LabelledFeatures;
 use crate::eval::linear::{LinearProbe, cosine_lr};
-use crate::model::Network;
 use crate::weights::{HostTensor, write_safetensors};
 
 #[derive(Debug, Args)]
@@ -122,18 +121,11 @@ pub fn run(args: LinearArgs) -> Result<()> {
     let train = open_dataset(&args.train_data, IdxSplit::Train, args.subset_train, "--train_data", true)?;
     let test = open_dataset(&args.test_data, IdxSplit::Test, args.subset_test, "--test_data", true)?;
     let backbone = args.backbone.load(&device)?;
-    if let Network::Vit(vit) = &backbone.network {
-        if args.n_last_blocks == 0 || args.n_last_blocks > vit.blocks.len() {
-            bail!("--n_last_blocks must be between 1 and the depth {}, got {}", vit.blocks.len(), args.n_last_blocks);
-        }
-    }
-    if !(args.center_crop > 0.0 && args.center_crop <= 1.0) {
-        bail!("--center_crop must be in (0, 1], got {}", args.center_crop);
-    }
-    let size = args.image_size.or(backbone.trained_size).unwrap_or(224);
+    check_last_blocks(&backbone.network, args.n_last_blocks)?;
+    let eval = eval_transform(args.image_size.or(backbone.trained_size).unwrap_or(224), args.center_crop)?;
+    let size = eval.size;
     let layout = FeatureLayout { n_last_blocks: args.n_last_blocks, avgpool_patchtokens: args.avgpool_patchtokens };
     let kind = network_features(&backbone.network, layout);
-    let eval = EvalTransform { size, crop: args.center_crop };
     let extract_batch = args.batch_size_per_gpu.max(64);
     eprintln!("test features ({} images)...", test.len());
     let val = extract(kind, &test, eval, extract_batch, &device)?.into_labelled(&test)?;
@@ -170,7 +162,7 @@ pub fn run(args: LinearArgs) -> Result<()> {
             bar.inc(chunk.len() as u64);
         }
         bar.finish_and_clear();
-        if !(loss_sum.is_finite()) {
+        if !loss_sum.is_finite() {
             bail!("the linear probe's loss became non-finite in epoch {epoch}; lower --lr");
         }
         if (epoch + 1) % args.val_freq == 0 || epoch + 1 == args.epochs {

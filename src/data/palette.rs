@@ -24,7 +24,7 @@ pub fn default_palette() -> Vec<u8> {
             let (mut r, mut g, mut b) = (0u8, 0u8, 0u8);
             let mut c = i;
             for bit in 0..8 {
-                r |= (((c >> 0) & 1) as u8) << (7 - bit);
+                r |= ((c & 1) as u8) << (7 - bit);
                 g |= (((c >> 1) & 1) as u8) << (7 - bit);
                 b |= (((c >> 2) & 1) as u8) << (7 - bit);
                 c >>= 3;

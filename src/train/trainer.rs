@@ -81,7 +81,8 @@ pub fn train(cfg: &TrainConfig) -> Result<Outcome> {
         backbone: vit.init(&mut rng, &device),
         head: cfg.head(vit.embed_dim).init(&mut rng, &device),
     };
-    if let Some(path) = cfg.pretrained_weights.as_ref().filter(|_| !run_dir.join("checkpoint.safetensors").exists()) {
+    let ckpt_path = run_dir.join("checkpoint.safetensors");
+    if let Some(path) = cfg.pretrained_weights.as_ref().filter(|_| !ckpt_path.exists()) {
         let (loaded, _, _) = pretrained::load_vit(path, "teacher", Some(&cfg.arch), &device).context("--pretrained_weights")?;
         let tensors: HashMap<String, HostTensor> = weights::export(&loaded).into_iter().collect();
         student.backbone = weights::import(student.backbone, &tensors, "")
@@ -90,7 +91,6 @@ pub fn train(cfg: &TrainConfig) -> Result<Outcome> {
     }
     let teacher = student.valid();
     let mut loss_fn = DinoLoss::new(cfg.out_dim, crops.ncrops(), cfg.warmup_teacher_temp, cfg.teacher_temp, cfg.warmup_teacher_temp_epochs, cfg.epochs, &device);
-    let ckpt_path = run_dir.join("checkpoint.safetensors");
     let mut state = if ckpt_path.exists() {
         let (s, center) = checkpoint::load(&ckpt_path, student, teacher, &device)?;
         eprintln!("resuming from {} at epoch {} step {}", ckpt_path.display(), s.progress.epoch, s.progress.step_in_epoch);
