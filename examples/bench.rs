@@ -55,11 +55,11 @@ fn main() {
         }
     } else {
         let head = DinoHeadConfig { hidden_dim: hidden, bottleneck_dim: bottleneck, ..DinoHeadConfig::new(vit.embed_dim, out_dim) }.init(&mut rng, &dev);
-        let student = DinoModel { backbone, head };
+        let student = DinoModel { backbone: dino::model::Network::Vit(backbone), head };
         let mut teacher = student.valid();
         let mut student = student.fork(&dev.clone().autodiff()).train();
         let mut loss_fn = DinoLoss::new(out_dim, 2 + nlocal, 0.04, 0.04, 0, 1, &dev);
-        let mut adamw = optim::AdamW::default();
+        let mut adamw = optim::Optimizer::new(optim::OptimizerKind::Adamw);
         let never = |_: &str| false;
         for _ in 0..warmup + steps {
             let global = Tensor::<4>::random([2 * batch, 3, gsize, gsize], Distribution::Normal(0.0, 1.0), &dev);

@@ -14,7 +14,7 @@ use burn::tensor::Device;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 
-use crate::model::{Network, ResNet, VisionTransformer, VitConfig};
+use crate::model::{Network, ResNet, ResNetConfig, VisionTransformer, VitConfig};
 use crate::pth::PthFile;
 use crate::train::checkpoint;
 use crate::weights::{self, HostTensor};
@@ -59,14 +59,14 @@ pub fn load(path: &Path, key: &str, arch: Option<&str>, device: &Device) -> Resu
             .map_err(|_| anyhow::anyhow!("{}: neither a PyTorch .pth nor a safetensors file", path.display()))?;
         let meta = meta.metadata().clone().unwrap_or_default();
         if meta.contains_key("dino") {
-            let (vit, config) = checkpoint::load_backbone(path, key, device)?;
-            return Ok(Pretrained { network: Network::Vit(vit), vit_config: Some(config.vit()), trained_size: Some(config.global_crop_size) });
+            let (network, config) = checkpoint::load_backbone(path, key, device)?;
+            return Ok(Pretrained { network, vit_config: config.vit(), trained_size: Some(config.global_crop_size) });
         }
         let known: Option<VitConfig> = meta.get(EXPORT_METADATA).map(|s| serde_json::from_str(s)).transpose().with_context(|| format!("{}: bad {EXPORT_METADATA} metadata", path.display()))?;
         (strip_prefixes(checkpoint::read_tensors(&bytes, path)?), known)
     };
     if known.is_none() && ResNet::recognises(&tensors) {
-        if arch.is_some_and(|a| a != "resnet50") {
+        if arch.is_some_and(|a| ResNetConfig::from_arch(a).is_none()) {
             bail!("{}: --arch {} but the weights are a ResNet", path.display(), arch.unwrap_or_default());
         }
         let resnet = ResNet::from_state_dict(&tensors, device).with_context(|| format!("{}", path.display()))?;

@@ -103,44 +103,64 @@ fn transpose_2d(shape: &[usize], values: &[f32]) -> (Vec<usize>, Vec<f32>) {
     (vec![c, r], out)
 }
 
+/// The dotted path of the parameter a visitor or mapper is at ("blocks.0.attn.qkv.weight").
+/// Enum variants (`Network::Vit`) add no segment, so a network's names are the same inside
+/// the enum as alone.
+#[derive(Default)]
+pub struct ModulePath(Vec<String>);
+
+impl ModulePath {
+    pub fn enter(&mut self, name: &str, container_type: &str) {
+        self.0.push(if container_type.starts_with("Enum:") { String::new() } else { name.to_string() });
+    }
+
+    pub fn exit(&mut self) {
+        self.0.pop();
+    }
+
+    pub fn joined(&self) -> String {
+        self.0.iter().filter(|s| !s.is_empty()).map(String::as_str).collect::<Vec<_>>().join(".")
+    }
+}
+
 struct Paths {
-    path: Vec<String>,
+    path: ModulePath,
     found: Vec<(String, usize)>,
 }
 
 impl ModuleVisitor for Paths {
-    fn enter_module(&mut self, name: &str, _: &str) {
-        self.path.push(name.into());
+    fn enter_module(&mut self, name: &str, container_type: &str) {
+        self.path.enter(name, container_type);
     }
     fn exit_module(&mut self, _: &str, _: &str) {
-        self.path.pop();
+        self.path.exit();
     }
     fn visit_float<const D: usize>(&mut self, _: &Param<Tensor<D>>) {
-        self.found.push((self.path.join("."), D));
+        self.found.push((self.path.joined(), D));
     }
 }
 
 fn param_paths<M: Module>(module: &M) -> Vec<(String, usize)> {
-    let mut v = Paths { path: Vec::new(), found: Vec::new() };
+    let mut v = Paths { path: ModulePath::default(), found: Vec::new() };
     module.visit(&mut v);
     v.found
 }
 
 struct Export {
-    path: Vec<String>,
+    path: ModulePath,
     naming: Naming,
     out: Vec<(String, HostTensor)>,
 }
 
 impl ModuleVisitor for Export {
-    fn enter_module(&mut self, name: &str, _: &str) {
-        self.path.push(name.into());
+    fn enter_module(&mut self, name: &str, container_type: &str) {
+        self.path.enter(name, container_type);
     }
     fn exit_module(&mut self, _: &str, _: &str) {
-        self.path.pop();
+        self.path.exit();
     }
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-        let path = self.path.join(".");
+        let path = self.path.joined();
         let HostTensor { shape, values } = HostTensor::from_tensor(param.val());
         let (shape, values) = if is_transposed(&path, D) { transpose_2d(&shape, &values) } else { (shape, values) };
         self.out.push((self.naming.official(&path), HostTensor { shape, values }));
@@ -150,13 +170,13 @@ impl ModuleVisitor for Export {
 /// Every parameter of `module` under its official name, in PyTorch layout.
 pub fn export<M: Module>(module: &M) -> Vec<(String, HostTensor)> {
     let paths: Vec<String> = param_paths(module).into_iter().map(|(p, _)| p).collect();
-    let mut e = Export { path: Vec::new(), naming: Naming::of(&paths), out: Vec::new() };
+    let mut e = Export { path: ModulePath::default(), naming: Naming::of(&paths), out: Vec::new() };
     module.visit(&mut e);
     e.out
 }
 
 struct Import<'a> {
-    path: Vec<String>,
+    path: ModulePath,
     naming: Naming,
     prefix: &'a str,
     source: &'a HashMap<String, HostTensor>,
@@ -164,14 +184,14 @@ struct Import<'a> {
 }
 
 impl ModuleMapper for Import<'_> {
-    fn enter_module(&mut self, name: &str, _: &str) {
-        self.path.push(name.into());
+    fn enter_module(&mut self, name: &str, container_type: &str) {
+        self.path.enter(name, container_type);
     }
     fn exit_module(&mut self, _: &str, _: &str) {
-        self.path.pop();
+        self.path.exit();
     }
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
-        let path = self.path.join(".");
+        let path = self.path.joined();
         let key = format!("{}{}", self.prefix, self.naming.official(&path));
         let Some(host) = self.source.get(&key) else {
             self.errors.push(WeightsError::Missing(key));
@@ -203,7 +223,7 @@ pub fn import<M: Module>(module: M, source: &HashMap<String, HostTensor>, prefix
     let paths: Vec<String> = param_paths(&module).into_iter().map(|(p, _)| p).collect();
     let naming = Naming::of(&paths);
     let expected: std::collections::HashSet<String> = paths.iter().map(|p| format!("{prefix}{}", naming.official(p))).collect();
-    let mut imp = Import { path: Vec::new(), naming, prefix, source, errors: Vec::new() };
+    let mut imp = Import { path: ModulePath::default(), naming, prefix, source, errors: Vec::new() };
     let module = module.map(&mut imp);
     let mut unexpected: Vec<&String> = source.keys().filter(|k| k.starts_with(prefix) && !expected.contains(*k)).collect();
     unexpected.sort();

@@ -113,14 +113,21 @@ fn trains_on_fashion_mnist_and_writes_logs_checkpoint_and_plot() {
 #[test]
 fn killed_run_resumes_to_bit_identical_weights() {
     let data = fashion_mnist();
-    let straight = scratch("resume_straight");
-    let mut args = small_run_args(data, &straight, 2);
+    assert_resumes_bit_identically("resume", |out| small_run_args(data, out, 2));
+}
+
+/// Runs `args_for(dir)` (2 epochs of 8 steps) straight through, and again killed in the
+/// second epoch after a mid-epoch checkpoint and resumed: every checkpoint tensor (weights,
+/// running statistics, optimizer buffers, centre) must come out bit-identical.
+fn assert_resumes_bit_identically(name: &str, args_for: impl Fn(&Path) -> Vec<String>) {
+    let straight = scratch(&format!("{name}_straight"));
+    let mut args = args_for(&straight);
     set_flag(&mut args, "--saveckp_steps", "3");
     let o = run(&args);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 
-    let killed = scratch("resume_killed");
-    let mut args = small_run_args(data, &killed, 2);
+    let killed = scratch(&format!("{name}_killed"));
+    let mut args = args_for(&killed);
     set_flag(&mut args, "--saveckp_steps", "3");
     let mut child = dino().args(&args).stderr(std::process::Stdio::null()).spawn().unwrap();
     // Kill it in the second epoch, after a mid-epoch checkpoint (step 9 of 16).
@@ -132,7 +139,7 @@ fn killed_run_resumes_to_bit_identical_weights() {
         }
         assert!(Instant::now() < deadline, "run never reached step 11");
         assert!(child.try_wait().unwrap().is_none(), "run ended before it could be killed");
-        std::thread::sleep(Duration::from_millis(50));
+        std::thread::sleep(Duration::from_millis(20));
     }
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
@@ -148,6 +155,52 @@ fn killed_run_resumes_to_bit_identical_weights() {
         assert_eq!(na, nb);
         assert!(ta == tb, "tensor {na} differs after resume");
     }
+}
+
+/// The small run with a ResNet backbone: `--arch resnet_micro` brings the ResNet recipe.
+fn resnet_run_args(data: &str, out: &Path) -> Vec<String> {
+    let mut args = small_run_args(data, out, 2);
+    set_flag(&mut args, "--arch", "resnet_micro");
+    set_flag(&mut args, "--lr", "0.1");
+    args
+}
+
+#[test]
+fn resnet_trains_with_its_recipe_and_resumes() {
+    let data = fashion_mnist();
+    assert_resumes_bit_identically("resnet_resume", |out| resnet_run_args(data, out));
+    let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("resnet_resume_straight");
+    let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!((config["optimizer"].as_str(), config["weight_decay"].as_f64()), (Some("sgd"), Some(1e-4)));
+    assert_eq!(config["global_crops_scale"], serde_json::json!([0.14, 1.0]));
+    let log = json_lines(&out.join("log.txt"));
+    assert_eq!(log.len(), 2);
+    assert!(log.iter().all(|l| l["train_loss"].as_f64().unwrap().is_finite()));
+
+    // BatchNorm statistics are checkpointed, moved away from their init (mean 0, variance 1),
+    // and the teacher keeps its own (the EMA covers parameters only).
+    let bytes = std::fs::read(out.join("checkpoint.safetensors")).unwrap();
+    let tensors = dino::train::checkpoint::read_tensors(&bytes, &out).unwrap();
+    let student = &tensors["student.backbone.bn1.running_var"].values;
+    let teacher = &tensors["teacher.backbone.bn1.running_var"].values;
+    assert!(student.iter().any(|v| (v - 1.0).abs() > 0.05), "running variance never updated: {student:?}");
+    assert!(student != teacher, "teacher statistics equal the student's");
+    assert!(tensors.contains_key("optim.backbone.conv1.weight.momentum_buffer"));
+
+    // The checkpoint is a backbone for the evaluation commands and exports under torchvision's names.
+    let ckpt = out.join("checkpoint.safetensors");
+    let exported = out.join("resnet.safetensors");
+    let o = dino().args(["export", "--weights", ckpt.to_str().unwrap(), "--output", exported.to_str().unwrap()]).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let bytes = std::fs::read(&exported).unwrap();
+    let names = dino::train::checkpoint::read_tensors(&bytes, &exported).unwrap();
+    assert!(names.contains_key("layer4.0.downsample.1.running_var") && names.contains_key("conv1.weight"));
+    let o = dino()
+        .args(["knn", "--weights", ckpt.to_str().unwrap(), "--train_data", data, "--test_data", data, "--subset_train", "500", "--subset_test", "100"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("Top1"));
 }
 
 /// A PNG whose header claims a 30-gigapixel image: it must be skipped, not decoded.

@@ -8,7 +8,7 @@ use clap::Args;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 
-use crate::model::{Network, VitConfig};
+use crate::model::{Network, ResNetConfig, VitConfig};
 use crate::pretrained;
 
 /// Backbone flags shared by extract, knn, linear, attention and video-seg.
@@ -22,11 +22,12 @@ pub struct BackboneArgs {
     /// Which network of a training checkpoint: teacher or student.
     #[arg(long, default_value = "teacher")]
     pub checkpoint_key: String,
-    /// Use a randomly initialised --arch/--patch_size ViT (a baseline).
+    /// Use a randomly initialised --arch network (a baseline).
     #[arg(long, default_value_t = false)]
     pub random_init: bool,
-    /// vit_micro, vit_tiny, vit_small or vit_base: the model of --random_init (default
-    /// vit_small); with weights, fixes the head count (otherwise width / 64) and is checked.
+    /// vit_micro, vit_tiny, vit_small, vit_base, resnet50 or resnet_micro: the model of
+    /// --random_init (default vit_small); with ViT weights, fixes the head count (otherwise
+    /// width / 64); checked against the weights.
     #[arg(long)]
     pub arch: Option<String>,
     /// Patch size of --random_init.
@@ -60,12 +61,16 @@ impl BackboneArgs {
             }
             (None, true) => {
                 let arch = self.arch.as_deref().unwrap_or("vit_small");
+                let mut rng = StdRng::seed_from_u64(0);
+                if let Some(cfg) = ResNetConfig::from_arch(arch) {
+                    return Ok(Backbone { network: Network::ResNet(cfg.init(&mut rng, device)), vit_config: None, trained_size: None });
+                }
                 let cfg = VitConfig::from_arch(arch, self.patch_size)
-                    .with_context(|| format!("--arch: unknown architecture '{arch}' (vit_micro, vit_tiny, vit_small, vit_base)"))?;
+                    .with_context(|| format!("--arch: unknown architecture '{arch}' (vit_micro, vit_tiny, vit_small, vit_base, resnet50, resnet_micro)"))?;
                 if self.patch_size == 0 {
                     bail!("--patch_size must be positive");
                 }
-                Ok(Backbone { network: Network::Vit(cfg.init(&mut StdRng::seed_from_u64(0), device)), vit_config: Some(cfg), trained_size: None })
+                Ok(Backbone { network: Network::Vit(cfg.init(&mut rng, device)), vit_config: Some(cfg), trained_size: None })
             }
             (None, false) => bail!("no backbone: give --pretrained_weights FILE (or --random_init)"),
         }

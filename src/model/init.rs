@@ -31,3 +31,15 @@ pub fn uniform<const D: usize>(shape: [usize; D], bound: f64, rng: &mut impl Rng
     let values = (0..n).map(|_| rng.random_range(-bound..bound) as f32).collect();
     tensor_from_vec(values, shape, device)
 }
+
+/// Normal(0, std), untruncated (torchvision's Kaiming init of ResNet convolutions).
+pub fn normal<const D: usize>(shape: [usize; D], std: f64, rng: &mut impl Rng, device: &Device) -> Tensor<D> {
+    let n = shape.iter().product();
+    let values = (0..n)
+        .map(|_| {
+            let z: f64 = StandardNormal.sample(rng);
+            (z * std) as f32
+        })
+        .collect();
+    tensor_from_vec(values, shape, device)
+}

@@ -1,5 +1,5 @@
-//! The networks: the ViT backbone, the DINO projection head, and the student/teacher pair
-//! that puts a multi-crop batch through both.
+//! The networks: the backbones (ViT, ResNet), the DINO projection head, and the
+//! student/teacher pair that puts a multi-crop batch through both.
 
 pub mod head;
 pub mod init;
@@ -13,17 +13,35 @@ use burn::tensor::{Device, Tensor};
 use rand::Rng;
 
 pub use head::{DinoHead, DinoHeadConfig};
-pub use resnet::ResNet;
+pub use resnet::{ResNet, ResNetConfig};
 pub use vit::{VisionTransformer, VitConfig};
 
 /// A feature extractor of either family.
-#[derive(Debug)]
+#[derive(Module, Debug)]
 pub enum Network {
     Vit(VisionTransformer),
     ResNet(ResNet),
 }
 
 impl Network {
+    /// Width of the image feature.
+    pub fn embed_dim(&self) -> usize {
+        match self {
+            Network::Vit(v) => v.embed_dim(),
+            Network::ResNet(r) => r.out_dim(),
+        }
+    }
+
+    /// Image features [B, D] as training computes them: a ViT with stochastic depth drawn
+    /// from `rng` when one is given, a ResNet with BatchNorm on the batch's statistics (the
+    /// reference keeps the teacher in train mode too).
+    pub fn forward_train(&self, x: Tensor<4>, rng: Option<&mut rand::rngs::StdRng>) -> Tensor<2> {
+        match self {
+            Network::Vit(v) => v.forward_train(x, rng),
+            Network::ResNet(r) => r.forward_train(x),
+        }
+    }
+
     /// The ViT, or an error naming `what` needs one.
     pub fn vit(&self, what: &str) -> anyhow::Result<&VisionTransformer> {
         match self {
@@ -67,14 +85,15 @@ pub fn linear(d_in: usize, d_out: usize, bias: bool, rng: &mut impl Rng, device:
 /// Backbone plus head: the whole student (or teacher) network.
 #[derive(Module, Debug)]
 pub struct DinoModel {
-    pub backbone: VisionTransformer,
+    pub backbone: Network,
     pub head: DinoHead,
 }
 
 impl DinoModel {
     /// Runs crops through the network. Each element of `crop_groups` holds all crops of one
     /// resolution, stacked view-major ([views * B, 3, H, W]); each group is one backbone
-    /// batch, and the head runs once on all features. Output rows keep the input order.
+    /// batch (so a ResNet's BatchNorm sees one resolution at a time, as in the reference), and
+    /// the head runs once on all features. Output rows keep the input order.
     pub fn forward(&self, crop_groups: &[Tensor<4>], mut rng: Option<&mut rand::rngs::StdRng>) -> Tensor<2> {
         let mut features = Vec::with_capacity(crop_groups.len());
         for crops in crop_groups {

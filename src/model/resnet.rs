@@ -1,36 +1,145 @@
 //! ResNet backbones with bottleneck blocks (ResNet-50 and narrower or shallower variants) in
 //! torchvision's layout, as DINO's released ResNet-50 uses it: the classifier removed, the
-//! feature is the global average of the last stage (2048-d for ResNet-50). Built from a state
-//! dict for inference: BatchNorm uses the stored running statistics.
+//! feature is the global average of the last stage (2048-d for ResNet-50). Built fresh for
+//! training (torchvision's init) or from a state dict. `forward` normalises with the running
+//! statistics (evaluation); `forward_train` with the batch's, updating the running ones as
+//! PyTorch's BatchNorm2d in train mode does (momentum 0.1, unbiased variance).
 
 use std::collections::{HashMap, HashSet};
 
 use anyhow::{Result, bail};
-use burn::module::{Module, Param};
-use burn::tensor::module::{conv2d, max_pool2d};
+use burn::module::{Module, Param, RunningState};
+use burn::tensor::module::{batch_norm_train, conv2d, max_pool2d};
 use burn::tensor::ops::{ConvOptions, MaxPoolOptions};
 use burn::tensor::{Device, Tensor, TensorData};
+use rand::Rng;
 
+use super::init::normal;
 use crate::weights::HostTensor;
 
 /// torchvision's BatchNorm2d epsilon.
 const BN_EPS: f64 = 1e-5;
+/// PyTorch's BatchNorm momentum: running = (1 - m) * running + m * batch statistic.
+const BN_MOMENTUM: f64 = 0.1;
 
-/// BatchNorm with fixed statistics: y = (x - mean) / sqrt(var + eps) * weight + bias.
-#[derive(Module, Debug)]
-pub struct FrozenBatchNorm {
-    pub weight: Param<Tensor<1>>,
-    pub bias: Param<Tensor<1>>,
-    pub running_mean: Param<Tensor<1>>,
-    pub running_var: Param<Tensor<1>>,
+/// Shape of a bottleneck ResNet: blocks per stage and the first stage's width (each stage
+/// doubles it; a block's output is 4x its width).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ResNetConfig {
+    pub stage_depths: [usize; 4],
+    pub width: usize,
 }
 
-impl FrozenBatchNorm {
-    pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+impl ResNetConfig {
+    /// `resnet50` (the reference's), or `resnet_micro` (ours: one block per stage, width 8,
+    /// 256-d output, for tests and smoke runs).
+    pub fn from_arch(arch: &str) -> Option<Self> {
+        match arch {
+            "resnet50" => Some(Self { stage_depths: [3, 4, 6, 3], width: 64 }),
+            "resnet_micro" => Some(Self { stage_depths: [1, 1, 1, 1], width: 8 }),
+            _ => None,
+        }
+    }
+
+    /// Width of the pooled feature.
+    pub fn out_dim(&self) -> usize {
+        self.width * 8 * 4
+    }
+
+    /// A randomly initialised ResNet as torchvision builds it: convolutions Normal(0,
+    /// sqrt(2 / (out_channels * k * k))) (Kaiming, fan-out, ReLU), BatchNorm weight 1, bias 0.
+    pub fn init(&self, rng: &mut impl Rng, device: &Device) -> ResNet {
+        let mut conv = |cin: usize, cout: usize, k: usize, stride: usize| {
+            let std = (2.0 / (cout * k * k) as f64).sqrt();
+            Conv { weight: Param::from_tensor(normal([cout, cin, k, k], std, rng, device)), stride, padding: k / 2 }
+        };
+        let conv1 = conv(3, self.width, 7, 2);
+        let mut channels = self.width;
+        let mut layers = Vec::new();
+        for (stage, &depth) in self.stage_depths.iter().enumerate() {
+            let planes = self.width << stage;
+            let out = planes * 4;
+            let mut blocks = Vec::new();
+            for index in 0..depth {
+                let stride = if stage > 0 && index == 0 { 2 } else { 1 };
+                let (conv1, conv2, conv3) = (conv(channels, planes, 1, 1), conv(planes, planes, 3, stride), conv(planes, out, 1, 1));
+                let downsample = (stride != 1 || channels != out).then(|| Downsample { conv: conv(channels, out, 1, stride), bn: BatchNorm::new(out, device) });
+                blocks.push(Bottleneck {
+                    conv1,
+                    bn1: BatchNorm::new(planes, device),
+                    conv2,
+                    bn2: BatchNorm::new(planes, device),
+                    conv3,
+                    bn3: BatchNorm::new(out, device),
+                    downsample,
+                });
+                channels = out;
+            }
+            layers.push(blocks);
+        }
+        ResNet { conv1, bn1: BatchNorm::new(self.width, device), layers }
+    }
+}
+
+/// True for the path of a BatchNorm running statistic (a buffer, never trained or averaged).
+pub fn is_running_statistic(path: &str) -> bool {
+    path.ends_with("running_mean") || path.ends_with("running_var")
+}
+
+/// Which statistics BatchNorm normalises with.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Stats {
+    /// The stored running averages (evaluation).
+    Running,
+    /// The batch's own, also folded into the running averages (training).
+    Batch,
+}
+
+/// BatchNorm2d: y = (x - mean) / sqrt(var + eps) * weight + bias.
+#[derive(Module, Debug)]
+pub struct BatchNorm {
+    pub weight: Param<Tensor<1>>,
+    pub bias: Param<Tensor<1>>,
+    pub running_mean: RunningState<Tensor<1>>,
+    pub running_var: RunningState<Tensor<1>>,
+}
+
+impl BatchNorm {
+    /// Weight 1, bias 0, running mean 0 and variance 1 (PyTorch's init).
+    pub fn new(channels: usize, device: &Device) -> Self {
+        Self::from_values(Tensor::ones([channels], device), Tensor::zeros([channels], device), Tensor::zeros([channels], device), Tensor::ones([channels], device))
+    }
+
+    fn from_values(weight: Tensor<1>, bias: Tensor<1>, running_mean: Tensor<1>, running_var: Tensor<1>) -> Self {
+        Self {
+            weight: Param::from_tensor(weight),
+            bias: Param::from_tensor(bias),
+            running_mean: RunningState::new(running_mean),
+            running_var: RunningState::new(running_var),
+        }
+    }
+
+    fn forward(&self, x: Tensor<4>, stats: Stats) -> Tensor<4> {
         let c = self.weight.dims()[0];
-        let scale = self.weight.val() / self.running_var.val().add_scalar(BN_EPS).sqrt();
-        let shift = self.bias.val() - self.running_mean.val() * scale.clone();
-        x * scale.reshape([1, c, 1, 1]) + shift.reshape([1, c, 1, 1])
+        if stats == Stats::Running {
+            let scale = self.weight.val() / self.running_var.value().add_scalar(BN_EPS).sqrt();
+            let shift = self.bias.val() - self.running_mean.value() * scale.clone();
+            return x * scale.reshape([1, c, 1, 1]) + shift.reshape([1, c, 1, 1]);
+        }
+        let [b, _, h, w] = x.dims();
+        let n = (b * h * w) as f64;
+        let out = batch_norm_train(x, self.weight.val(), self.bias.val(), BN_EPS);
+        // The running variance is the unbiased one (PyTorch's), the normalisation the biased.
+        let unbiased = out.variance.detach().mul_scalar(n / (n - 1.0).max(1.0));
+        let blend = |state: &RunningState<Tensor<1>>, batch: Tensor<1>| {
+            let old = state.value_sync().to_device(&batch.device());
+            state.update(old.mul_scalar(1.0 - BN_MOMENTUM) + batch.mul_scalar(BN_MOMENTUM));
+            // Folds this thread's update in now, so readers (checkpoints, exports) see it.
+            state.value_sync();
+        };
+        blend(&self.running_mean, out.mean.detach());
+        blend(&self.running_var, unbiased);
+        out.output
     }
 }
 
@@ -53,28 +162,28 @@ impl Conv {
 #[derive(Module, Debug)]
 pub struct Downsample {
     pub conv: Conv,
-    pub bn: FrozenBatchNorm,
+    pub bn: BatchNorm,
 }
 
 /// 1x1 reduce, 3x3 (carrying the stride, as torchvision's v1.5), 1x1 expand, plus shortcut.
 #[derive(Module, Debug)]
 pub struct Bottleneck {
     pub conv1: Conv,
-    pub bn1: FrozenBatchNorm,
+    pub bn1: BatchNorm,
     pub conv2: Conv,
-    pub bn2: FrozenBatchNorm,
+    pub bn2: BatchNorm,
     pub conv3: Conv,
-    pub bn3: FrozenBatchNorm,
+    pub bn3: BatchNorm,
     pub downsample: Option<Downsample>,
 }
 
 impl Bottleneck {
-    pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        let out = self.bn1.forward(self.conv1.forward(x.clone())).clamp_min(0.0);
-        let out = self.bn2.forward(self.conv2.forward(out)).clamp_min(0.0);
-        let out = self.bn3.forward(self.conv3.forward(out));
+    fn forward(&self, x: Tensor<4>, stats: Stats) -> Tensor<4> {
+        let out = self.bn1.forward(self.conv1.forward(x.clone()), stats).clamp_min(0.0);
+        let out = self.bn2.forward(self.conv2.forward(out), stats).clamp_min(0.0);
+        let out = self.bn3.forward(self.conv3.forward(out), stats);
         let shortcut = match &self.downsample {
-            Some(d) => d.bn.forward(d.conv.forward(x)),
+            Some(d) => d.bn.forward(d.conv.forward(x), stats),
             None => x,
         };
         (out + shortcut).clamp_min(0.0)
@@ -84,7 +193,7 @@ impl Bottleneck {
 #[derive(Module, Debug)]
 pub struct ResNet {
     pub conv1: Conv,
-    pub bn1: FrozenBatchNorm,
+    pub bn1: BatchNorm,
     pub layers: Vec<Vec<Bottleneck>>,
 }
 
@@ -100,13 +209,24 @@ impl ResNet {
         self.layers.iter().map(Vec::len).collect()
     }
 
-    /// Global-average-pooled features [B, out_dim] of normalised images [B, 3, H, W].
+    /// Global-average-pooled features [B, out_dim] of normalised images [B, 3, H, W], with
+    /// BatchNorm's running statistics.
     pub fn forward(&self, x: Tensor<4>) -> Tensor<2> {
-        let x = self.bn1.forward(self.conv1.forward(x)).clamp_min(0.0);
+        self.run(x, Stats::Running)
+    }
+
+    /// As `forward` in training mode: BatchNorm uses the batch statistics and updates its
+    /// running averages.
+    pub fn forward_train(&self, x: Tensor<4>) -> Tensor<2> {
+        self.run(x, Stats::Batch)
+    }
+
+    fn run(&self, x: Tensor<4>, stats: Stats) -> Tensor<2> {
+        let x = self.bn1.forward(self.conv1.forward(x), stats).clamp_min(0.0);
         let mut x = max_pool2d(x, MaxPoolOptions::new([3, 3]).with_stride([2, 2]).with_padding([1, 1]));
         for stage in &self.layers {
             for block in stage {
-                x = block.forward(x);
+                x = block.forward(x, stats);
             }
         }
         let [b, c, h, w] = x.dims();
@@ -131,17 +251,17 @@ impl ResNet {
             used.borrow_mut().insert(key.to_string());
             Ok(t.clone())
         };
-        let param1 = |t: HostTensor| Param::from_tensor(Tensor::<1>::from_data(TensorData::new(t.values, t.shape), device));
-        let bn = |prefix: &str, channels: usize| -> Result<FrozenBatchNorm> {
-            let part = |name: &str| -> Result<Param<Tensor<1>>> {
+        let tensor1 = |t: HostTensor| Tensor::<1>::from_data(TensorData::new(t.values, t.shape), device);
+        let bn = |prefix: &str, channels: usize| -> Result<BatchNorm> {
+            let part = |name: &str| -> Result<Tensor<1>> {
                 let key = format!("{prefix}.{name}");
                 let t = take(&key, 1)?;
                 if t.shape != [channels] {
                     bail!("key '{key}': shape {:?} where the convolution before it gives [{channels}]", t.shape);
                 }
-                Ok(param1(t))
+                Ok(tensor1(t))
             };
-            Ok(FrozenBatchNorm { weight: part("weight")?, bias: part("bias")?, running_mean: part("running_mean")?, running_var: part("running_var")? })
+            Ok(BatchNorm::from_values(part("weight")?, part("bias")?, part("running_mean")?, part("running_var")?))
         };
         // A convolution and the channel count it produces, checked against its input.
         let conv = |key: &str, in_channels: usize, kernel: usize, stride: usize| -> Result<(Conv, usize)> {
@@ -212,9 +332,10 @@ impl ResNet {
     pub fn state_dict(&self) -> Vec<(String, HostTensor)> {
         let mut out = Vec::new();
         let push_conv = |out: &mut Vec<(String, HostTensor)>, key: String, c: &Conv| out.push((key, HostTensor::from_tensor(c.weight.val())));
-        let push_bn = |out: &mut Vec<(String, HostTensor)>, prefix: String, b: &FrozenBatchNorm| {
-            for (name, p) in [("weight", &b.weight), ("bias", &b.bias), ("running_mean", &b.running_mean), ("running_var", &b.running_var)] {
-                out.push((format!("{prefix}.{name}"), HostTensor::from_tensor(p.val())));
+        let push_bn = |out: &mut Vec<(String, HostTensor)>, prefix: String, b: &BatchNorm| {
+            let values = [b.weight.val(), b.bias.val(), b.running_mean.value(), b.running_var.value()];
+            for (name, t) in ["weight", "bias", "running_mean", "running_var"].into_iter().zip(values) {
+                out.push((format!("{prefix}.{name}"), HostTensor::from_tensor(t)));
             }
         };
         push_conv(&mut out, "conv1.weight".into(), &self.conv1);

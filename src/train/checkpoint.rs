@@ -1,4 +1,4 @@
-//! Training checkpoints: student, teacher, optimizer moments and the loss centre as tensors in
+//! Training checkpoints: student, teacher, optimizer buffers and the loss centre as tensors in
 //! one safetensors file, with the progress (epoch, step) and config as JSON metadata. Written
 //! to a temporary file and renamed, so a crash never leaves a half-written checkpoint.
 
@@ -10,8 +10,8 @@ use burn::tensor::{Device, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
 use super::config::TrainConfig;
-use super::optim::{AdamW, Moments};
-use crate::model::{DinoModel, VisionTransformer};
+use super::optim::{Optimizer, ParamState};
+use crate::model::{DinoModel, Network};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use crate::weights::{self, HostTensor};
@@ -27,7 +27,7 @@ pub struct Progress {
 pub struct TrainState {
     pub student: DinoModel,
     pub teacher: DinoModel,
-    pub optimizer: AdamW,
+    pub optimizer: Optimizer,
     pub progress: Progress,
 }
 
@@ -49,10 +49,11 @@ pub fn save(path: &Path, state: &TrainState, center: &Tensor<2>, config: &TrainC
         tensors.push((format!("teacher.{name}"), t));
     }
     let mut optimizer_steps = HashMap::new();
-    for (name, m) in &state.optimizer.state {
-        tensors.push((format!("optim.{name}.exp_avg"), HostTensor::from_tensor(m.exp_avg.clone())));
-        tensors.push((format!("optim.{name}.exp_avg_sq"), HostTensor::from_tensor(m.exp_avg_sq.clone())));
-        optimizer_steps.insert(name.clone(), m.step);
+    for (name, param_state) in &state.optimizer.state {
+        for (buffer, t) in state.optimizer.buffer_names().iter().zip(&param_state.buffers) {
+            tensors.push((format!("optim.{name}.{buffer}"), HostTensor::from_tensor(t.clone())));
+        }
+        optimizer_steps.insert(name.clone(), param_state.step);
     }
     tensors.push(("center".into(), HostTensor::from_tensor(center.clone())));
     let meta = Metadata { format: 1, progress: state.progress.clone(), config: config.clone(), optimizer_steps };
@@ -87,13 +88,13 @@ fn read_metadata(bytes: &[u8], path: &Path) -> Result<Metadata> {
 
 /// The backbone of a training checkpoint (`key` is "teacher" or "student") and the config it
 /// was trained with.
-pub fn load_backbone(path: &Path, key: &str, device: &Device) -> Result<(VisionTransformer, TrainConfig)> {
+pub fn load_backbone(path: &Path, key: &str, device: &Device) -> Result<(Network, TrainConfig)> {
     let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
     let meta = read_metadata(&bytes, path)?;
     let tensors = read_tensors(&bytes, path)?;
-    let vit = meta.config.vit().init(&mut StdRng::seed_from_u64(0), device);
-    let vit = weights::import(vit, &tensors, &format!("{key}.backbone.")).with_context(|| format!("{}: {key}", path.display()))?;
-    Ok((vit, meta.config))
+    let network = meta.config.init_backbone(&mut StdRng::seed_from_u64(0), device);
+    let network = weights::import(network, &tensors, &format!("{key}.backbone.")).with_context(|| format!("{}: {key}", path.display()))?;
+    Ok((network, meta.config))
 }
 
 /// Restores a checkpoint into freshly built student and teacher models of the same shape;
@@ -108,11 +109,10 @@ pub fn load(path: &Path, student: DinoModel, teacher: DinoModel, device: &Device
         let t = tensors.get(name).with_context(|| format!("{}: missing '{name}'", path.display()))?;
         Ok(Tensor::from_data(TensorData::new(t.values.clone(), [t.values.len()]), device))
     };
-    let mut optimizer = AdamW::default();
+    let mut optimizer = Optimizer::new(meta.config.optimizer);
     for (name, step) in meta.optimizer_steps {
-        let exp_avg = tensor(&format!("optim.{name}.exp_avg"))?;
-        let exp_avg_sq = tensor(&format!("optim.{name}.exp_avg_sq"))?;
-        optimizer.state.insert(name, Moments { step, exp_avg, exp_avg_sq });
+        let buffers = optimizer.buffer_names().iter().map(|b| tensor(&format!("optim.{name}.{b}"))).collect::<Result<_>>()?;
+        optimizer.state.insert(name, ParamState { step, buffers });
     }
     let center = tensor("center")?;
     let k = center.dims()[0];

@@ -8,8 +8,9 @@ use clap::parser::ValueSource;
 use clap::{ArgMatches, Args, ValueEnum};
 use serde::{Deserialize, Serialize};
 
+use super::optim::OptimizerKind;
 use crate::data::augment::MultiCropConfig;
-use crate::model::{DinoHeadConfig, VitConfig};
+use crate::model::{DinoHeadConfig, Network, ResNetConfig, VitConfig};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -38,6 +39,20 @@ impl Preset {
             ],
         }
     }
+}
+
+/// The reference's ResNet recipe, applied under the config file and flags when --arch is a
+/// ResNet: SGD at lr 0.03, fixed weight decay 1e-4, global crops 0.14-1, local 0.05-0.14.
+fn resnet_recipe() -> Vec<(&'static str, serde_json::Value)> {
+    use serde_json::json;
+    vec![
+        ("optimizer", json!("sgd")),
+        ("lr", json!(0.03)),
+        ("weight_decay", json!(1e-4)),
+        ("weight_decay_end", json!(1e-4)),
+        ("global_crops_scale", json!([0.14, 1.0])),
+        ("local_crops_scale", json!([0.05, 0.14])),
+    ]
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ValueEnum)]
@@ -77,10 +92,12 @@ pub struct TrainConfig {
     #[arg(long)]
     #[serde(default)]
     pub pretrained_weights: Option<PathBuf>,
-    /// Backbone: vit_tiny, vit_small, vit_base (or vit_micro, a 4-block test size).
+    /// Backbone: vit_tiny, vit_small, vit_base (or vit_micro, a 4-block test size), resnet50
+    /// (or resnet_micro, a test size). A ResNet brings the reference's ResNet recipe (SGD,
+    /// lr 0.03, weight decay 1e-4, crop scales 0.14-1 / 0.05-0.14) for settings not given.
     #[arg(long, default_value = "vit_small")]
     pub arch: String,
-    /// Patch side in pixels.
+    /// Patch side in pixels (ViT only).
     #[arg(long, default_value_t = 16)]
     pub patch_size: usize,
     /// Number of prototypes K of the head's last layer.
@@ -117,6 +134,10 @@ pub struct TrainConfig {
     #[arg(long, default_value_t = 0)]
     pub warmup_teacher_temp_epochs: usize,
 
+    /// Update rule: adamw (the ViT recipe) or sgd with momentum 0.9 (the ResNet recipe).
+    #[arg(long, value_enum, default_value = "adamw")]
+    #[serde(default = "default_optimizer")]
+    pub optimizer: OptimizerKind,
     /// Peak learning rate at batch 256 (scaled linearly with the batch size).
     #[arg(long, default_value_t = 0.0005)]
     pub lr: f64,
@@ -199,6 +220,10 @@ pub struct TrainConfig {
     pub knn_val_subset: usize,
 }
 
+fn default_optimizer() -> OptimizerKind {
+    OptimizerKind::Adamw
+}
+
 fn default_head_hidden_dim() -> usize {
     2048
 }
@@ -229,7 +254,13 @@ impl TrainConfig {
             (false, Some(p)) => serde_json::from_value(p.clone()).with_context(|| format!("{}: bad preset", config_path.as_ref().unwrap().display()))?,
             _ => self.preset,
         };
-        for (key, value) in preset.values() {
+        let mut defaults = preset.values();
+        let arch = if explicit("arch") { Some(serde_json::json!(self.arch)) } else { file.get("arch").cloned() };
+        let arch = arch.or_else(|| defaults.iter().find(|(k, _)| *k == "arch").map(|(_, v)| v.clone())).unwrap_or(serde_json::json!(self.arch));
+        if arch.as_str().is_some_and(|a| ResNetConfig::from_arch(a).is_some()) {
+            defaults.extend(resnet_recipe());
+        }
+        for (key, value) in defaults {
             if !explicit(key) && !file.contains_key(key) {
                 values.insert(key.to_string(), value);
             }
@@ -247,10 +278,11 @@ impl TrainConfig {
     }
 
     pub fn validate(&self) -> Result<()> {
-        if VitConfig::from_arch(&self.arch, self.patch_size).is_none() {
-            bail!("--arch: unknown architecture '{}' (vit_micro, vit_tiny, vit_small, vit_base)", self.arch);
+        let is_vit = VitConfig::from_arch(&self.arch, self.patch_size).is_some();
+        if !is_vit && ResNetConfig::from_arch(&self.arch).is_none() {
+            bail!("--arch: unknown architecture '{}' (vit_micro, vit_tiny, vit_small, vit_base, resnet50, resnet_micro)", self.arch);
         }
-        if self.patch_size == 0 || self.local_crop_size < self.patch_size {
+        if is_vit && (self.patch_size == 0 || self.local_crop_size < self.patch_size) {
             bail!("--patch_size {} is larger than --local_crop_size {}", self.patch_size, self.local_crop_size);
         }
         for (name, s) in [("--global_crops_scale", &self.global_crops_scale), ("--local_crops_scale", &self.local_crops_scale)] {
@@ -270,11 +302,21 @@ impl TrainConfig {
         Ok(())
     }
 
-    pub fn vit(&self) -> VitConfig {
-        let mut vit = VitConfig::from_arch(&self.arch, self.patch_size).expect("validated");
+    /// The ViT's shape, or `None` when --arch is a ResNet.
+    pub fn vit(&self) -> Option<VitConfig> {
+        let mut vit = VitConfig::from_arch(&self.arch, self.patch_size)?;
         vit.img_size = self.global_crop_size;
         vit.drop_path_rate = self.drop_path_rate;
-        vit
+        Some(vit)
+    }
+
+    /// A randomly initialised backbone of --arch.
+    pub fn init_backbone(&self, rng: &mut impl rand::Rng, device: &burn::tensor::Device) -> Network {
+        match (self.vit(), ResNetConfig::from_arch(&self.arch)) {
+            (Some(vit), _) => Network::Vit(vit.init(rng, device)),
+            (None, Some(resnet)) => Network::ResNet(resnet.init(rng, device)),
+            (None, None) => unreachable!("validated --arch {}", self.arch),
+        }
     }
 
     pub fn head(&self, in_dim: usize) -> DinoHeadConfig {
@@ -346,6 +388,14 @@ mod tests {
         assert_eq!(c.patch_size, 7, "the file beats the preset");
         assert_eq!(c.global_crop_size, 28, "the file's preset applies");
         assert_eq!(c.local_crops_scale, vec![0.1, 0.3]);
+
+        let c = resolve(&["dino", "train", "--arch", "resnet50", "--lr", "0.1"]).unwrap();
+        assert_eq!(c.optimizer, super::OptimizerKind::Sgd, "a ResNet brings its recipe");
+        assert_eq!((c.lr, c.weight_decay, c.weight_decay_end), (0.1, 1e-4, 1e-4));
+        assert_eq!((c.global_crops_scale.clone(), c.local_crops_scale.clone()), (vec![0.14, 1.0], vec![0.05, 0.14]));
+        std::fs::write(&file, "arch = \"resnet_micro\"\nweight_decay = 0.05\n").unwrap();
+        let c = resolve(&["dino", "train", "--config", f]).unwrap();
+        assert_eq!((c.optimizer, c.lr, c.weight_decay), (super::OptimizerKind::Sgd, 0.03, 0.05), "the file's arch brings the recipe, its values win");
 
         std::fs::write(&file, "lr = \"fast\"\n").unwrap();
         assert!(resolve(&["dino", "train", "--config", f]).is_err());

@@ -1,24 +1,51 @@
-//! The teacher update: an exponential moving average of the student's parameters.
+//! The teacher update: an exponential moving average of the student's parameters. BatchNorm
+//! running statistics are buffers, not parameters: as in the reference, the teacher keeps its
+//! own (from its own forward passes).
 
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
 use burn::tensor::Tensor;
 
+use crate::model::resnet::is_running_statistic;
+use crate::weights::ModulePath;
+
 /// Every float parameter of a module, flattened, in visiting order, without autodiff.
-struct Collect(Vec<Tensor<1>>);
+#[derive(Default)]
+struct Collect {
+    path: ModulePath,
+    params: Vec<Tensor<1>>,
+}
 
 impl ModuleVisitor for Collect {
+    fn enter_module(&mut self, name: &str, container_type: &str) {
+        self.path.enter(name, container_type);
+    }
+    fn exit_module(&mut self, _: &str, _: &str) {
+        self.path.exit();
+    }
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-        self.0.push(param.val().without_autodiff().detach().flatten(0, D - 1));
+        if !is_running_statistic(&self.path.joined()) {
+            self.params.push(param.val().without_autodiff().detach().flatten(0, D - 1));
+        }
     }
 }
 
 struct Blend {
+    path: ModulePath,
     student: std::vec::IntoIter<Tensor<1>>,
     momentum: f64,
 }
 
 impl ModuleMapper for Blend {
+    fn enter_module(&mut self, name: &str, container_type: &str) {
+        self.path.enter(name, container_type);
+    }
+    fn exit_module(&mut self, _: &str, _: &str) {
+        self.path.exit();
+    }
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        if is_running_statistic(&self.path.joined()) {
+            return param;
+        }
         let student = self.student.next().expect("teacher and student have the same parameters");
         let momentum = self.momentum;
         param.map(|teacher| {
@@ -32,10 +59,10 @@ impl ModuleMapper for Blend {
 /// teacher <- momentum * teacher + (1 - momentum) * student, parameter by parameter.
 /// The two modules must have the same structure (the teacher starts as a copy of the student).
 pub fn update_teacher<M: Module>(teacher: M, student: &M, momentum: f64) -> M {
-    let mut collect = Collect(Vec::new());
+    let mut collect = Collect::default();
     student.visit(&mut collect);
-    let count = collect.0.len();
-    let mut blend = Blend { student: collect.0.into_iter(), momentum };
+    let count = collect.params.len();
+    let mut blend = Blend { path: ModulePath::default(), student: collect.params.into_iter(), momentum };
     let teacher = teacher.map(&mut blend);
     assert!(blend.student.next().is_none(), "student has more parameters than the teacher ({count})");
     teacher
@@ -64,5 +91,27 @@ mod tests {
         assert_eq!(values(&student), vec![3.0; 3]);
         let teacher = update_teacher(teacher, &student, 1.0);
         assert!(values(&teacher).iter().all(|v| (v - 1.2).abs() < 1e-6));
+    }
+
+    #[test]
+    fn batchnorm_running_statistics_are_not_averaged() {
+        use crate::model::ResNetConfig;
+        use rand::SeedableRng;
+        let dev = Device::flex();
+        let config = ResNetConfig::from_arch("resnet_micro").unwrap();
+        let student = config.init(&mut rand::rngs::StdRng::seed_from_u64(1), &dev);
+        let teacher = config.init(&mut rand::rngs::StdRng::seed_from_u64(2), &dev);
+        student.bn1.running_mean.update(Tensor::full([8], 5.0, &dev));
+        student.bn1.running_mean.value_sync();
+        let teacher = update_teacher(teacher, &student, 0.5);
+        let mean: Vec<f32> = teacher.bn1.running_mean.value().into_data().try_to_vec().unwrap();
+        assert_eq!(mean, vec![0.0; 8], "the teacher keeps its own statistics");
+        // bn1.weight is 1 in both: blends to 1; conv1 moves halfway.
+        let w: Vec<f32> = teacher.bn1.weight.val().into_data().try_to_vec().unwrap();
+        assert_eq!(w, vec![1.0; 8]);
+        let fresh = config.init(&mut rand::rngs::StdRng::seed_from_u64(2), &dev).conv1.weight.val();
+        let expected = (fresh + student.conv1.weight.val()).mul_scalar(0.5);
+        let diff: f32 = (teacher.conv1.weight.val() - expected).abs().max().into_scalar();
+        assert!(diff < 1e-6);
     }
 }

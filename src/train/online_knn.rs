@@ -7,9 +7,9 @@ use burn::tensor::Device;
 
 use super::config::TrainConfig;
 use crate::data::dataset::{Dataset, IdxSplit};
-use crate::eval::features::{EvalTransform, FeatureKind, FeatureLayout, REFERENCE_CROP, extract};
+use crate::eval::features::{EvalTransform, FeatureLayout, REFERENCE_CROP, extract, network_features};
 use crate::eval::knn::knn_accuracy;
-use crate::model::VisionTransformer;
+use crate::model::Network;
 
 pub struct OnlineKnn {
     train: Dataset,
@@ -42,9 +42,10 @@ impl OnlineKnn {
         Ok(Self { train, val, transform: EvalTransform { size: cfg.global_crop_size, crop: REFERENCE_CROP } })
     }
 
-    /// Top-1 accuracy (percent) of the 20-NN classifier on `backbone`'s cls features.
-    pub fn top1(&self, backbone: &VisionTransformer, device: &Device) -> Result<f64> {
-        let kind = FeatureKind::Backbone(backbone, FeatureLayout::CLS);
+    /// Top-1 accuracy (percent) of the 20-NN classifier on `backbone`'s features (a ViT's cls
+    /// token, a ResNet's pooled output with its running statistics).
+    pub fn top1(&self, backbone: &Network, device: &Device) -> Result<f64> {
+        let kind = network_features(backbone, FeatureLayout::CLS);
         let mut train = extract(kind, &self.train, self.transform, 256, device)?.into_labelled(&self.train)?;
         let mut val = extract(kind, &self.val, self.transform, 256, device)?.into_labelled(&self.val)?;
         if train.is_empty() || val.is_empty() {

@@ -1,30 +1,47 @@
-//! AdamW as the reference uses it: PyTorch's update rule (epsilon 1e-8), learning rate and
-//! weight decay set every iteration, no decay on biases and 1-D parameters, each parameter's
-//! gradient clipped to a maximum norm, and named parameters that can be held frozen.
+//! The optimisers the reference offers, each with PyTorch's update rule: AdamW (epsilon 1e-8,
+//! decoupled weight decay; the ViT recipe) and SGD with momentum 0.9 (weight decay added to the
+//! gradient; the ResNet recipe). Learning rate and weight decay are set every iteration,
+//! biases and 1-D parameters get no decay, each parameter's gradient is clipped to a maximum
+//! norm, and named parameters can be held frozen.
 
 use std::collections::HashMap;
 
 use burn::module::{Module, ModuleMapper, Param};
 use burn::tensor::{Gradients, Tensor};
+use clap::ValueEnum;
+use serde::{Deserialize, Serialize};
 
-/// Moments of one parameter, flattened.
+use crate::weights::ModulePath;
+
+/// Which update rule trains the student.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum OptimizerKind {
+    Adamw,
+    Sgd,
+}
+
+/// The per-parameter state: the number of updates and the rule's buffers, flattened, named
+/// by `Optimizer::buffer_names`.
 #[derive(Debug, Clone)]
-pub struct Moments {
+pub struct ParamState {
     pub step: u64,
-    pub exp_avg: Tensor<1>,
-    pub exp_avg_sq: Tensor<1>,
+    pub buffers: Vec<Tensor<1>>,
 }
 
 #[derive(Debug, Clone)]
-pub struct AdamW {
-    pub beta1: f64,
-    pub beta2: f64,
-    pub eps: f64,
+pub struct Optimizer {
+    pub kind: OptimizerKind,
     /// State per parameter, keyed by its dotted path in the module ("blocks.0.attn.qkv.weight").
-    pub state: HashMap<String, Moments>,
+    pub state: HashMap<String, ParamState>,
 }
 
-/// What one optimisation step does besides the AdamW rule itself.
+const ADAM_BETA1: f64 = 0.9;
+const ADAM_BETA2: f64 = 0.999;
+const ADAM_EPS: f64 = 1e-8;
+const SGD_MOMENTUM: f64 = 0.9;
+
+/// What one optimisation step does besides the update rule itself.
 pub struct StepSettings<'a> {
     pub lr: f64,
     /// Weight decay of the regularised group (weights with 2 or more dimensions).
@@ -35,21 +52,27 @@ pub struct StepSettings<'a> {
     pub frozen: &'a dyn Fn(&str) -> bool,
 }
 
-impl Default for AdamW {
-    fn default() -> Self {
-        Self { beta1: 0.9, beta2: 0.999, eps: 1e-8, state: HashMap::new() }
-    }
-}
-
 /// True for parameters the reference keeps out of weight decay.
 pub fn is_unregularized(name: &str, rank: usize) -> bool {
     name.ends_with(".bias") || rank == 1
 }
 
-impl AdamW {
+impl Optimizer {
+    pub fn new(kind: OptimizerKind) -> Self {
+        Self { kind, state: HashMap::new() }
+    }
+
+    /// Names of the per-parameter buffers (PyTorch's state names), in `ParamState` order.
+    pub fn buffer_names(&self) -> &'static [&'static str] {
+        match self.kind {
+            OptimizerKind::Adamw => &["exp_avg", "exp_avg_sq"],
+            OptimizerKind::Sgd => &["momentum_buffer"],
+        }
+    }
+
     /// Applies one step to every parameter of `module` that has a gradient in `grads`.
     pub fn step<M: Module>(&mut self, module: M, grads: Gradients, settings: &StepSettings) -> M {
-        let mut mapper = StepMapper { optim: self, grads, settings, path: Vec::new() };
+        let mut mapper = StepMapper { optim: self, grads, settings, path: ModulePath::default() };
         module.map(&mut mapper)
     }
 
@@ -66,44 +89,57 @@ impl AdamW {
             None => grad,
         };
         let decay = if is_unregularized(&name, D) { 0.0 } else { s.weight_decay };
-        let value = value.flatten::<1>(0, D - 1).mul_scalar(1.0 - s.lr * decay);
-        let moments = self.state.entry(name).or_insert_with(|| Moments {
-            step: 0,
-            exp_avg: grad.zeros_like(),
-            exp_avg_sq: grad.zeros_like(),
-        });
-        moments.step += 1;
-        moments.exp_avg = moments.exp_avg.clone().mul_scalar(self.beta1) + grad.clone().mul_scalar(1.0 - self.beta1);
-        moments.exp_avg_sq = moments.exp_avg_sq.clone().mul_scalar(self.beta2) + grad.square().mul_scalar(1.0 - self.beta2);
-        let bias1 = 1.0 - self.beta1.powi(moments.step as i32);
-        let bias2 = 1.0 - self.beta2.powi(moments.step as i32);
-        let denom = moments.exp_avg_sq.clone().sqrt().div_scalar(bias2.sqrt()).add_scalar(self.eps);
-        let value = value - (moments.exp_avg.clone() / denom).mul_scalar(s.lr / bias1);
+        let value = value.flatten::<1>(0, D - 1);
+        let kind = self.kind;
+        let buffers = self.buffer_names().len();
+        let state = self.state.entry(name).or_insert_with(|| ParamState { step: 0, buffers: vec![grad.zeros_like(); buffers] });
+        state.step += 1;
+        let value = match kind {
+            OptimizerKind::Adamw => {
+                let value = value.mul_scalar(1.0 - s.lr * decay);
+                let exp_avg = state.buffers[0].clone().mul_scalar(ADAM_BETA1) + grad.clone().mul_scalar(1.0 - ADAM_BETA1);
+                let exp_avg_sq = state.buffers[1].clone().mul_scalar(ADAM_BETA2) + grad.square().mul_scalar(1.0 - ADAM_BETA2);
+                let bias1 = 1.0 - ADAM_BETA1.powi(state.step as i32);
+                let bias2 = 1.0 - ADAM_BETA2.powi(state.step as i32);
+                let denom = exp_avg_sq.clone().sqrt().div_scalar(bias2.sqrt()).add_scalar(ADAM_EPS);
+                let value = value - (exp_avg.clone() / denom).mul_scalar(s.lr / bias1);
+                state.buffers = vec![exp_avg, exp_avg_sq];
+                value
+            }
+            OptimizerKind::Sgd => {
+                let grad = if decay > 0.0 { grad + value.clone().mul_scalar(decay) } else { grad };
+                // PyTorch starts the momentum buffer at the first gradient itself.
+                let buffer = if state.step == 1 { grad } else { state.buffers[0].clone().mul_scalar(SGD_MOMENTUM) + grad };
+                let value = value - buffer.clone().mul_scalar(s.lr);
+                state.buffers = vec![buffer];
+                value
+            }
+        };
         value.reshape(dims)
     }
 }
 
 struct StepMapper<'a, 'b> {
-    optim: &'a mut AdamW,
+    optim: &'a mut Optimizer,
     grads: Gradients,
     settings: &'a StepSettings<'b>,
-    path: Vec<String>,
+    path: ModulePath,
 }
 
 impl ModuleMapper for StepMapper<'_, '_> {
-    fn enter_module(&mut self, name: &str, _container_type: &str) {
-        self.path.push(name.to_string());
+    fn enter_module(&mut self, name: &str, container_type: &str) {
+        self.path.enter(name, container_type);
     }
 
     fn exit_module(&mut self, _name: &str, _container_type: &str) {
-        self.path.pop();
+        self.path.exit();
     }
 
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
         let Some(grad) = param.grad_remove(&mut self.grads) else {
             return param;
         };
-        let name = self.path.join(".");
+        let name = self.path.joined();
         if (self.settings.frozen)(&name) {
             return param;
         }
@@ -111,5 +147,35 @@ impl ModuleMapper for StepMapper<'_, '_> {
             let updated = self.optim.update(name, value.without_autodiff().detach(), grad, self.settings);
             Tensor::from_inner(updated).require_grad()
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::{Device, TensorData};
+
+    fn values(t: Tensor<2>) -> Vec<f32> {
+        t.into_data().try_to_vec::<f32>().unwrap()
+    }
+
+    /// Two SGD steps worked by hand with PyTorch's rule: d = g + wd * p; buf = d on the first
+    /// step, then 0.9 * buf + d; p -= lr * buf.
+    #[test]
+    fn sgd_follows_pytorch_momentum_and_weight_decay() {
+        let dev = Device::flex();
+        let t = |v: [f32; 2]| Tensor::<2>::from_data(TensorData::new(v.to_vec(), [1, 2]), &dev);
+        let frozen = |_: &str| false;
+        let s = StepSettings { lr: 0.1, weight_decay: 0.01, clip_grad: None, frozen: &frozen };
+        let mut sgd = Optimizer::new(OptimizerKind::Sgd);
+        let p = sgd.update("layer.weight".into(), t([1.0, 2.0]), t([0.5, -1.0]), &s);
+        let expected = [0.949f32, 2.098];
+        assert!(values(p.clone()).iter().zip(expected).all(|(a, b)| (a - b).abs() < 1e-6), "{:?}", values(p));
+        let p = sgd.update("layer.weight".into(), p, t([0.5, -1.0]), &s);
+        let expected = [0.852151f32, 2.284102];
+        assert!(values(p.clone()).iter().zip(expected).all(|(a, b)| (a - b).abs() < 1e-6), "{:?}", values(p));
+        // A bias gets no decay: p = 1 - 0.1 * 0.5.
+        let b = sgd.update("layer.bias".into(), t([1.0, 1.0]), t([0.5, 0.5]), &s);
+        assert!(values(b).iter().all(|v| (v - 0.95).abs() < 1e-6));
     }
 }

@@ -1,5 +1,5 @@
 //! `dino train`: the whole training run, top to bottom — data, models, schedules, then the loop
-//! of teacher forward, student forward, loss, backward, clipped AdamW step and teacher EMA, with
+//! of teacher forward, student forward, loss, backward, clipped AdamW (or SGD) step and teacher EMA, with
 //! checkpoints, logs and a clean stop on a time budget or a non-finite loss.
 
 use std::collections::HashMap;
@@ -21,7 +21,7 @@ use super::ema::update_teacher;
 use super::log::{StepMetrics, append_line, plot, read_step_metrics};
 use super::loss::DinoLoss;
 use super::online_knn::OnlineKnn;
-use super::optim::{AdamW, StepSettings};
+use super::optim::{Optimizer, StepSettings};
 use super::schedule::Schedules;
 use crate::data::dataset::{Dataset, IdxSplit};
 use crate::data::loader::{mix_seed, start_epoch, steps_per_epoch};
@@ -75,16 +75,14 @@ pub fn train(cfg: &TrainConfig) -> Result<Outcome> {
     let knn = if cfg.knn_every > 0 { Some(OnlineKnn::open(cfg)?) } else { None };
 
     // Student, teacher (a copy that never gets gradients), loss, optimiser, schedules.
-    let vit = cfg.vit();
     let mut rng = StdRng::seed_from_u64(cfg.seed);
-    let mut student = DinoModel {
-        backbone: vit.init(&mut rng, &device),
-        head: cfg.head(vit.embed_dim).init(&mut rng, &device),
-    };
+    let backbone = cfg.init_backbone(&mut rng, &device);
+    let head = cfg.head(backbone.embed_dim()).init(&mut rng, &device);
+    let mut student = DinoModel { backbone, head };
     let ckpt_path = run_dir.join("checkpoint.safetensors");
     if let Some(path) = cfg.pretrained_weights.as_ref().filter(|_| !ckpt_path.exists()) {
-        let (loaded, _, _) = pretrained::load_vit(path, "teacher", Some(&cfg.arch), &device).context("--pretrained_weights")?;
-        let tensors: HashMap<String, HostTensor> = weights::export(&loaded).into_iter().collect();
+        let loaded = pretrained::load(path, "teacher", Some(&cfg.arch), &device).context("--pretrained_weights")?;
+        let tensors: HashMap<String, HostTensor> = weights::export(&loaded.network).into_iter().collect();
         student.backbone = weights::import(student.backbone, &tensors, "")
             .with_context(|| format!("--pretrained_weights {} does not fit --arch {} --patch_size {} at {} px", path.display(), cfg.arch, cfg.patch_size, cfg.global_crop_size))?;
         eprintln!("backbone initialised from {}", path.display());
@@ -97,7 +95,7 @@ pub fn train(cfg: &TrainConfig) -> Result<Outcome> {
         loss_fn.center = center;
         s
     } else {
-        TrainState { student, teacher, optimizer: AdamW::default(), progress: Progress { epoch: 0, step_in_epoch: 0, global_step: 0 } }
+        TrainState { student, teacher, optimizer: Optimizer::new(cfg.optimizer), progress: Progress { epoch: 0, step_in_epoch: 0, global_step: 0 } }
     };
     // The student trains on the autodiff device; the teacher stays on the plain one.
     state.student = state.student.fork(&device.clone().autodiff()).train();
