@@ -3,12 +3,12 @@
 # case, each in a fresh process, printed as a Markdown table (img/s, ratio, peak RSS).
 #   bench/run.sh [quick]        (quick: the ViT-Ti/16 batch-8 cases and extraction only)
 # Needs a venv with torch: python3 -m venv .venv-bench && .venv-bench/bin/pip install torch
-# (override with PYTHON=...). FEATURES=x86-v4 builds dino with the AVX-512 kernels.
+# (override with PYTHON=...). FEATURES=... adds cargo features; CARGO_TARGET_DIR is honoured.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-.venv-bench/bin/python}"
 cargo build --release --example bench ${FEATURES:+--features "$FEATURES"} >&2
-ours=target/release/examples/bench
+ours="${CARGO_TARGET_DIR:-target}/release/examples/bench"
 cases=(
   "--mode step --arch vit_tiny --patch 16 --batch 8 --out_dim 65536"
   "--mode step --arch vit_tiny --patch 16 --batch 8 --out_dim 4096"

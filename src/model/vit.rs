@@ -5,6 +5,8 @@
 use burn::module::{Module, Param};
 use burn::nn::Linear;
 use burn::tensor::activation::{gelu, softmax};
+use burn::tensor::module::attention;
+use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Device, Tensor};
 use rand::Rng;
 use rand::rngs::StdRng;
@@ -133,19 +135,41 @@ pub struct Attention {
 }
 
 impl Attention {
-    /// Returns the mixed tokens and the attention weights [B, heads, N, N].
-    pub fn forward(&self, x: Tensor<3>) -> (Tensor<3>, Tensor<4>) {
+    /// The mixed tokens. Without autodiff this is the backend's fused attention kernel (no
+    /// [N, N] weights kept); with autodiff, the plain matmul-softmax-matmul, so gradients flow.
+    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        let [b, n, c] = x.dims();
+        let (q, k, v) = self.heads(x);
+        let mixed = if q.device().is_autodiff() {
+            softmax(q.matmul(k.transpose()), 3).matmul(v)
+        } else {
+            // q arrives pre-scaled (see `heads`), so the kernel must not scale again.
+            let options = AttentionModuleOptions { scale: Some(1.0), ..Default::default() };
+            attention(q, k, v, None, None, options)
+        };
+        self.proj.forward(mixed.swap_dims(1, 2).reshape([b, n, c]))
+    }
+
+    /// As `forward`, also returning the attention weights [B, heads, N, N].
+    pub fn forward_with_weights(&self, x: Tensor<3>) -> (Tensor<3>, Tensor<4>) {
+        let [b, n, c] = x.dims();
+        let (q, k, v) = self.heads(x);
+        let weights = softmax(q.matmul(k.transpose()), 3);
+        let mixed = weights.clone().matmul(v).swap_dims(1, 2).reshape([b, n, c]);
+        (self.proj.forward(mixed), weights)
+    }
+
+    /// q, k, v as [B, heads, N, head_dim], q already multiplied by head_dim^-0.5 (scaling the
+    /// [N, head_dim] queries is cheaper than the [N, N] scores, forward and backward).
+    fn heads(&self, x: Tensor<3>) -> (Tensor<4>, Tensor<4>, Tensor<4>) {
         let [b, n, c] = x.dims();
         let heads = self.num_heads;
         let head_dim = c / heads;
         let qkv = self.qkv.forward(x).reshape([b, n, 3, heads, head_dim]).permute([2, 0, 3, 1, 4]);
-        let q = qkv.clone().slice_dim(0, 0..1).squeeze_dim::<4>(0);
+        let q = qkv.clone().slice_dim(0, 0..1).squeeze_dim::<4>(0).mul_scalar((head_dim as f64).powf(-0.5));
         let k = qkv.clone().slice_dim(0, 1..2).squeeze_dim::<4>(0);
         let v = qkv.slice_dim(0, 2..3).squeeze_dim::<4>(0);
-        let scores = q.matmul(k.transpose()).mul_scalar((head_dim as f64).powf(-0.5));
-        let weights = softmax(scores, 3);
-        let mixed = weights.clone().matmul(v).swap_dims(1, 2).reshape([b, n, c]);
-        (self.proj.forward(mixed), weights)
+        (q, k, v)
     }
 }
 
@@ -174,8 +198,8 @@ pub struct Block {
 
 impl Block {
     /// `rng` enables stochastic depth (training); `None` is the deterministic forward.
-    fn forward(&self, x: Tensor<3>, rng: Option<&mut StdRng>) -> (Tensor<3>, Tensor<4>) {
-        let (mixed, weights) = self.attn.forward(self.norm1.forward(x.clone()));
+    fn forward(&self, x: Tensor<3>, rng: Option<&mut StdRng>) -> Tensor<3> {
+        let mixed = self.attn.forward(self.norm1.forward(x.clone()));
         let (attn_keep, mlp_keep) = match rng {
             Some(rng) if self.drop_path > 0.0 => {
                 let batch = x.dims()[0];
@@ -185,7 +209,7 @@ impl Block {
         };
         let x = x + apply_keep(mixed, attn_keep);
         let update = self.mlp.forward(self.norm2.forward(x.clone()));
-        (x + apply_keep(update, mlp_keep), weights)
+        x + apply_keep(update, mlp_keep)
     }
 
     /// Per-sample residual scale: 0 with probability `drop_path`, else 1 / (1 - drop_path).
@@ -233,7 +257,7 @@ impl VisionTransformer {
     pub fn forward_train(&self, x: Tensor<4>, mut rng: Option<&mut StdRng>) -> Tensor<2> {
         let mut tokens = self.prepare_tokens(x);
         for block in &self.blocks {
-            tokens = block.forward(tokens, rng.as_deref_mut()).0;
+            tokens = block.forward(tokens, rng.as_deref_mut());
         }
         let [b, _, d] = tokens.dims();
         self.norm.forward(tokens.slice_dim(1, 0..1)).reshape([b, d])
@@ -245,7 +269,7 @@ impl VisionTransformer {
         let depth = self.blocks.len();
         let mut out = Vec::with_capacity(n.min(depth));
         for (i, block) in self.blocks.iter().enumerate() {
-            tokens = block.forward(tokens, None).0;
+            tokens = block.forward(tokens, None);
             if depth - i <= n {
                 out.push(self.norm.forward(tokens.clone()));
             }
@@ -258,9 +282,9 @@ impl VisionTransformer {
         let mut tokens = self.prepare_tokens(x);
         let (last, rest) = self.blocks.split_last().expect("a ViT has at least one block");
         for block in rest {
-            tokens = block.forward(tokens, None).0;
+            tokens = block.forward(tokens, None);
         }
-        last.attn.forward(last.norm1.forward(tokens)).1
+        last.attn.forward_with_weights(last.norm1.forward(tokens)).1
     }
 
     /// Patch tokens with the cls token in front and position embeddings added.

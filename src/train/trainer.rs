@@ -84,7 +84,10 @@ pub fn train(cfg: &TrainConfig) -> Result<Outcome> {
         let loaded = pretrained::load(path, "teacher", Some(&cfg.arch), &device).context("--pretrained_weights")?;
         let tensors: HashMap<String, HostTensor> = weights::export(&loaded.network).into_iter().collect();
         student.backbone = weights::import(student.backbone, &tensors, "")
-            .with_context(|| format!("--pretrained_weights {} does not fit --arch {} --patch_size {} at {} px", path.display(), cfg.arch, cfg.patch_size, cfg.global_crop_size))?;
+            .with_context(|| match cfg.vit() {
+                Some(_) => format!("--pretrained_weights {} does not fit --arch {} --patch_size {} at {} px", path.display(), cfg.arch, cfg.patch_size, cfg.global_crop_size),
+                None => format!("--pretrained_weights {} does not fit --arch {}", path.display(), cfg.arch),
+            })?;
         eprintln!("backbone initialised from {}", path.display());
     }
     let teacher = student.valid();
