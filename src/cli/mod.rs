@@ -16,7 +16,8 @@ use clap::{ArgMatches, Parser, Subcommand};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 
-use crate::model::{DinoHeadConfig, VitConfig};
+use crate::model::resnet::is_running_statistic;
+use crate::model::{DinoHeadConfig, ResNetConfig, VitConfig};
 use crate::train::config::TrainConfig;
 use crate::train::trainer;
 
@@ -46,9 +47,10 @@ pub enum Command {
     Export(export::ExportArgs),
     /// Print the size of a backbone and its DINO head.
     ModelInfo {
-        /// vit_micro, vit_tiny, vit_small or vit_base.
+        /// vit_micro, vit_tiny, vit_small, vit_base, resnet50 or resnet_micro.
         #[arg(long, default_value = "vit_small")]
         arch: String,
+        /// Patch side (ViT only).
         #[arg(long, default_value_t = 16)]
         patch_size: usize,
         /// Side of the training images.
@@ -78,14 +80,23 @@ pub fn run(cli: Cli, matches: &ArgMatches) -> Result<()> {
         Command::VideoSeg(args) => video::run(args),
         Command::Export(args) => export::run(args),
         Command::ModelInfo { arch, patch_size, img_size, out_dim } => {
+            let device = Device::flex();
+            let mut rng = StdRng::seed_from_u64(0);
+            if let Some(config) = ResNetConfig::from_arch(&arch) {
+                let backbone = config.init(&mut rng, &device);
+                let head = DinoHeadConfig::new(backbone.out_dim(), out_dim).init(&mut rng, &device);
+                println!("{arch}: stages {:?}, {}-d pooled output", backbone.stage_depths(), backbone.out_dim());
+                let trainable: usize = backbone.state_dict().iter().filter(|(k, _)| !is_running_statistic(k)).map(|(_, t)| t.values.len()).sum();
+                println!("backbone parameters: {trainable} (BatchNorm running statistics not counted)");
+                println!("head parameters:     {}", head.num_params());
+                return Ok(());
+            }
             let mut vit = VitConfig::from_arch(&arch, patch_size)
-                .with_context(|| format!("--arch: unknown architecture '{arch}' (vit_micro, vit_tiny, vit_small, vit_base)"))?;
+                .with_context(|| format!("--arch: unknown architecture '{arch}' (vit_micro, vit_tiny, vit_small, vit_base, resnet50, resnet_micro)"))?;
             if patch_size == 0 || img_size < patch_size {
                 bail!("--patch_size {patch_size} does not fit --img_size {img_size}");
             }
             vit.img_size = img_size;
-            let device = Device::flex();
-            let mut rng = StdRng::seed_from_u64(0);
             let backbone = vit.init(&mut rng, &device);
             let head = DinoHeadConfig::new(vit.embed_dim, out_dim).init(&mut rng, &device);
             let tokens = (img_size / patch_size).pow(2) + 1;

@@ -41,11 +41,6 @@ impl ResNetConfig {
         }
     }
 
-    /// Width of the pooled feature.
-    pub fn out_dim(&self) -> usize {
-        self.width * 8 * 4
-    }
-
     /// A randomly initialised ResNet as torchvision builds it: convolutions Normal(0,
     /// sqrt(2 / (out_channels * k * k))) (Kaiming, fan-out, ReLU), BatchNorm weight 1, bias 0.
     pub fn init(&self, rng: &mut impl Rng, device: &Device) -> ResNet {
@@ -354,5 +349,25 @@ impl ResNet {
             }
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    /// ResNet-50 has torchvision's parameter count without its classifier:
+    /// 25,557,032 - 2048 * 1000 - 1000 = 23,508,032.
+    #[test]
+    fn resnet50_matches_torchvisions_parameter_count() {
+        let net = ResNetConfig::from_arch("resnet50").unwrap().init(&mut rand::rngs::StdRng::seed_from_u64(0), &Device::flex());
+        let state = net.state_dict();
+        let trainable: usize = state.iter().filter(|(k, _)| !is_running_statistic(k)).map(|(_, t)| t.values.len()).sum();
+        assert_eq!(trainable, 23_508_032);
+        assert_eq!((net.out_dim(), net.stage_depths()), (2048, vec![3, 4, 6, 3]));
+        // The shortcut convolutions sit where torchvision puts them: the first block of each stage.
+        assert!(state.iter().any(|(k, _)| k == "layer1.0.downsample.0.weight"));
+        assert!(!state.iter().any(|(k, _)| k == "layer1.1.downsample.0.weight"));
     }
 }
