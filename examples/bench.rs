@@ -65,7 +65,7 @@ fn main() {
             let global = Tensor::<4>::random([2 * batch, 3, gsize, gsize], Distribution::Normal(0.0, 1.0), &dev);
             let local = Tensor::<4>::random([nlocal * batch, 3, lsize, lsize], Distribution::Normal(0.0, 1.0), &dev);
             let t0 = Instant::now();
-            let t_out = teacher.forward(&[global.clone()], None);
+            let t_out = teacher.forward(std::slice::from_ref(&global), None);
             let _ = t_out.clone().into_data();
             let t1 = Instant::now();
             let s_out = student.forward(&[global.autodiff(), local.autodiff()], Some(&mut rng));

@@ -128,7 +128,7 @@ fn training_steps_match_pytorch() {
         let global = global.reshape([2 * batch, 3, gh, gw]);
         let local = local.reshape([(ncrops - 2) * batch, 3, lh, lw]);
 
-        let teacher_out = teacher.forward(&[global.clone()], None);
+        let teacher_out = teacher.forward(std::slice::from_ref(&global), None);
         let student_out = student.forward(&[global.autodiff(), local.autodiff()], None);
         let out = loss_fn.forward(student_out, teacher_out, epoch);
         assert_tensor_close(&format!("loss {i}"), out.loss.clone(), fx.host(&format!("step{i}.loss")), TOL);

@@ -61,7 +61,7 @@ impl VitConfig {
     /// Builds a randomly initialised ViT (trunc-normal .02 for linear layers and embeddings).
     pub fn init(&self, rng: &mut impl Rng, device: &Device) -> VisionTransformer {
         assert!(self.patch_size > 0 && self.img_size >= self.patch_size, "image smaller than a patch");
-        assert!(self.embed_dim % self.num_heads == 0, "embed_dim must divide into heads");
+        assert!(self.embed_dim.is_multiple_of(self.num_heads), "embed_dim must divide into heads");
         let d = self.embed_dim;
         let grid = self.img_size / self.patch_size;
         let fan_in = 3 * self.patch_size * self.patch_size;

@@ -36,6 +36,9 @@ pub fn read_step_metrics(path: &Path) -> Vec<StepMetrics> {
     by_step.into_values().collect()
 }
 
+/// One plot panel: the metric it shows, its colour, and an optional dashed bound.
+type Series = (Box<dyn Fn(&StepMetrics) -> f64>, RGBColor, Option<f64>);
+
 /// Draws three stacked panels (top to bottom: loss, teacher entropy with log(out_dim) as the
 /// dashed upper bound, KL) against the step. No text, so no font is needed.
 pub fn plot(metrics: &[StepMetrics], out_dim: usize, path: &Path) -> Result<()> {
@@ -47,7 +50,7 @@ pub fn plot(metrics: &[StepMetrics], out_dim: usize, path: &Path) -> Result<()> 
     let panels = root.split_evenly((3, 1));
     let last = metrics.last().unwrap().step as f64;
     let first = metrics[0].step as f64;
-    let series: [(Box<dyn Fn(&StepMetrics) -> f64>, RGBColor, Option<f64>); 3] = [
+    let series: [Series; 3] = [
         (Box::new(|m| m.loss), BLUE, None),
         (Box::new(|m| m.teacher_entropy), RGBColor(0, 150, 0), Some((out_dim as f64).ln())),
         (Box::new(|m| m.kl), RED, None),
@@ -59,7 +62,8 @@ pub fn plot(metrics: &[StepMetrics], out_dim: usize, path: &Path) -> Result<()> 
         if let Some(b) = bound {
             hi = hi.max(b);
         }
-        if !(hi > lo) {
+        // Also catches NaN bounds (no finite metric): any non-increasing range gets a unit height.
+        if hi.partial_cmp(&lo) != Some(std::cmp::Ordering::Greater) {
             hi = lo + 1.0;
         }
         lo -= 0.02 * (hi - lo);
