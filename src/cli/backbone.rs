@@ -8,7 +8,7 @@ use clap::Args;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 
-use crate::model::{Network, ResNetConfig, VitConfig};
+use crate::model::{ARCHITECTURES, Network, ResNetConfig, VitConfig};
 use crate::pretrained;
 
 /// Backbone flags shared by extract, knn, linear, attention and video-seg.
@@ -66,7 +66,7 @@ impl BackboneArgs {
                     return Ok(Backbone { network: Network::ResNet(cfg.init(&mut rng, device)), vit_config: None, trained_size: None });
                 }
                 let cfg = VitConfig::from_arch(arch, self.patch_size)
-                    .with_context(|| format!("--arch: unknown architecture '{arch}' (vit_micro, vit_tiny, vit_small, vit_base, resnet50, resnet_micro)"))?;
+                    .with_context(|| format!("--arch: unknown architecture '{arch}' ({ARCHITECTURES})"))?;
                 if self.patch_size == 0 {
                     bail!("--patch_size must be positive");
                 }

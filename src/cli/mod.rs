@@ -16,8 +16,7 @@ use clap::{ArgMatches, Parser, Subcommand};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 
-use crate::model::resnet::is_running_statistic;
-use crate::model::{DinoHeadConfig, ResNetConfig, VitConfig};
+use crate::model::{ARCHITECTURES, DinoHeadConfig, ResNetConfig, VitConfig};
 use crate::train::config::TrainConfig;
 use crate::train::trainer;
 
@@ -86,13 +85,12 @@ pub fn run(cli: Cli, matches: &ArgMatches) -> Result<()> {
                 let backbone = config.init(&mut rng, &device);
                 let head = DinoHeadConfig::new(backbone.out_dim(), out_dim).init(&mut rng, &device);
                 println!("{arch}: stages {:?}, {}-d pooled output", backbone.stage_depths(), backbone.out_dim());
-                let trainable: usize = backbone.state_dict().iter().filter(|(k, _)| !is_running_statistic(k)).map(|(_, t)| t.values.len()).sum();
-                println!("backbone parameters: {trainable} (BatchNorm running statistics not counted)");
+                println!("backbone parameters: {} (BatchNorm running statistics not counted)", backbone.parameter_count());
                 println!("head parameters:     {}", head.num_params());
                 return Ok(());
             }
             let mut vit = VitConfig::from_arch(&arch, patch_size)
-                .with_context(|| format!("--arch: unknown architecture '{arch}' (vit_micro, vit_tiny, vit_small, vit_base, resnet50, resnet_micro)"))?;
+                .with_context(|| format!("--arch: unknown architecture '{arch}' ({ARCHITECTURES})"))?;
             if patch_size == 0 || img_size < patch_size {
                 bail!("--patch_size {patch_size} does not fit --img_size {img_size}");
             }

@@ -16,6 +16,9 @@ pub use head::{DinoHead, DinoHeadConfig};
 pub use resnet::{ResNet, ResNetConfig};
 pub use vit::{VisionTransformer, VitConfig};
 
+/// Every `--arch` name, for error messages.
+pub const ARCHITECTURES: &str = "vit_micro, vit_tiny, vit_small, vit_base, resnet50, resnet_micro";
+
 /// A feature extractor of either family.
 #[derive(Module, Debug)]
 pub enum Network {

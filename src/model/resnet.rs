@@ -127,9 +127,9 @@ impl BatchNorm {
         // The running variance is the unbiased one (PyTorch's), the normalisation the biased.
         let unbiased = out.variance.detach().mul_scalar(n / (n - 1.0).max(1.0));
         let blend = |state: &RunningState<Tensor<1>>, batch: Tensor<1>| {
-            let old = state.value_sync().to_device(&batch.device());
-            state.update(old.mul_scalar(1.0 - BN_MOMENTUM) + batch.mul_scalar(BN_MOMENTUM));
-            // Folds this thread's update in now, so readers (checkpoints, exports) see it.
+            state.update(state.value().mul_scalar(1.0 - BN_MOMENTUM) + batch.mul_scalar(BN_MOMENTUM));
+            // Folds this thread's update in now, so the next read (a forward, a checkpoint,
+            // an export) sees it.
             state.value_sync();
         };
         blend(&self.running_mean, out.mean.detach());
@@ -197,6 +197,11 @@ impl ResNet {
     pub fn out_dim(&self) -> usize {
         let last = self.layers.last().and_then(|l| l.last()).expect("at least one block");
         last.bn3.weight.dims()[0]
+    }
+
+    /// Number of trained parameters (BatchNorm running statistics are buffers, not counted).
+    pub fn parameter_count(&self) -> usize {
+        self.state_dict().iter().filter(|(k, _)| !is_running_statistic(k)).map(|(_, t)| t.values.len()).sum()
     }
 
     /// Blocks per stage (3, 4, 6, 3 for ResNet-50).
@@ -362,9 +367,8 @@ mod tests {
     #[test]
     fn resnet50_matches_torchvisions_parameter_count() {
         let net = ResNetConfig::from_arch("resnet50").unwrap().init(&mut rand::rngs::StdRng::seed_from_u64(0), &Device::flex());
+        assert_eq!(net.parameter_count(), 23_508_032);
         let state = net.state_dict();
-        let trainable: usize = state.iter().filter(|(k, _)| !is_running_statistic(k)).map(|(_, t)| t.values.len()).sum();
-        assert_eq!(trainable, 23_508_032);
         assert_eq!((net.out_dim(), net.stage_depths()), (2048, vec![3, 4, 6, 3]));
         // The shortcut convolutions sit where torchvision puts them: the first block of each stage.
         assert!(state.iter().any(|(k, _)| k == "layer1.0.downsample.0.weight"));

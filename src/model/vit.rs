@@ -138,15 +138,14 @@ impl Attention {
     /// The mixed tokens. Without autodiff this is the backend's fused attention kernel (no
     /// [N, N] weights kept); with autodiff, the plain matmul-softmax-matmul, so gradients flow.
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        if x.device().is_autodiff() {
+            return self.forward_with_weights(x).0;
+        }
         let [b, n, c] = x.dims();
         let (q, k, v) = self.heads(x);
-        let mixed = if q.device().is_autodiff() {
-            softmax(q.matmul(k.transpose()), 3).matmul(v)
-        } else {
-            // q arrives pre-scaled (see `heads`), so the kernel must not scale again.
-            let options = AttentionModuleOptions { scale: Some(1.0), ..Default::default() };
-            attention(q, k, v, None, None, options)
-        };
+        // q arrives pre-scaled (see `heads`), so the kernel must not scale again.
+        let options = AttentionModuleOptions { scale: Some(1.0), ..Default::default() };
+        let mixed = attention(q, k, v, None, None, options);
         self.proj.forward(mixed.swap_dims(1, 2).reshape([b, n, c]))
     }
 

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use super::optim::OptimizerKind;
 use crate::data::augment::MultiCropConfig;
-use crate::model::{DinoHeadConfig, Network, ResNetConfig, VitConfig};
+use crate::model::{ARCHITECTURES, DinoHeadConfig, Network, ResNetConfig, VitConfig};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -280,7 +280,7 @@ impl TrainConfig {
     pub fn validate(&self) -> Result<()> {
         let is_vit = VitConfig::from_arch(&self.arch, self.patch_size).is_some();
         if !is_vit && ResNetConfig::from_arch(&self.arch).is_none() {
-            bail!("--arch: unknown architecture '{}' (vit_micro, vit_tiny, vit_small, vit_base, resnet50, resnet_micro)", self.arch);
+            bail!("--arch: unknown architecture '{}' ({ARCHITECTURES})", self.arch);
         }
         if is_vit && (self.patch_size == 0 || self.local_crop_size < self.patch_size) {
             bail!("--patch_size {} is larger than --local_crop_size {}", self.patch_size, self.local_crop_size);
