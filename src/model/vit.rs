@@ -296,25 +296,28 @@ impl VisionTransformer {
         tokens + self.position_embedding(h, w)
     }
 
-    /// The position embedding for an h x w input, resized as the reference does: the grid is
-    /// scaled bicubically by (grid + 0.1) / trained_side, so the kernel samples slightly off
-    /// the exact ratio and the output size never rounds down.
+    /// The position embedding for an h x w input, see [`position_embedding`].
     fn position_embedding(&self, h: usize, w: usize) -> Tensor<3> {
-        let p = self.patch_size();
-        let (gh, gw) = (h / p, w / p);
-        let pos = self.pos_embed.val();
-        let [_, n_plus_one, d] = pos.dims();
-        let n = n_plus_one - 1;
-        if gh * gw == n && h == w {
-            return pos;
-        }
-        let side = (n as f64).sqrt().round() as usize;
-        assert_eq!(side * side, n, "position embedding grid is not square");
-        let grid = pos.clone().slice_dim(1, 1..n_plus_one).reshape([side, side, d]);
-        let scale = [(gh as f64 + 0.1) / side as f64, (gw as f64 + 0.1) / side as f64];
-        let resized = resample_grid(grid, [gh, gw], scale, &pos.device()).reshape([1, gh * gw, d]);
-        Tensor::cat(vec![pos.slice_dim(1, 0..1), resized], 1)
+        position_embedding(self.pos_embed.val(), self.patch_size(), h, w)
     }
+}
+
+/// The position embedding `pos` [1, 1 + grid², D] resized for an h x w input, as the reference
+/// does: the grid is scaled bicubically by (grid + 0.1) / trained_side, so the kernel samples
+/// slightly off the exact ratio and the output size never rounds down.
+pub fn position_embedding(pos: Tensor<3>, patch_size: usize, h: usize, w: usize) -> Tensor<3> {
+    let (gh, gw) = (h / patch_size, w / patch_size);
+    let [_, n_plus_one, d] = pos.dims();
+    let n = n_plus_one - 1;
+    if gh * gw == n && h == w {
+        return pos;
+    }
+    let side = (n as f64).sqrt().round() as usize;
+    assert_eq!(side * side, n, "position embedding grid is not square");
+    let grid = pos.clone().slice_dim(1, 1..n_plus_one).reshape([side, side, d]);
+    let scale = [(gh as f64 + 0.1) / side as f64, (gw as f64 + 0.1) / side as f64];
+    let resized = resample_grid(grid, [gh, gw], scale, &pos.device()).reshape([1, gh * gw, d]);
+    Tensor::cat(vec![pos.slice_dim(1, 0..1), resized], 1)
 }
 
 #[cfg(test)]

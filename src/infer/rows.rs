@@ -1,0 +1,198 @@
+//! The engine's element-wise passes, one row at a time: LayerNorm, softmax, bias + exact GELU,
+//! bias + residual, each writing its result in the precision the next matrix product reads.
+//! They are compiled for AVX-512 and only reached once `amx::available()` has confirmed it
+//! (every AMX CPU has AVX-512), so the rest of the crate stays portable.
+
+use super::amx::to_bf16;
+
+/// Features the row kernels are compiled for.
+macro_rules! avx512 {
+    ($(#[$doc:meta])* pub fn $name:ident($($arg:ident: $ty:ty),*) $body:block) => {
+        $(#[$doc])*
+        pub fn $name($($arg: $ty),*) {
+            #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,fma")]
+            unsafe fn kernel($($arg: $ty),*) $body
+            debug_assert!(super::amx::available());
+            // Safety: the engine only runs after `amx::available()`, which requires AVX-512 F/BW.
+            unsafe { kernel($($arg),*) }
+        }
+    };
+}
+
+/// e^x for the whole f32 range, written so that it vectorises: x = n·ln2 + r with |r| ≤ ln2/2,
+/// e^r by its degree-6 Taylor polynomial (relative error below 2e-7), 2^n through the exponent
+/// bits. Inputs below -87.3 give the smallest normal number instead of a subnormal or 0.
+#[inline(always)]
+fn exp(x: f32) -> f32 {
+    let x = x.clamp(-87.3, 88.3);
+    let n = (x * std::f32::consts::LOG2_E).round_ties_even();
+    // ln 2 split in two so that n·ln2 is exact to f32 precision.
+    let r = n.mul_add(-0.693_145_75, x);
+    let r = n.mul_add(-1.428_606_8e-6, r);
+    let p = (1.0 / 720.0f32).mul_add(r, 1.0 / 120.0);
+    let p = p.mul_add(r, 1.0 / 24.0);
+    let p = p.mul_add(r, 1.0 / 6.0);
+    let p = p.mul_add(r, 0.5);
+    let p = p.mul_add(r, 1.0);
+    let p = p.mul_add(r, 1.0);
+    // 2^n: n + 127 is a whole number in [1, 254], so adding 2^23 leaves it in the low mantissa
+    // bits, which the shift moves into the exponent (no float-to-int conversion, which would
+    // not vectorise).
+    p * f32::from_bits((n + 127.0 + 8_388_608.0).to_bits() << 23)
+}
+
+/// erf by Abramowitz & Stegun 7.1.26 (absolute error below 1.5e-7).
+#[inline(always)]
+fn erf(x: f32) -> f32 {
+    let a = x.abs();
+    let t = 1.0 / 0.327_591_1f32.mul_add(a, 1.0);
+    let poly = 1.061_405_4f32.mul_add(t, -1.453_152_1);
+    let poly = poly.mul_add(t, 1.421_413_8);
+    let poly = poly.mul_add(t, -0.284_496_74);
+    let poly = poly.mul_add(t, 0.254_829_6);
+    let y = 1.0 - poly * t * exp(-a * a);
+    y.copysign(x)
+}
+
+/// GELU with the exact (erf) form, as the ViT's MLP uses.
+#[inline(always)]
+fn gelu(x: f32) -> f32 {
+    0.5 * x * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2))
+}
+
+avx512! {
+    /// dst = bf16(gelu(v + bias)).
+    pub fn bias_gelu_to_bf16(dst: &mut [u16], v: &[f32], bias: &[f32]) {
+        for ((d, &x), &b) in dst.iter_mut().zip(v).zip(bias) {
+            *d = to_bf16(gelu(x + b));
+        }
+    }
+}
+
+avx512! {
+    /// dst = v + bias.
+    pub fn bias_add(dst: &mut [f32], v: &[f32], bias: &[f32]) {
+        for ((d, &x), &b) in dst.iter_mut().zip(v).zip(bias) {
+            *d = x + b;
+        }
+    }
+}
+
+avx512! {
+    /// dst += v + bias (a residual branch landing on the stream).
+    pub fn bias_accumulate(dst: &mut [f32], v: &[f32], bias: &[f32]) {
+        for ((d, &x), &b) in dst.iter_mut().zip(v).zip(bias) {
+            *d += x + b;
+        }
+    }
+}
+
+avx512! {
+    /// dst = bf16((v + bias) · scale), column by column.
+    pub fn bias_scale_to_bf16(dst: &mut [u16], v: &[f32], bias: &[f32], scale: &[f32]) {
+        for (((d, &x), &b), &s) in dst.iter_mut().zip(v).zip(bias).zip(scale) {
+            *d = to_bf16((x + b) * s);
+        }
+    }
+}
+
+avx512! {
+    /// dst = bf16(v).
+    pub fn to_bf16_row(dst: &mut [u16], v: &[f32]) {
+        for (d, &x) in dst.iter_mut().zip(v) {
+            *d = to_bf16(x);
+        }
+    }
+}
+
+/// Σ f(x) with sixteen partial sums, so the loop vectorises (a single running sum cannot).
+#[inline(always)]
+fn sum_by(x: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+    let mut lanes = [0f32; 16];
+    let chunks = x.chunks_exact(16);
+    let tail: f32 = chunks.remainder().iter().map(|&v| f(v)).sum();
+    for chunk in chunks {
+        for (lane, &v) in lanes.iter_mut().zip(chunk) {
+            *lane += f(v);
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
+}
+
+/// LayerNorm of one row (two-pass mean and biased variance, as PyTorch), handing the
+/// normalised, affine-transformed values to `store` in chunks.
+#[inline(always)]
+fn normalise(x: &[f32], weight: &[f32], bias: &[f32], eps: f32, mut store: impl FnMut(usize, f32)) {
+    let n = x.len() as f32;
+    let mean = sum_by(x, |v| v) / n;
+    let var = sum_by(x, |v| (v - mean) * (v - mean)) / n;
+    let inv = 1.0 / (var + eps).sqrt();
+    for (i, ((&v, &w), &b)) in x.iter().zip(weight).zip(bias).enumerate() {
+        store(i, ((v - mean) * inv).mul_add(w, b));
+    }
+}
+
+avx512! {
+    /// LayerNorm of a row into bf16 (the next matrix product's input).
+    pub fn layer_norm_to_bf16(dst: &mut [u16], x: &[f32], weight: &[f32], bias: &[f32], eps: f32) {
+        normalise(x, weight, bias, eps, |i, v| dst[i] = to_bf16(v));
+    }
+}
+
+avx512! {
+    /// LayerNorm of a row in f32 (the network's outputs).
+    pub fn layer_norm(dst: &mut [f32], x: &[f32], weight: &[f32], bias: &[f32], eps: f32) {
+        normalise(x, weight, bias, eps, |i, v| dst[i] = v);
+    }
+}
+
+avx512! {
+    /// Softmax of a row of scores into bf16 attention weights.
+    pub fn softmax_to_bf16(dst: &mut [u16], scores: &mut [f32]) {
+        let mut lanes = [f32::NEG_INFINITY; 16];
+        let chunks = scores.chunks_exact(16);
+        let tail = chunks.remainder().iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+        for chunk in chunks {
+            for (lane, &s) in lanes.iter_mut().zip(chunk) {
+                *lane = lane.max(s);
+            }
+        }
+        let max = lanes.iter().fold(tail, |m, &s| m.max(s));
+        for s in scores.iter_mut() {
+            *s = exp(*s - max);
+        }
+        let inv = 1.0 / sum_by(scores, |s| s);
+        for (d, &s) in dst.iter_mut().zip(scores.iter()) {
+            *d = to_bf16(s * inv);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exp_is_accurate_over_the_softmax_range() {
+        for i in 0..=20_000 {
+            let x = -87.0 + i as f32 * (88.0 + 87.0) / 20_000.0;
+            let (got, want) = (exp(x) as f64, (x as f64).exp());
+            assert!(((got - want) / want).abs() < 3e-7, "exp({x}) = {got}, want {want}");
+        }
+        assert_eq!(exp(0.0), 1.0);
+        assert!(exp(-1000.0) >= 0.0 && exp(-1000.0) < 1e-37);
+    }
+
+    #[test]
+    fn gelu_matches_the_erf_form() {
+        // erf values from a table (A&S Table 7.1 / any libm): erf(0.5), erf(1), erf(2).
+        for (x, erf_x) in [(0.5f64, 0.520_499_877_813_046_5), (1.0, 0.842_700_792_949_714_9), (2.0, 0.995_322_265_018_952_7)] {
+            assert!((erf(x as f32) as f64 - erf_x).abs() < 2e-7);
+            assert!((erf(-x as f32) as f64 + erf_x).abs() < 2e-7);
+        }
+        // GELU(1) = 0.5 (1 + erf(1/√2)) = 0.841344746...
+        assert!((gelu(1.0) as f64 - 0.841_344_746_068_542_9).abs() < 2e-7);
+        assert!((gelu(-3.0) as f64 + 0.004_049_694_202_6).abs() < 2e-7);
+        assert_eq!(gelu(0.0), 0.0);
+    }
+}

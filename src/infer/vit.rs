@@ -1,0 +1,294 @@
+//! The ViT forward pass of `model::vit` in bf16 on AMX, for feature extraction: weights packed
+//! once, the residual stream kept in f32, every matrix product's input rounded to bf16 with f32
+//! accumulation, and each product's bias, GELU or residual add fused into its store.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use burn::tensor::{Tensor, TensorData};
+use rayon::prelude::*;
+
+use super::amx::{self, BfMatrix, BfView, PackedB};
+use super::rows;
+use crate::model::vit::{Block, position_embedding};
+use crate::model::{LayerNorm, VisionTransformer};
+use crate::weights::HostTensor;
+
+/// A LayerNorm's parameters on the host.
+struct Norm {
+    weight: Vec<f32>,
+    bias: Vec<f32>,
+    eps: f32,
+}
+
+impl Norm {
+    fn new(norm: &LayerNorm) -> Self {
+        Self { weight: host(norm.weight.val()), bias: host(norm.bias.val()), eps: norm.eps as f32 }
+    }
+
+    /// Normalises every row of `x` (width `dim`) into the bf16 matrix `out`.
+    fn to_bf16(&self, x: &[f32], out: &mut BfMatrix) {
+        let (dim, stride) = (out.cols(), out.stride());
+        out.data_mut().par_chunks_mut(stride).zip(x.par_chunks(dim)).for_each(|(dst, row)| {
+            rows::layer_norm_to_bf16(&mut dst[..dim], row, &self.weight, &self.bias, self.eps);
+        });
+    }
+}
+
+/// A Linear layer packed for AMX.
+struct Dense {
+    weight: PackedB,
+    bias: Vec<f32>,
+}
+
+impl Dense {
+    fn new(linear: &burn::nn::Linear) -> Self {
+        // burn keeps the weight as [in, out]: already the right-hand operand.
+        let weight = HostTensor::from_tensor(linear.weight.val());
+        let (k, n) = (weight.shape[0], weight.shape[1]);
+        let bias = linear.bias.as_ref().map_or_else(|| vec![0.0; n], |b| host(b.val()));
+        Self { weight: PackedB::pack(k, n, |i| &weight.values[i * n..(i + 1) * n]), bias }
+    }
+
+    fn out_dim(&self) -> usize {
+        self.weight.n()
+    }
+}
+
+struct BlockWeights {
+    norm1: Norm,
+    qkv: Dense,
+    proj: Dense,
+    norm2: Norm,
+    fc1: Dense,
+    fc2: Dense,
+}
+
+/// A ViT ready for bf16 inference. Build it with [`Bf16Vit::new`] after checking
+/// [`amx::available`].
+pub struct Bf16Vit {
+    patch_size: usize,
+    dim: usize,
+    num_heads: usize,
+    patch: Dense,
+    cls_token: Vec<f32>,
+    pos_embed: Tensor<3>,
+    /// Position embeddings already resized, by input height and width.
+    resized_pos: Mutex<HashMap<(usize, usize), Arc<Vec<f32>>>>,
+    blocks: Vec<BlockWeights>,
+    norm: Norm,
+    /// Multiplies the query columns of the qkv product by head_dim^-0.5 (as the f32 path
+    /// scales q before QKᵀ), the key and value columns by 1.
+    qkv_scale: Vec<f32>,
+}
+
+fn host<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+    HostTensor::from_tensor(t).values
+}
+
+impl Bf16Vit {
+    /// Packs a ViT's weights. Panics if AMX is not available (check [`amx::available`]).
+    pub fn new(vit: &VisionTransformer) -> Self {
+        assert!(amx::available(), "bf16 inference needs AMX-BF16");
+        let p = vit.patch_size();
+        let dim = vit.embed_dim();
+        let conv = host(vit.patch_embed.weight.val());
+        let k = conv.len() / dim;
+        let patch = Dense {
+            // The Conv2d weight [dim, 3, p, p] flattened is B's transpose.
+            weight: PackedB::pack_transposed(k, dim, |j| &conv[j * k..(j + 1) * k]),
+            bias: host(vit.patch_embed.bias.val()),
+        };
+        let num_heads = vit.blocks.first().map_or(1, |b| b.attn.num_heads);
+        let head_dim = dim / num_heads;
+        // Heads are read straight out of the qkv rows, in whole 32-wide tile slices.
+        assert!(head_dim.is_multiple_of(32), "bf16 inference needs a head width that is a multiple of 32, not {head_dim}");
+        let block = |b: &Block| BlockWeights {
+            norm1: Norm::new(&b.norm1),
+            qkv: Dense::new(&b.attn.qkv),
+            proj: Dense::new(&b.attn.proj),
+            norm2: Norm::new(&b.norm2),
+            fc1: Dense::new(&b.mlp.fc1),
+            fc2: Dense::new(&b.mlp.fc2),
+        };
+        Self {
+            patch_size: p,
+            dim,
+            num_heads,
+            patch,
+            cls_token: host(vit.cls_token.val()),
+            pos_embed: vit.pos_embed.val(),
+            resized_pos: Mutex::new(HashMap::new()),
+            blocks: vit.blocks.iter().map(block).collect(),
+            norm: Norm::new(&vit.norm),
+            qkv_scale: (0..3 * dim).map(|c| if c < dim { (head_dim as f32).powf(-0.5) } else { 1.0 }).collect(),
+        }
+    }
+
+    pub fn depth(&self) -> usize {
+        self.blocks.len()
+    }
+
+    /// As `VisionTransformer::intermediate_layers`: the normalised tokens [B, 1 + patches, D]
+    /// after each of the last `n` blocks, for normalised images [B, 3, H, W].
+    pub fn intermediate_layers(&self, images: Tensor<4>, n: usize) -> Vec<Tensor<3>> {
+        let [batch, channels, h, w] = images.dims();
+        assert_eq!(channels, 3, "images must have 3 channels");
+        let device = images.device();
+        let pixels = host(images);
+        let (dim, p) = (self.dim, self.patch_size);
+        let (gh, gw) = (h / p, w / p);
+        let tokens = 1 + gh * gw;
+        let rows = batch * tokens;
+
+        let mut x = self.embed(&pixels, batch, (h, w));
+        let mut normed = BfMatrix::zeros(rows, dim);
+        // One spare block of rows: each image's heads are read in whole 32-row blocks.
+        let mut qkv = BfMatrix::zeros(rows + amx::BLOCK, 3 * dim);
+        let mut mixed = BfMatrix::zeros(rows, dim);
+        let mut hidden = BfMatrix::zeros(rows, self.blocks.first().map_or(1, |b| b.fc1.out_dim()));
+        let mut outputs = Vec::new();
+        for (i, block) in self.blocks.iter().enumerate() {
+            block.norm1.to_bf16(&x, &mut normed);
+            let scale = &self.qkv_scale;
+            amx::matmul(normed.view(), &block.qkv.weight, qkv.data_mut(), 3 * dim, |dst, v, c| {
+                rows::bias_scale_to_bf16(dst, v, &block.qkv.bias[c..], &scale[c..]);
+            });
+            self.attention(&qkv, batch, tokens, &mut mixed);
+            amx::matmul(mixed.view(), &block.proj.weight, &mut x, dim, |dst, v, c| rows::bias_accumulate(dst, v, &block.proj.bias[c..]));
+            block.norm2.to_bf16(&x, &mut normed);
+            let stride = hidden.stride();
+            let hidden_rows = &mut hidden.data_mut()[..rows * stride];
+            amx::matmul(normed.view(), &block.fc1.weight, hidden_rows, stride, |dst, v, c| rows::bias_gelu_to_bf16(dst, v, &block.fc1.bias[c..]));
+            amx::matmul(hidden.view(), &block.fc2.weight, &mut x, dim, |dst, v, c| rows::bias_accumulate(dst, v, &block.fc2.bias[c..]));
+            if self.blocks.len() - i <= n {
+                let mut out = vec![0f32; rows * dim];
+                out.par_chunks_mut(dim).zip(x.par_chunks(dim)).for_each(|(dst, row)| {
+                    rows::layer_norm(dst, row, &self.norm.weight, &self.norm.bias, self.norm.eps);
+                });
+                outputs.push(Tensor::from_data(TensorData::new(out, [batch, tokens, dim]), &device));
+            }
+        }
+        outputs
+    }
+
+    /// The token stream [B·(1 + patches), D]: patch projections and the cls token, plus the
+    /// position embedding. Pixels past the last whole patch are dropped, as in the f32 path.
+    fn embed(&self, pixels: &[f32], batch: usize, (h, w): (usize, usize)) -> Vec<f32> {
+        let (dim, p) = (self.dim, self.patch_size);
+        let (gh, gw) = (h / p, w / p);
+        let (patches, tokens) = (gh * gw, 1 + gh * gw);
+        let mut flat = BfMatrix::zeros(batch * patches, 3 * p * p);
+        let stride = flat.stride();
+        flat.data_mut().par_chunks_mut(patches * stride).zip(pixels.par_chunks(3 * h * w)).for_each(|(rows, image)| {
+            for (patch, row) in rows.chunks_mut(stride).enumerate() {
+                let (gy, gx) = (patch / gw, patch % gw);
+                for c in 0..3 {
+                    for py in 0..p {
+                        let src = &image[(c * h + gy * p + py) * w + gx * p..][..p];
+                        rows::to_bf16_row(&mut row[(c * p + py) * p..][..p], src);
+                    }
+                }
+            }
+        });
+        let mut projected = vec![0f32; batch * patches * dim];
+        amx::matmul(flat.view(), &self.patch.weight, &mut projected, dim, |dst, v, c| rows::bias_add(dst, v, &self.patch.bias[c..]));
+        let pos = self.position_embedding(h, w);
+        let mut x = vec![0f32; batch * tokens * dim];
+        x.par_chunks_mut(tokens * dim).zip(projected.par_chunks(patches * dim)).for_each(|(image, patch_rows)| {
+            let (cls, rest) = image.split_at_mut(dim);
+            for ((d, &c), &e) in cls.iter_mut().zip(&self.cls_token).zip(&pos[..dim]) {
+                *d = c + e;
+            }
+            for ((d, &v), &e) in rest.iter_mut().zip(patch_rows).zip(&pos[dim..]) {
+                *d = v + e;
+            }
+        });
+        x
+    }
+
+    fn position_embedding(&self, h: usize, w: usize) -> Arc<Vec<f32>> {
+        let mut cache = self.resized_pos.lock().expect("position cache poisoned");
+        cache.entry((h, w)).or_insert_with(|| Arc::new(host(position_embedding(self.pos_embed.clone(), self.patch_size, h, w)))).clone()
+    }
+
+    /// Multi-head self-attention of each image (one image per task), from the bf16 qkv rows
+    /// [B·N, 3D] (queries already scaled) into the heads' concatenated outputs.
+    fn attention(&self, qkv: &BfMatrix, images: usize, tokens: usize, mixed: &mut BfMatrix) {
+        let dim = self.dim;
+        let head_dim = dim / self.num_heads;
+        let (qkv_stride, stride) = (qkv.stride(), mixed.stride());
+        let qkv = qkv.view_data();
+        mixed.data_mut()[..images * tokens * stride].par_chunks_mut(tokens * stride).enumerate().for_each_init(
+            || (PackedB::default(), vec![0f32; tokens * tokens], BfMatrix::zeros(tokens, tokens), PackedB::default()),
+            |(keys, scores, weights, values), (image, out)| {
+                let first = image * tokens * qkv_stride;
+                for head in 0..self.num_heads {
+                    let part = |p: usize| first + p * dim + head * head_dim;
+                    let row = |p: usize, t: usize| &qkv[part(p) + t * qkv_stride..][..head_dim];
+                    let queries = BfView::new(&qkv[part(0)..], tokens, head_dim, qkv_stride);
+                    keys.repack_bf16_transposed(head_dim, tokens, |t| row(1, t));
+                    amx::matmul_serial(queries, keys, scores, tokens, |dst, v, _| dst.copy_from_slice(v));
+                    for (t, scores_row) in scores.chunks_mut(tokens).enumerate() {
+                        rows::softmax_to_bf16(weights.row_mut(t), scores_row);
+                    }
+                    values.repack_bf16(tokens, head_dim, |t| row(2, t));
+                    amx::matmul_serial(weights.view(), values, &mut out[head * head_dim..], stride, |dst, v, _| rows::to_bf16_row(dst, v));
+                }
+            },
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::{Device, Distribution};
+    use rand::SeedableRng;
+    use rand::rngs::StdRng;
+
+    use crate::model::VitConfig;
+
+    /// Largest absolute difference and smallest per-token cosine similarity.
+    fn compare(a: Tensor<3>, b: Tensor<3>) -> (f32, f32) {
+        let [_, _, d] = a.dims();
+        let (a, b) = (host(a), host(b));
+        let max_diff = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max);
+        let min_cos = a
+            .chunks(d)
+            .zip(b.chunks(d))
+            .map(|(x, y)| {
+                let dot: f32 = x.iter().zip(y).map(|(p, q)| p * q).sum();
+                let norm = |v: &[f32]| v.iter().map(|p| p * p).sum::<f32>().sqrt();
+                dot / (norm(x) * norm(y))
+            })
+            .fold(1.0, f32::min);
+        (max_diff, min_cos)
+    }
+
+    /// The bf16 engine against the f32 burn path on a random ViT (trained-size and resized
+    /// inputs, odd token counts): the same network up to bf16 rounding of the products' inputs.
+    #[test]
+    fn matches_the_f32_path_up_to_bf16_rounding() {
+        if !amx::available() {
+            eprintln!("skipped: no AMX-BF16 on this CPU");
+            return;
+        }
+        let device = Device::flex();
+        let config = VitConfig { img_size: 48, patch_size: 8, embed_dim: 96, depth: 3, num_heads: 3, mlp_ratio: 4, drop_path_rate: 0.0 };
+        let vit = config.init(&mut StdRng::seed_from_u64(0), &device);
+        let engine = Bf16Vit::new(&vit);
+        for (batch, h, w) in [(5, 48, 48), (3, 40, 57)] {
+            let images = Tensor::<4>::random([batch, 3, h, w], Distribution::Normal(0.0, 1.0), &device);
+            let want = vit.intermediate_layers(images.clone(), 2);
+            let got = engine.intermediate_layers(images, 2);
+            assert_eq!(got.len(), 2);
+            for (g, f32_path) in got.into_iter().zip(want) {
+                assert_eq!(g.dims(), f32_path.dims());
+                let (max_diff, min_cos) = compare(g, f32_path);
+                eprintln!("{batch}x{h}x{w}: max |diff| {max_diff}, min cosine {min_cos}");
+                assert!(max_diff < 0.05 && min_cos > 0.9999, "max |diff| {max_diff}, min cosine {min_cos}");
+            }
+        }
+    }
+}
