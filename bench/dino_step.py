@@ -35,6 +35,8 @@ def main():
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--precision", choices=["f32", "bf16"], default="f32",
+                   help="extract only: bf16 runs the forward under CPU autocast (oneDNN, AMX where present)")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
@@ -44,7 +46,8 @@ def main():
     if a.mode == "extract":
         vit.eval()
         x = torch.randn(a.batch, 3, a.global_size, a.global_size)
-        with torch.no_grad():
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=a.precision == "bf16")
+        with torch.no_grad(), autocast:
             for i in range(a.warmup + a.steps):
                 t0 = time.perf_counter()
                 vit(x)

@@ -13,6 +13,7 @@ cases=(
   "--mode step --arch vit_tiny --patch 16 --batch 8 --out_dim 65536"
   "--mode step --arch vit_tiny --patch 16 --batch 8 --out_dim 4096"
   "--mode extract --arch vit_small --patch 16 --batch 64"
+  "--mode extract --arch vit_small --patch 16 --batch 64 --precision bf16"
 )
 if [ "${1:-}" != quick ]; then
   cases+=(

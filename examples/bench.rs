@@ -4,12 +4,14 @@
 //! Prints one JSON line: median seconds, images per second, peak RSS, and the step's parts.
 //!
 //!     cargo run --release --example bench -- --mode step --arch vit_tiny --patch 16 --batch 8 --out_dim 65536
+//!     cargo run --release --example bench -- --mode extract --arch vit_small --batch 64 --precision bf16
 
 use std::time::Instant;
 
 use burn::module::Module;
 use burn::tensor::{Distribution, Tensor};
-use dino::model::{DinoHeadConfig, DinoModel, VitConfig};
+use dino::eval::features::{FeatureLayout, FeatureNetwork, Precision};
+use dino::model::{DinoHeadConfig, DinoModel, Network, VitConfig};
 use dino::train::{ema, loss::DinoLoss, optim};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
@@ -17,6 +19,10 @@ use rand::rngs::StdRng;
 fn arg<T: std::str::FromStr>(name: &str, default: T) -> T {
     let args: Vec<String> = std::env::args().collect();
     args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).map_or(default, |v| v.parse().ok().expect("a valid value"))
+}
+
+fn args_have(flag: &str) -> bool {
+    std::env::args().any(|a| a == flag)
 }
 
 fn peak_rss_mb() -> f64 {
@@ -37,6 +43,8 @@ fn main() {
     let (steps, warmup): (usize, usize) = (arg("--steps", 5), arg("--warmup", 2));
     let (hidden, bottleneck): (usize, usize) = (arg("--head_hidden_dim", 2048), arg("--head_bottleneck_dim", 256));
     let device: String = arg("--device", "cpu".to_string());
+    let precision: String = arg("--precision", "f32".to_string());
+    let precision = <Precision as clap::ValueEnum>::from_str(&precision, true).expect("--precision f32 or bf16");
     let kind = <dino::train::config::DeviceKind as clap::ValueEnum>::from_str(&device, true).expect("--device cpu, cuda or vulkan");
     let dev = dino::train::trainer::device_for(kind).expect("device available in this build");
     let mut vit = VitConfig::from_arch(&arch, patch).expect("known arch");
@@ -47,17 +55,20 @@ fn main() {
     let mut times = Vec::new();
     let mut parts: Vec<[f64; 5]> = Vec::new();
     if mode == "extract" {
+        let network = Network::Vit(backbone);
+        let network = FeatureNetwork::new(&network, precision).expect("--precision available here");
         for _ in 0..warmup + steps {
             let x = Tensor::<4>::random([batch, 3, gsize, gsize], Distribution::Normal(0.0, 1.0), &dev);
             let t0 = Instant::now();
-            let _ = backbone.forward(x).into_data();
+            let _ = network.kind(FeatureLayout::CLS).features(x).into_data();
             times.push(t0.elapsed().as_secs_f64());
         }
     } else {
         let head = DinoHeadConfig { hidden_dim: hidden, bottleneck_dim: bottleneck, ..DinoHeadConfig::new(vit.embed_dim, out_dim) }.init(&mut rng, &dev);
         let student = DinoModel { backbone: dino::model::Network::Vit(backbone), head };
         let mut teacher = student.valid();
-        let mut student = student.fork(&dev.clone().autodiff()).train();
+        let autodiff = if args_have("--gradient_checkpointing") { dev.clone().autodiff().gradient_checkpointing() } else { dev.clone().autodiff() };
+        let mut student = student.fork(&autodiff).train();
         let mut loss_fn = DinoLoss::new(out_dim, 2 + nlocal, 0.04, 0.04, 0, 1, &dev);
         let mut adamw = optim::Optimizer::new(optim::OptimizerKind::Adamw);
         let never = |_: &str| false;
@@ -86,7 +97,7 @@ fn main() {
         }
     }
     let m = median(times[warmup..].to_vec());
-    let mut line = serde_json::json!({ "impl": format!("dino ({device})"), "median_s": m, "img_per_s": batch as f64 / m, "peak_rss_mb": peak_rss_mb() });
+    let mut line = serde_json::json!({ "impl": format!("dino ({device}, {precision:?})"), "median_s": m, "img_per_s": batch as f64 / m, "peak_rss_mb": peak_rss_mb() });
     if !parts.is_empty() {
         let names = ["teacher_forward", "student_forward_loss", "backward", "adamw", "ema"];
         for (i, name) in names.iter().enumerate() {

@@ -143,3 +143,59 @@ fn linear_probe_on_cached_and_augmented_features() {
     let bytes = std::fs::read(out.join("linear.safetensors")).unwrap();
     assert_eq!(dino::train::checkpoint::read_tensors(&bytes, &out).unwrap()["linear.weight"].shape, vec![10, 128]);
 }
+
+/// Smallest cosine similarity between corresponding rows of two feature matrices.
+fn min_row_cosine(a: &dino::npy::Array, b: &dino::npy::Array) -> f64 {
+    let dim = a.shape[1];
+    a.values
+        .chunks(dim)
+        .zip(b.values.chunks(dim))
+        .map(|(x, y)| {
+            let dot: f64 = x.iter().zip(y).map(|(p, q)| p * q).sum();
+            let norm = |v: &[f64]| v.iter().map(|p| p * p).sum::<f64>().sqrt();
+            dot / (norm(x) * norm(y))
+        })
+        .fold(1.0, f64::min)
+}
+
+#[test]
+fn bf16_features_match_f32_and_keep_knn_accuracy() {
+    let model = ["--random_init", "--arch", "vit_micro", "--patch_size", "7", "--image_size", "28", "--center_crop", "1"];
+    if !dino::infer::amx::available() {
+        let (ok, _, err) = dino(&[&["knn", "--precision", "bf16"], &model[..]].concat());
+        assert!(!ok && err.contains("--precision bf16") && err.contains("AMX"), "{err}");
+        eprintln!("skipped the comparison: no AMX-BF16 on this CPU");
+        return;
+    }
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("precision");
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut features = Vec::new();
+    for precision in ["f32", "bf16"] {
+        let out = dir.join(precision);
+        let args = [
+            &["extract", "--data", FASHION_MNIST, "--subset", "300", "--n_last_blocks", "2", "--avgpool_patchtokens"][..],
+            &["--precision", precision, "--output_dir", out.to_str().unwrap()],
+            &model[..],
+        ]
+        .concat();
+        let (ok, _, err) = dino(&args);
+        assert!(ok, "{err}");
+        features.push(read_npy(&out.join("features.npy")));
+    }
+    assert_eq!(features[0].shape, vec![300, 192]);
+    assert_eq!(features[0].shape, features[1].shape);
+    assert_ne!(features[0].values, features[1].values, "bf16 must take its own path");
+    let cosine = min_row_cosine(&features[0], &features[1]);
+    assert!(cosine > 0.999, "bf16 features drift from f32: cosine {cosine}");
+
+    let mut top1 = Vec::new();
+    for precision in ["f32", "bf16"] {
+        let (ok, out, err) = dino(&[&["knn", "--nb_knn", "20", "--precision", precision], &model[..], &SUBSETS[..]].concat());
+        assert!(ok, "{err}");
+        top1.push(results(&out)[0].1);
+    }
+    assert!((top1[0] - top1[1]).abs() <= 1.0, "20-NN top-1 f32 {} vs bf16 {}", top1[0], top1[1]);
+
+    let (ok, _, err) = dino(&["knn", "--random_init", "--arch", "resnet_micro", "--precision", "bf16"]);
+    assert!(!ok && err.contains("--precision bf16") && err.contains("ResNet"), "{err}");
+}

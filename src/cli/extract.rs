@@ -9,9 +9,9 @@ use burn::tensor::Device;
 use clap::Args;
 
 use super::backbone::BackboneArgs;
-use super::eval_args::{TransformArgs, check_last_blocks, open_dataset};
+use super::eval_args::{PrecisionArgs, TransformArgs, check_last_blocks, open_dataset};
 use crate::data::dataset::IdxSplit;
-use crate::eval::features::{FeatureLayout, extract, network_features};
+use crate::eval::features::{FeatureLayout, extract};
 use crate::npy;
 
 #[derive(Debug, Args)]
@@ -30,6 +30,8 @@ pub struct ExtractArgs {
     pub backbone: BackboneArgs,
     #[command(flatten)]
     pub transform: TransformArgs,
+    #[command(flatten)]
+    pub precision: PrecisionArgs,
     /// Concatenate the cls tokens of the last n blocks.
     #[arg(long, default_value_t = 1)]
     pub n_last_blocks: usize,
@@ -57,8 +59,9 @@ pub fn run(args: ExtractArgs) -> Result<()> {
     check_last_blocks(&backbone.network, args.n_last_blocks)?;
     let transform = args.transform.transform(backbone.trained_size)?;
     let layout = FeatureLayout { n_last_blocks: args.n_last_blocks, avgpool_patchtokens: args.avgpool_patchtokens };
+    let network = args.precision.prepare(&backbone.network)?;
     let started = std::time::Instant::now();
-    let features = extract(network_features(&backbone.network, layout), &dataset, transform, args.transform.batch_size, &device)?;
+    let features = extract(network.kind(layout), &dataset, transform, args.transform.batch_size, &device)?;
     if features.indices.is_empty() {
         bail!("--data {}: no readable images", args.data.display());
     }

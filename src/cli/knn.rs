@@ -9,9 +9,9 @@ use burn::tensor::Device;
 use clap::Args;
 
 use super::backbone::BackboneArgs;
-use super::eval_args::{TransformArgs, open_dataset};
+use super::eval_args::{PrecisionArgs, TransformArgs, open_dataset};
 use crate::data::dataset::IdxSplit;
-use crate::eval::features::{FeatureKind, FeatureLayout, extract, network_features};
+use crate::eval::features::{FeatureKind, FeatureLayout, extract};
 use crate::eval::knn::{LabelledFeatures, knn_accuracy};
 use crate::npy;
 
@@ -38,6 +38,8 @@ pub struct KnnArgs {
     pub test_features: Option<PathBuf>,
     #[command(flatten)]
     pub transform: TransformArgs,
+    #[command(flatten)]
+    pub precision: PrecisionArgs,
     /// Numbers of neighbours to report.
     #[arg(long, num_args = 1.., default_values_t = [10, 20, 100, 200])]
     pub nb_knn: Vec<usize>,
@@ -68,8 +70,9 @@ pub fn run(args: KnnArgs) -> Result<()> {
             let test = open_dataset(&args.test_data, IdxSplit::Test, args.subset_test, "--test_data", true)?;
             let backbone = if args.pixels { None } else { Some(args.backbone.load(&device)?) };
             let transform = args.transform.transform(backbone.as_ref().and_then(|b| b.trained_size))?;
-            let kind = match &backbone {
-                Some(b) => network_features(&b.network, FeatureLayout::CLS),
+            let network = backbone.as_ref().map(|b| args.precision.prepare(&b.network)).transpose()?;
+            let kind = match &network {
+                Some(n) => n.kind(FeatureLayout::CLS),
                 None => FeatureKind::Pixels,
             };
             let batch = args.transform.batch_size;

@@ -15,11 +15,11 @@ use rand::{Rng, SeedableRng};
 use rayon::prelude::*;
 
 use super::backbone::BackboneArgs;
-use super::eval_args::{check_last_blocks, eval_transform, open_dataset};
+use super::eval_args::{PrecisionArgs, check_last_blocks, eval_transform, open_dataset};
 use crate::data::augment::{flip_horizontal, normalize_to_chw, random_resized_crop_box, resize_crop};
 use crate::data::dataset::{Dataset, IdxSplit};
 use crate::data::loader::{epoch_order, mix_seed};
-use crate::eval::features::{FeatureKind, FeatureLayout, REFERENCE_CROP, extract, feature_dim, network_features, progress_bar};
+use crate::eval::features::{FeatureKind, FeatureLayout, REFERENCE_CROP, extract, feature_dim, progress_bar};
 use crate::eval::knn::LabelledFeatures;
 use crate::eval::linear::{LinearProbe, cosine_lr};
 use crate::weights::{HostTensor, write_safetensors};
@@ -38,6 +38,8 @@ pub struct LinearArgs {
     pub output_dir: PathBuf,
     #[command(flatten)]
     pub backbone: BackboneArgs,
+    #[command(flatten)]
+    pub precision: PrecisionArgs,
     /// Concatenate the cls tokens of the last n blocks (reference: 4 for ViT-S, 1 for ViT-B;
     /// a ResNet always gives its pooled output).
     #[arg(long, default_value_t = 4)]
@@ -125,7 +127,8 @@ pub fn run(args: LinearArgs) -> Result<()> {
     let eval = eval_transform(args.image_size.or(backbone.trained_size).unwrap_or(224), args.center_crop)?;
     let size = eval.size;
     let layout = FeatureLayout { n_last_blocks: args.n_last_blocks, avgpool_patchtokens: args.avgpool_patchtokens };
-    let kind = network_features(&backbone.network, layout);
+    let network = args.precision.prepare(&backbone.network)?;
+    let kind = network.kind(layout);
     let extract_batch = args.batch_size_per_gpu.max(64);
     eprintln!("test features ({} images)...", test.len());
     let val = extract(kind, &test, eval, extract_batch, &device)?.into_labelled(&test)?;

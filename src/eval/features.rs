@@ -10,6 +10,7 @@ use rayon::prelude::*;
 use super::knn::LabelledFeatures;
 use crate::data::augment::{normalize_to_chw, resize_crop};
 use crate::data::dataset::Dataset;
+use crate::infer::{Bf16Vit, amx};
 use crate::model::{Network, ResNet, VisionTransformer};
 use crate::weights::HostTensor;
 
@@ -39,10 +40,12 @@ impl EvalTransform {
 }
 
 /// What to compute per image.
-#[derive(Debug, Clone, Copy)]
+#[derive(Clone, Copy)]
 pub enum FeatureKind<'a> {
     /// ViT features, see [`backbone_features`].
     Backbone(&'a VisionTransformer, FeatureLayout),
+    /// The same ViT features from the bf16 AMX engine.
+    Bf16(&'a Bf16Vit, FeatureLayout),
     /// A ResNet's pooled output.
     ResNet(&'a ResNet),
     /// The centre-crop pixels themselves, flattened (the raw-pixel baseline).
@@ -54,6 +57,7 @@ impl FeatureKind<'_> {
     pub fn features(&self, x: Tensor<4>) -> Tensor<2> {
         match *self {
             FeatureKind::Backbone(vit, layout) => backbone_features(vit, x, layout),
+            FeatureKind::Bf16(engine, layout) => compose_features(engine.intermediate_layers(x, layout.n_last_blocks), layout),
             FeatureKind::ResNet(resnet) => resnet.forward(x),
             FeatureKind::Pixels => unreachable!("pixel features are not computed from tensors"),
         }
@@ -87,13 +91,57 @@ pub fn backbone_features(vit: &VisionTransformer, x: Tensor<4>, layout: FeatureL
     if layout == FeatureLayout::CLS {
         return vit.forward(x);
     }
-    let mut layers = vit.intermediate_layers(x, layout.n_last_blocks);
+    compose_features(vit.intermediate_layers(x, layout.n_last_blocks), layout)
+}
+
+/// The features of `layout` from the normalised tokens of the last blocks.
+fn compose_features(mut layers: Vec<Tensor<3>>, layout: FeatureLayout) -> Tensor<2> {
     let [b, tokens, d] = layers[0].dims();
     let cls = |t: Tensor<3>| t.slice_dim(1, 0..1).reshape([b, d]);
     let mean = layout.avgpool_patchtokens.then(|| layers.last().unwrap().clone().slice_dim(1, 1..tokens).mean_dim(1).reshape([b, d]));
     match mean {
         Some(mean) if layers.len() == 1 => Tensor::stack::<3>(vec![cls(layers.pop().unwrap()), mean], 2).reshape([b, 2 * d]),
         mean => Tensor::cat(layers.into_iter().map(cls).chain(mean).collect(), 1),
+    }
+}
+
+/// Arithmetic of the backbone's forward pass when computing features.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Precision {
+    /// f32 throughout: the reference's numbers.
+    #[default]
+    F32,
+    /// bf16 matrix products with f32 accumulation on Intel AMX (ViT only).
+    Bf16,
+}
+
+/// A network ready to compute features at a precision (the bf16 engine packed once).
+pub struct FeatureNetwork<'a> {
+    network: &'a Network,
+    bf16: Option<Bf16Vit>,
+}
+
+impl<'a> FeatureNetwork<'a> {
+    /// An error naming --precision when bf16 is asked of a ResNet or of a CPU without AMX.
+    pub fn new(network: &'a Network, precision: Precision) -> anyhow::Result<Self> {
+        let bf16 = match precision {
+            Precision::F32 => None,
+            Precision::Bf16 => {
+                let vit = network.vit("--precision bf16")?;
+                if !amx::available() {
+                    anyhow::bail!("--precision bf16 needs a CPU with AMX-BF16 (Intel Xeon Sapphire Rapids or newer); this one has none, use --precision f32");
+                }
+                Some(Bf16Vit::new(vit).context("--precision bf16")?)
+            }
+        };
+        Ok(Self { network, bf16 })
+    }
+
+    pub fn kind(&self, layout: FeatureLayout) -> FeatureKind<'_> {
+        match &self.bf16 {
+            Some(engine) => FeatureKind::Bf16(engine, layout),
+            None => network_features(self.network, layout),
+        }
     }
 }
 
@@ -148,8 +196,8 @@ pub fn extract(kind: FeatureKind, dataset: &Dataset, transform: EvalTransform, b
             match img {
                 Ok(img) => {
                     pixels.push(match kind {
-                        FeatureKind::Backbone(..) | FeatureKind::ResNet(_) => transform.view(&img),
                         FeatureKind::Pixels => transform.pixels(&img),
+                        _ => transform.view(&img),
                     });
                     out.indices.push(i);
                     out.labels.push(dataset.label(i));
@@ -163,16 +211,16 @@ pub fn extract(kind: FeatureKind, dataset: &Dataset, transform: EvalTransform, b
             continue;
         }
         match kind {
-            FeatureKind::Backbone(..) | FeatureKind::ResNet(_) => {
+            FeatureKind::Pixels => {
+                out.dim = pixels[0].len();
+                out.values.extend(pixels.concat());
+            }
+            _ => {
                 let size = transform.size;
                 let x = Tensor::<4>::from_data(TensorData::new(pixels.concat(), [n, 3, size, size]), device);
                 let feats = HostTensor::from_tensor(kind.features(x)).values;
                 out.dim = feats.len() / n;
                 out.values.extend(feats);
-            }
-            FeatureKind::Pixels => {
-                out.dim = pixels[0].len();
-                out.values.extend(pixels.concat());
             }
         }
     }

@@ -87,9 +87,10 @@ fn host<const D: usize>(t: Tensor<D>) -> Vec<f32> {
 }
 
 impl Bf16Vit {
-    /// Packs a ViT's weights. Panics if AMX is not available (check [`amx::available`]).
-    pub fn new(vit: &VisionTransformer) -> Self {
-        assert!(amx::available(), "bf16 inference needs AMX-BF16");
+    /// Packs a ViT's weights; an error when AMX is not available or the heads are not a
+    /// whole number of 32-wide tile slices.
+    pub fn new(vit: &VisionTransformer) -> anyhow::Result<Self> {
+        anyhow::ensure!(amx::available(), "bf16 inference needs a CPU with AMX-BF16");
         let p = vit.patch_size();
         let dim = vit.embed_dim();
         let conv = host(vit.patch_embed.weight.val());
@@ -102,7 +103,7 @@ impl Bf16Vit {
         let num_heads = vit.blocks.first().map_or(1, |b| b.attn.num_heads);
         let head_dim = dim / num_heads;
         // Heads are read straight out of the qkv rows, in whole 32-wide tile slices.
-        assert!(head_dim.is_multiple_of(32), "bf16 inference needs a head width that is a multiple of 32, not {head_dim}");
+        anyhow::ensure!(head_dim.is_multiple_of(32), "bf16 inference needs a head width that is a multiple of 32, not {head_dim}");
         let block = |b: &Block| BlockWeights {
             norm1: Norm::new(&b.norm1),
             qkv: Dense::new(&b.attn.qkv),
@@ -111,7 +112,7 @@ impl Bf16Vit {
             fc1: Dense::new(&b.mlp.fc1),
             fc2: Dense::new(&b.mlp.fc2),
         };
-        Self {
+        Ok(Self {
             patch_size: p,
             dim,
             num_heads,
@@ -122,7 +123,7 @@ impl Bf16Vit {
             blocks: vit.blocks.iter().map(block).collect(),
             norm: Norm::new(&vit.norm),
             qkv_scale: (0..3 * dim).map(|c| if c < dim { (head_dim as f32).powf(-0.5) } else { 1.0 }).collect(),
-        }
+        })
     }
 
     pub fn depth(&self) -> usize {
@@ -277,7 +278,7 @@ mod tests {
         let device = Device::flex();
         let config = VitConfig { img_size: 48, patch_size: 8, embed_dim: 96, depth: 3, num_heads: 3, mlp_ratio: 4, drop_path_rate: 0.0 };
         let vit = config.init(&mut StdRng::seed_from_u64(0), &device);
-        let engine = Bf16Vit::new(&vit);
+        let engine = Bf16Vit::new(&vit).unwrap();
         for (batch, h, w) in [(5, 48, 48), (3, 40, 57)] {
             let images = Tensor::<4>::random([batch, 3, h, w], Distribution::Normal(0.0, 1.0), &device);
             let want = vit.intermediate_layers(images.clone(), 2);
