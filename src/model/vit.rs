@@ -136,39 +136,52 @@ pub struct Attention {
 
 impl Attention {
     /// The mixed tokens. Without autodiff this is the backend's fused attention kernel (no
-    /// [N, N] weights kept); with autodiff, the plain matmul-softmax-matmul, so gradients flow.
+    /// [N, N] weights kept); with autodiff, see [`Attention::forward_trainable`].
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
         if x.device().is_autodiff() {
-            return self.forward_with_weights(x).0;
+            return self.forward_trainable(x);
         }
         let [b, n, c] = x.dims();
-        let (q, k, v) = self.heads(x);
-        // q arrives pre-scaled (see `heads`), so the kernel must not scale again.
-        let options = AttentionModuleOptions { scale: Some(1.0), ..Default::default() };
+        let (q, k, v, scale) = self.heads(x);
+        let options = AttentionModuleOptions { scale: Some(scale), ..Default::default() };
         let mixed = attention(q, k, v, None, None, options);
         self.proj.forward(mixed.swap_dims(1, 2).reshape([b, n, c]))
     }
 
-    /// As `forward`, also returning the attention weights [B, heads, N, N].
+    /// Attention written so that the autodiff graph keeps one [N, N] tensor per block, as
+    /// PyTorch's softmax does: the unnormalised weights E = exp(s - max s) are saved once (by
+    /// exp and by E·V alike) and the rows are normalised after the product, on [N, head_dim].
+    /// A softmax op would keep both E and E / ΣE. q, k and v stay views of the qkv output
+    /// (the scale goes on the scores), so no scaled copy of q is kept either.
+    fn forward_trainable(&self, x: Tensor<3>) -> Tensor<3> {
+        let [b, n, c] = x.dims();
+        let (q, k, v, scale) = self.heads(x);
+        let scores = q.matmul(k.transpose()).mul_scalar(scale);
+        let max = scores.clone().detach().max_dim(3);
+        let weights = (scores - max).exp();
+        let mixed = weights.clone().matmul(v) / weights.sum_dim(3);
+        self.proj.forward(mixed.swap_dims(1, 2).reshape([b, n, c]))
+    }
+
+    /// As `forward`, also returning the attention weights [B, heads, N, N] (attention maps).
     pub fn forward_with_weights(&self, x: Tensor<3>) -> (Tensor<3>, Tensor<4>) {
         let [b, n, c] = x.dims();
-        let (q, k, v) = self.heads(x);
-        let weights = softmax(q.matmul(k.transpose()), 3);
+        let (q, k, v, scale) = self.heads(x);
+        let weights = softmax(q.mul_scalar(scale).matmul(k.transpose()), 3);
         let mixed = weights.clone().matmul(v).swap_dims(1, 2).reshape([b, n, c]);
         (self.proj.forward(mixed), weights)
     }
 
-    /// q, k, v as [B, heads, N, head_dim], q already multiplied by head_dim^-0.5 (scaling the
-    /// [N, head_dim] queries is cheaper than the [N, N] scores, forward and backward).
-    fn heads(&self, x: Tensor<3>) -> (Tensor<4>, Tensor<4>, Tensor<4>) {
+    /// q, k, v as [B, heads, N, head_dim] and the score scale head_dim^-0.5.
+    fn heads(&self, x: Tensor<3>) -> (Tensor<4>, Tensor<4>, Tensor<4>, f64) {
         let [b, n, c] = x.dims();
         let heads = self.num_heads;
         let head_dim = c / heads;
         let qkv = self.qkv.forward(x).reshape([b, n, 3, heads, head_dim]).permute([2, 0, 3, 1, 4]);
-        let q = qkv.clone().slice_dim(0, 0..1).squeeze_dim::<4>(0).mul_scalar((head_dim as f64).powf(-0.5));
+        let q = qkv.clone().slice_dim(0, 0..1).squeeze_dim::<4>(0);
         let k = qkv.clone().slice_dim(0, 1..2).squeeze_dim::<4>(0);
         let v = qkv.slice_dim(0, 2..3).squeeze_dim::<4>(0);
-        (q, k, v)
+        (q, k, v, (head_dim as f64).powf(-0.5))
     }
 }
 
@@ -331,6 +344,32 @@ mod tests {
 
     fn host(t: Tensor<2>) -> Vec<f32> {
         t.into_data().try_to_vec::<f32>().unwrap()
+    }
+
+    /// The training arrangement of attention (normalise after E·V) against the plain
+    /// softmax: same outputs and same gradients.
+    #[test]
+    fn trainable_attention_equals_softmax_attention() {
+        let dev = Device::flex().autodiff();
+        let vit = tiny(0.0).init(&mut StdRng::seed_from_u64(0), &dev);
+        let attn = &vit.blocks[0].attn;
+        let x = Tensor::<3>::random([3, 5, 8], burn::tensor::Distribution::Normal(0.0, 2.0), &dev);
+        let w = Tensor::<3>::random([3, 5, 8], burn::tensor::Distribution::Normal(0.0, 1.0), &dev);
+        let plain = attn.forward_with_weights(x.clone()).0;
+        let trainable = attn.forward_trainable(x);
+        let values = |t: &Tensor<3>| t.clone().into_data().try_to_vec::<f32>().unwrap();
+        for (a, b) in values(&plain).iter().zip(values(&trainable)) {
+            assert!((a - b).abs() < 1e-6, "{a} vs {b}");
+        }
+        let grad = |out: Tensor<3>| {
+            let grads = (out * w.clone()).sum().backward();
+            attn.qkv.weight.grad(&grads).unwrap().into_data().try_to_vec::<f32>().unwrap()
+        };
+        let (g_plain, g_trainable) = (grad(plain), grad(trainable));
+        assert!(g_plain.iter().any(|g| g.abs() > 1e-3), "gradients flow");
+        for (a, b) in g_plain.iter().zip(&g_trainable) {
+            assert!((a - b).abs() < 1e-5 * (1.0 + a.abs()), "{a} vs {b}");
+        }
     }
 
     #[test]
