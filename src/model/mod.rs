@@ -74,6 +74,31 @@ impl LayerNorm {
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
         burn::tensor::module::layer_norm(x, self.weight.val(), Some(self.bias.val()), self.eps)
     }
+
+    /// (x - mean) / sqrt(var + eps) over the last axis, the norm without its affine part. Under
+    /// autodiff the graph keeps x - mean (shared by the variance and the division) and the
+    /// [.., 1] denominator.
+    pub fn standardize(&self, x: Tensor<3>) -> Tensor<3> {
+        let centered = x.clone() - x.mean_dim(2);
+        let var = (centered.clone() * centered.clone()).mean_dim(2);
+        centered / var.add_scalar(self.eps).sqrt()
+    }
+
+    /// `linear.forward(self.forward(x))` with the affine part folded into the linear layer:
+    /// (x̂γ + β)W + b = x̂(diag(γ)W) + (βW + b), the folding done on the weights. Equal in
+    /// value; for training, the graph then keeps x - mean and x̂ (the matmul's input) instead
+    /// of those plus the affine output: one activation-sized tensor less per norm.
+    pub fn forward_into(&self, linear: &Linear, x: Tensor<3>) -> Tensor<3> {
+        let weight = linear.weight.val();
+        let [d_in, d_out] = weight.dims();
+        let bias = self.bias.val().reshape([1, d_in]).matmul(weight.clone()).reshape([d_out]);
+        let bias = match &linear.bias {
+            Some(b) => bias + b.val(),
+            None => bias,
+        };
+        let weight = weight * self.weight.val().reshape([d_in, 1]);
+        self.standardize(x).matmul(weight.unsqueeze::<3>()) + bias.reshape([1, 1, d_out])
+    }
 }
 
 /// A Linear layer (weight stored [in, out], burn's layout) with the reference's init:
@@ -103,5 +128,48 @@ impl DinoModel {
             features.push(self.backbone.forward_train(crops.clone(), rng.as_deref_mut()));
         }
         self.head.forward(Tensor::cat(features, 0))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::Distribution;
+    use rand::SeedableRng;
+    use rand::rngs::StdRng;
+
+    /// The folded norm + linear against the plain pair: same values and gradients for the
+    /// norm's γ and β, the linear weight and bias, and the input.
+    #[test]
+    fn folded_norm_equals_norm_then_linear() {
+        let dev = Device::flex().autodiff();
+        let mut norm = LayerNorm::new(6, &dev);
+        norm.weight = Param::from_tensor(Tensor::random([6], Distribution::Normal(1.0, 0.5), &dev));
+        norm.bias = Param::from_tensor(Tensor::random([6], Distribution::Normal(0.0, 0.5), &dev));
+        let fc = linear(6, 5, true, &mut StdRng::seed_from_u64(0), &dev);
+        let fc = Linear { bias: Some(Param::from_tensor(Tensor::random([5], Distribution::Normal(0.0, 0.5), &dev))), ..fc };
+        let x = Tensor::<3>::random([2, 3, 6], Distribution::Normal(1.0, 2.0), &dev).require_grad();
+        let w = Tensor::<3>::random([2, 3, 5], Distribution::Normal(0.0, 1.0), &dev);
+        let host = |t: Tensor<1>| t.into_data().try_to_vec::<f32>().unwrap();
+        let run = |out: Tensor<3>| {
+            let grads = (out.clone() * w.clone()).sum().backward();
+            let flat = |t: Tensor<2>| host(t.reshape([-1]));
+            [
+                host(out.reshape([-1])),
+                host(x.grad(&grads).unwrap().reshape([-1])),
+                host(norm.weight.grad(&grads).unwrap()),
+                host(norm.bias.grad(&grads).unwrap()),
+                flat(fc.weight.grad(&grads).unwrap()),
+                host(fc.bias.as_ref().unwrap().grad(&grads).unwrap()),
+            ]
+        };
+        let plain = run(fc.forward(norm.forward(x.clone())));
+        let folded = run(norm.forward_into(&fc, x.clone()));
+        for (what, (p, f)) in ["output", "dx", "dγ", "dβ", "dW", "db"].iter().zip(plain.iter().zip(&folded)) {
+            assert!(p.iter().any(|v| v.abs() > 1e-3), "{what} is all zero");
+            for (a, b) in p.iter().zip(f) {
+                assert!((a - b).abs() < 1e-5 * (1.0 + a.abs()), "{what}: {a} vs {b}");
+            }
+        }
     }
 }

@@ -139,10 +139,10 @@ impl Attention {
     /// [N, N] weights kept); with autodiff, see [`Attention::forward_trainable`].
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
         if x.device().is_autodiff() {
-            return self.forward_trainable(x);
+            return self.mix_trainable(self.qkv.forward(x));
         }
         let [b, n, c] = x.dims();
-        let (q, k, v, scale) = self.heads(x);
+        let (q, k, v, scale) = self.heads(self.qkv.forward(x));
         let options = AttentionModuleOptions { scale: Some(scale), ..Default::default() };
         let mixed = attention(q, k, v, None, None, options);
         self.proj.forward(mixed.swap_dims(1, 2).reshape([b, n, c]))
@@ -153,9 +153,11 @@ impl Attention {
     /// exp and by E·V alike) and the rows are normalised after the product, on [N, head_dim].
     /// A softmax op would keep both E and E / ΣE. q, k and v stay views of the qkv output
     /// (the scale goes on the scores), so no scaled copy of q is kept either.
-    fn forward_trainable(&self, x: Tensor<3>) -> Tensor<3> {
-        let [b, n, c] = x.dims();
-        let (q, k, v, scale) = self.heads(x);
+    /// Takes the qkv projection's output [B, N, 3D].
+    fn mix_trainable(&self, qkv: Tensor<3>) -> Tensor<3> {
+        let [b, n, c3] = qkv.dims();
+        let c = c3 / 3;
+        let (q, k, v, scale) = self.heads(qkv);
         let scores = q.matmul(k.transpose()).mul_scalar(scale);
         let max = scores.clone().detach().max_dim(3);
         let weights = (scores - max).exp();
@@ -166,18 +168,19 @@ impl Attention {
     /// As `forward`, also returning the attention weights [B, heads, N, N] (attention maps).
     pub fn forward_with_weights(&self, x: Tensor<3>) -> (Tensor<3>, Tensor<4>) {
         let [b, n, c] = x.dims();
-        let (q, k, v, scale) = self.heads(x);
+        let (q, k, v, scale) = self.heads(self.qkv.forward(x));
         let weights = softmax(q.mul_scalar(scale).matmul(k.transpose()), 3);
         let mixed = weights.clone().matmul(v).swap_dims(1, 2).reshape([b, n, c]);
         (self.proj.forward(mixed), weights)
     }
 
-    /// q, k, v as [B, heads, N, head_dim] and the score scale head_dim^-0.5.
-    fn heads(&self, x: Tensor<3>) -> (Tensor<4>, Tensor<4>, Tensor<4>, f64) {
-        let [b, n, c] = x.dims();
+    /// q, k, v as [B, heads, N, head_dim] from the qkv output [B, N, 3D], and the score scale
+    /// head_dim^-0.5.
+    fn heads(&self, qkv: Tensor<3>) -> (Tensor<4>, Tensor<4>, Tensor<4>, f64) {
+        let [b, n, c3] = qkv.dims();
         let heads = self.num_heads;
-        let head_dim = c / heads;
-        let qkv = self.qkv.forward(x).reshape([b, n, 3, heads, head_dim]).permute([2, 0, 3, 1, 4]);
+        let head_dim = c3 / 3 / heads;
+        let qkv = qkv.reshape([b, n, 3, heads, head_dim]).permute([2, 0, 3, 1, 4]);
         let q = qkv.clone().slice_dim(0, 0..1).squeeze_dim::<4>(0);
         let k = qkv.clone().slice_dim(0, 1..2).squeeze_dim::<4>(0);
         let v = qkv.slice_dim(0, 2..3).squeeze_dim::<4>(0);
@@ -194,7 +197,12 @@ pub struct Mlp {
 
 impl Mlp {
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        self.fc2.forward(gelu(self.fc1.forward(x)))
+        self.from_hidden(self.fc1.forward(x))
+    }
+
+    /// The rest of the MLP from fc1's output.
+    fn from_hidden(&self, hidden: Tensor<3>) -> Tensor<3> {
+        self.fc2.forward(gelu(hidden))
     }
 }
 
@@ -210,8 +218,15 @@ pub struct Block {
 
 impl Block {
     /// `rng` enables stochastic depth (training); `None` is the deterministic forward.
+    /// Under autodiff each norm's affine part is folded into the projection after it
+    /// ([`LayerNorm::forward_into`]), so the graph keeps one activation less per norm.
     fn forward(&self, x: Tensor<3>, rng: Option<&mut StdRng>) -> Tensor<3> {
-        let mixed = self.attn.forward(self.norm1.forward(x.clone()));
+        let training = x.device().is_autodiff();
+        let mixed = if training {
+            self.attn.mix_trainable(self.norm1.forward_into(&self.attn.qkv, x.clone()))
+        } else {
+            self.attn.forward(self.norm1.forward(x.clone()))
+        };
         let (attn_keep, mlp_keep) = match rng {
             Some(rng) if self.drop_path > 0.0 => {
                 let batch = x.dims()[0];
@@ -220,7 +235,11 @@ impl Block {
             _ => (None, None),
         };
         let x = x + apply_keep(mixed, attn_keep);
-        let update = self.mlp.forward(self.norm2.forward(x.clone()));
+        let update = if training {
+            self.mlp.from_hidden(self.norm2.forward_into(&self.mlp.fc1, x.clone()))
+        } else {
+            self.mlp.forward(self.norm2.forward(x.clone()))
+        };
         x + apply_keep(update, mlp_keep)
     }
 
@@ -356,7 +375,7 @@ mod tests {
         let x = Tensor::<3>::random([3, 5, 8], burn::tensor::Distribution::Normal(0.0, 2.0), &dev);
         let w = Tensor::<3>::random([3, 5, 8], burn::tensor::Distribution::Normal(0.0, 1.0), &dev);
         let plain = attn.forward_with_weights(x.clone()).0;
-        let trainable = attn.forward_trainable(x);
+        let trainable = attn.mix_trainable(attn.qkv.forward(x));
         let values = |t: &Tensor<3>| t.clone().into_data().try_to_vec::<f32>().unwrap();
         for (a, b) in values(&plain).iter().zip(values(&trainable)) {
             assert!((a - b).abs() < 1e-6, "{a} vs {b}");
