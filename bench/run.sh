@@ -2,6 +2,7 @@
 # Speed harness: the same DINO step (and feature extraction) in dino and in PyTorch, case by
 # case, each in a fresh process, printed as a Markdown table (img/s, ratio, peak RSS).
 #   bench/run.sh [quick]        (quick: the ViT-Ti/16 batch-8 cases and extraction only)
+#   bench/run.sh -- "CASE" ...  (just these cases, e.g. "--mode step --arch vit_small --batch 32 --out_dim 4096")
 # Needs a venv with torch: python3 -m venv .venv-bench && .venv-bench/bin/pip install torch
 # (override with PYTHON=...). FEATURES=... adds cargo features; CARGO_TARGET_DIR is honoured.
 set -euo pipefail
@@ -15,7 +16,10 @@ cases=(
   "--mode extract --arch vit_small --patch 16 --batch 64"
   "--mode extract --arch vit_small --patch 16 --batch 64 --precision bf16"
 )
-if [ "${1:-}" != quick ]; then
+if [ "${1:-}" = -- ]; then
+  shift
+  cases=("$@")
+elif [ "${1:-}" != quick ]; then
   cases+=(
     "--mode step --arch vit_tiny --patch 16 --batch 32 --out_dim 65536"
     "--mode step --arch vit_tiny --patch 16 --batch 32 --out_dim 4096"
