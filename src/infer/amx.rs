@@ -138,18 +138,13 @@ impl<'a> BfView<'a> {
 /// The right-hand operand, packed into tdpbf16ps's layout: for each 16-column strip and each
 /// 32-deep k slice, a tile of 16 rows by 16 columns whose entries are k-pairs: row r, column c
 /// holds (B[2r][c], B[2r+1][c]) as two bf16 in one u32.
+#[derive(Default)]
 pub struct PackedB {
     k: usize,
     n: usize,
     k_tiles: usize,
     n_strips: usize,
     pairs: Vec<u32>,
-}
-
-impl Default for PackedB {
-    fn default() -> Self {
-        Self { k: 0, n: 0, k_tiles: 0, n_strips: 0, pairs: Vec::new() }
-    }
 }
 
 /// Rows of f32 as rows of bf16.

@@ -64,6 +64,9 @@ struct BlockWeights {
     fc2: Dense,
 }
 
+/// Host position embeddings [1 + patches, D] by input (height, width).
+type PositionCache = HashMap<(usize, usize), Arc<Vec<f32>>>;
+
 /// A ViT ready for bf16 inference. Build it with [`Bf16Vit::new`] after checking
 /// [`amx::available`].
 pub struct Bf16Vit {
@@ -74,7 +77,7 @@ pub struct Bf16Vit {
     cls_token: Vec<f32>,
     pos_embed: Tensor<3>,
     /// Position embeddings already resized, by input height and width.
-    resized_pos: Mutex<HashMap<(usize, usize), Arc<Vec<f32>>>>,
+    resized_pos: Mutex<PositionCache>,
     blocks: Vec<BlockWeights>,
     norm: Norm,
     /// Multiplies the query columns of the qkv product by head_dim^-0.5 (as the f32 path

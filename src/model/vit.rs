@@ -202,11 +202,11 @@ pub struct Mlp {
 
 impl Mlp {
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        self.from_hidden(self.fc1.forward(x))
+        self.after_fc1(self.fc1.forward(x))
     }
 
     /// The rest of the MLP from fc1's output.
-    fn from_hidden(&self, hidden: Tensor<3>) -> Tensor<3> {
+    fn after_fc1(&self, hidden: Tensor<3>) -> Tensor<3> {
         self.fc2.forward(gelu(hidden))
     }
 }
@@ -241,7 +241,7 @@ impl Block {
         };
         let x = x + apply_keep(mixed, attn_keep);
         let update = if training {
-            self.mlp.from_hidden(self.norm2.forward_into(&self.mlp.fc1, x.clone()))
+            self.mlp.after_fc1(self.norm2.forward_into(&self.mlp.fc1, x.clone()))
         } else {
             self.mlp.forward(self.norm2.forward(x.clone()))
         };
