@@ -71,19 +71,6 @@ impl BfMatrix {
         Self { rows, cols, stride, data: vec![0; round_up(rows.max(1), BLOCK) * stride] }
     }
 
-    /// Reshapes in place, keeping the allocation when it is large enough; padding is zeroed.
-    pub fn reset(&mut self, rows: usize, cols: usize) {
-        self.rows = rows;
-        self.cols = cols;
-        self.stride = round_up(cols.max(1), K_STEP);
-        self.data.clear();
-        self.data.resize(round_up(rows.max(1), BLOCK) * self.stride, 0);
-    }
-
-    pub fn rows(&self) -> usize {
-        self.rows
-    }
-
     pub fn cols(&self) -> usize {
         self.cols
     }
@@ -211,10 +198,6 @@ impl PackedB {
                 self.pairs[slot] = two[0] as u32 | (two.get(1).copied().unwrap_or(0) as u32) << 16;
             }
         }
-    }
-
-    pub fn k(&self) -> usize {
-        self.k
     }
 
     pub fn n(&self) -> usize {

@@ -129,10 +129,6 @@ impl Bf16Vit {
         })
     }
 
-    pub fn depth(&self) -> usize {
-        self.blocks.len()
-    }
-
     /// As `VisionTransformer::intermediate_layers`: the normalised tokens [B, 1 + patches, D]
     /// after each of the last `n` blocks, for normalised images [B, 3, H, W].
     pub fn intermediate_layers(&self, images: Tensor<4>, n: usize) -> Vec<Tensor<3>> {
