@@ -4,6 +4,7 @@
 //! (pairs of k interleaved per column); results come out 32×32 f32 blocks at a time through a
 //! caller's closure, so bias, activation and residual passes fuse into the store.
 
+#[cfg(target_arch = "x86_64")]
 use std::arch::asm;
 use std::sync::OnceLock;
 
@@ -23,11 +24,15 @@ pub fn available() -> bool {
     *AVAILABLE.get_or_init(|| {
         #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
         {
-            // CPUID leaf 7: EDX bit 22 AMX-BF16, bit 24 AMX-TILE; AVX-512 F/BW for the rest of
-            // the engine.
+            // CPUID leaf 7: EDX bit 22 AMX-BF16, bit 24 AMX-TILE; and the AVX-512 subsets and FMA
+            // that the row kernels (`rows.rs`) are compiled for.
             let leaf7 = std::arch::x86_64::__cpuid_count(7, 0);
             let amx = leaf7.edx & (1 << 22) != 0 && leaf7.edx & (1 << 24) != 0;
-            let avx512 = std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("avx512bw");
+            let avx512 = std::arch::is_x86_feature_detected!("avx512f")
+                && std::arch::is_x86_feature_detected!("avx512bw")
+                && std::arch::is_x86_feature_detected!("avx512vl")
+                && std::arch::is_x86_feature_detected!("avx512dq")
+                && std::arch::is_x86_feature_detected!("fma");
             const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
             const XFEATURE_XTILEDATA: libc::c_long = 18;
             amx && avx512 && unsafe { libc::syscall(libc::SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) } == 0
@@ -206,9 +211,11 @@ impl PackedB {
 }
 
 /// The tile configuration: palette 1, all eight tiles 16 rows of 64 bytes.
+#[cfg(target_arch = "x86_64")]
 #[repr(C, align(64))]
 struct TileConfig([u8; 64]);
 
+#[cfg(target_arch = "x86_64")]
 const TILE_CONFIG: TileConfig = {
     let mut c = [0u8; 64];
     c[0] = 1;
@@ -225,50 +232,56 @@ const TILE_CONFIG: TileConfig = {
 /// (row-major, 32 wide) to `emit(col0, block)`.
 ///
 /// Safety: AMX must be `available()`, and `a` must have at least `row0 + 32` padded rows.
+#[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables, unused_mut))]
 unsafe fn row_block(a: BfView, row0: usize, b: &PackedB, block: &mut [f32; BLOCK * BLOCK], mut emit: impl FnMut(usize, &[f32; BLOCK * BLOCK])) {
-    let a_stride = a.stride * 2;
-    let a0 = a.data[row0 * a.stride..].as_ptr();
-    let a1 = a.data[(row0 + 16) * a.stride..].as_ptr();
-    let strip_len = b.k_tiles * TILE_PAIRS;
-    let out = block.as_mut_ptr();
-    for pair in 0..b.n_strips / 2 {
-        let b0 = b.pairs[2 * pair * strip_len..].as_ptr();
-        let b1 = b.pairs[(2 * pair + 1) * strip_len..].as_ptr();
-        unsafe {
-            asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3", options(nostack));
-            for kt in 0..b.k_tiles {
+    #[cfg(not(target_arch = "x86_64"))]
+    unreachable!("AMX exists only on x86-64");
+    #[cfg(target_arch = "x86_64")]
+    {
+        let a_stride = a.stride * 2;
+        let a0 = a.data[row0 * a.stride..].as_ptr();
+        let a1 = a.data[(row0 + 16) * a.stride..].as_ptr();
+        let strip_len = b.k_tiles * TILE_PAIRS;
+        let out = block.as_mut_ptr();
+        for pair in 0..b.n_strips / 2 {
+            let b0 = b.pairs[2 * pair * strip_len..].as_ptr();
+            let b1 = b.pairs[(2 * pair + 1) * strip_len..].as_ptr();
+            unsafe {
+                asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3", options(nostack));
+                for kt in 0..b.k_tiles {
+                    asm!(
+                        "tileloadd tmm4, [{a0} + {sa}*1]",
+                        "tileloadd tmm5, [{a1} + {sa}*1]",
+                        "tileloadd tmm6, [{b0} + {sb}*1]",
+                        "tileloadd tmm7, [{b1} + {sb}*1]",
+                        "tdpbf16ps tmm0, tmm4, tmm6",
+                        "tdpbf16ps tmm1, tmm4, tmm7",
+                        "tdpbf16ps tmm2, tmm5, tmm6",
+                        "tdpbf16ps tmm3, tmm5, tmm7",
+                        a0 = in(reg) a0.add(kt * K_STEP),
+                        a1 = in(reg) a1.add(kt * K_STEP),
+                        b0 = in(reg) b0.add(kt * TILE_PAIRS),
+                        b1 = in(reg) b1.add(kt * TILE_PAIRS),
+                        sa = in(reg) a_stride,
+                        sb = in(reg) 64usize,
+                        options(nostack, readonly),
+                    );
+                }
                 asm!(
-                    "tileloadd tmm4, [{a0} + {sa}*1]",
-                    "tileloadd tmm5, [{a1} + {sa}*1]",
-                    "tileloadd tmm6, [{b0} + {sb}*1]",
-                    "tileloadd tmm7, [{b1} + {sb}*1]",
-                    "tdpbf16ps tmm0, tmm4, tmm6",
-                    "tdpbf16ps tmm1, tmm4, tmm7",
-                    "tdpbf16ps tmm2, tmm5, tmm6",
-                    "tdpbf16ps tmm3, tmm5, tmm7",
-                    a0 = in(reg) a0.add(kt * K_STEP),
-                    a1 = in(reg) a1.add(kt * K_STEP),
-                    b0 = in(reg) b0.add(kt * TILE_PAIRS),
-                    b1 = in(reg) b1.add(kt * TILE_PAIRS),
-                    sa = in(reg) a_stride,
-                    sb = in(reg) 64usize,
-                    options(nostack, readonly),
+                    "tilestored [{o0} + {s}*1], tmm0",
+                    "tilestored [{o1} + {s}*1], tmm1",
+                    "tilestored [{o2} + {s}*1], tmm2",
+                    "tilestored [{o3} + {s}*1], tmm3",
+                    o0 = in(reg) out,
+                    o1 = in(reg) out.add(16),
+                    o2 = in(reg) out.add(16 * BLOCK),
+                    o3 = in(reg) out.add(16 * BLOCK + 16),
+                    s = in(reg) BLOCK * 4,
+                    options(nostack),
                 );
             }
-            asm!(
-                "tilestored [{o0} + {s}*1], tmm0",
-                "tilestored [{o1} + {s}*1], tmm1",
-                "tilestored [{o2} + {s}*1], tmm2",
-                "tilestored [{o3} + {s}*1], tmm3",
-                o0 = in(reg) out,
-                o1 = in(reg) out.add(16),
-                o2 = in(reg) out.add(16 * BLOCK),
-                o3 = in(reg) out.add(16 * BLOCK + 16),
-                s = in(reg) BLOCK * 4,
-                options(nostack),
-            );
+            emit(pair * BLOCK, block);
         }
-        emit(pair * BLOCK, block);
     }
 }
 
@@ -276,9 +289,15 @@ unsafe fn row_block(a: BfView, row0: usize, b: &PackedB, block: &mut [f32; BLOCK
 /// need not save them).
 fn with_tiles<R>(f: impl FnOnce() -> R) -> R {
     assert!(available(), "AMX-BF16 is not available on this CPU");
-    unsafe { asm!("ldtilecfg [{0}]", in(reg) TILE_CONFIG.0.as_ptr(), options(nostack, readonly)) };
+    #[cfg(target_arch = "x86_64")]
+    unsafe {
+        asm!("ldtilecfg [{0}]", in(reg) TILE_CONFIG.0.as_ptr(), options(nostack, readonly))
+    };
     let r = f();
-    unsafe { asm!("tilerelease", options(nostack, nomem)) };
+    #[cfg(target_arch = "x86_64")]
+    unsafe {
+        asm!("tilerelease", options(nostack, nomem))
+    };
     r
 }
 

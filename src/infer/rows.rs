@@ -10,10 +10,10 @@ macro_rules! avx512 {
     ($(#[$doc:meta])* pub fn $name:ident($($arg:ident: $ty:ty),*) $body:block) => {
         $(#[$doc])*
         pub fn $name($($arg: $ty),*) {
-            #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,fma")]
+            #[cfg_attr(target_arch = "x86_64", target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,fma"))]
             unsafe fn kernel($($arg: $ty),*) $body
             debug_assert!(super::amx::available());
-            // Safety: the engine only runs after `amx::available()`, which requires AVX-512 F/BW.
+            // Safety: the engine only runs after `amx::available()`, which checks these features.
             unsafe { kernel($($arg),*) }
         }
     };
