@@ -196,6 +196,8 @@ fn bf16_features_match_f32_and_keep_knn_accuracy() {
     }
     assert!((top1[0] - top1[1]).abs() <= 1.0, "20-NN top-1 f32 {} vs bf16 {}", top1[0], top1[1]);
 
+    let (ok, _, err) = dino(&["extract", "--data", FASHION_MNIST, "--subset", "2", "--random_init", "--arch", "vit_micro", "--image_size", "4", "--precision", "bf16", "--output_dir", dir.join("small").to_str().unwrap()]);
+    assert!(!ok && err.contains("--image_size 4 is smaller than the ViT's patch size 16"), "{err}");
     let (ok, _, err) = dino(&["knn", "--random_init", "--arch", "resnet_micro", "--precision", "bf16"]);
     assert!(!ok && err.contains("--precision bf16") && err.contains("ResNet"), "{err}");
 }

@@ -62,6 +62,15 @@ impl FeatureKind<'_> {
             FeatureKind::Pixels => unreachable!("pixel features are not computed from tensors"),
         }
     }
+
+    /// A ViT's patch size: the smallest image it can take.
+    fn patch_size(&self) -> Option<usize> {
+        match *self {
+            FeatureKind::Backbone(vit, _) => Some(vit.patch_size()),
+            FeatureKind::Bf16(engine, _) => Some(engine.patch_size()),
+            FeatureKind::ResNet(_) | FeatureKind::Pixels => None,
+        }
+    }
 }
 
 /// Which backbone outputs form a feature.
@@ -185,6 +194,11 @@ impl Extracted {
 
 /// Features of every readable image. Unreadable files are reported on stderr and left out.
 pub fn extract(kind: FeatureKind, dataset: &Dataset, transform: EvalTransform, batch: usize, device: &Device) -> Result<Extracted> {
+    if let Some(patch) = kind.patch_size()
+        && transform.size < patch
+    {
+        anyhow::bail!("--image_size {} is smaller than the ViT's patch size {patch}", transform.size);
+    }
     let mut out = Extracted { dim: 0, values: Vec::new(), labels: Vec::new(), indices: Vec::new() };
     let indices: Vec<usize> = (0..dataset.len()).collect();
     let progress = progress_bar(dataset.len() as u64);

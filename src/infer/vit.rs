@@ -129,6 +129,10 @@ impl Bf16Vit {
         })
     }
 
+    pub fn patch_size(&self) -> usize {
+        self.patch_size
+    }
+
     /// As `VisionTransformer::intermediate_layers`: the normalised tokens [B, 1 + patches, D]
     /// after each of the last `n` blocks, for normalised images [B, 3, H, W].
     pub fn intermediate_layers(&self, images: Tensor<4>, n: usize) -> Vec<Tensor<3>> {
