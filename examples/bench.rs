@@ -21,10 +21,6 @@ fn arg<T: std::str::FromStr>(name: &str, default: T) -> T {
     args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).map_or(default, |v| v.parse().ok().expect("a valid value"))
 }
 
-fn args_have(flag: &str) -> bool {
-    std::env::args().any(|a| a == flag)
-}
-
 fn peak_rss_mb() -> f64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     status.lines().find_map(|l| l.strip_prefix("VmHWM:")).and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok()).map_or(0.0, |kb| kb / 1024.0)
@@ -67,8 +63,7 @@ fn main() {
         let head = DinoHeadConfig { hidden_dim: hidden, bottleneck_dim: bottleneck, ..DinoHeadConfig::new(vit.embed_dim, out_dim) }.init(&mut rng, &dev);
         let student = DinoModel { backbone: dino::model::Network::Vit(backbone), head };
         let mut teacher = student.valid();
-        let autodiff = if args_have("--gradient_checkpointing") { dev.clone().autodiff().gradient_checkpointing() } else { dev.clone().autodiff() };
-        let mut student = student.fork(&autodiff).train();
+        let mut student = student.fork(&dev.clone().autodiff()).train();
         let mut loss_fn = DinoLoss::new(out_dim, 2 + nlocal, 0.04, 0.04, 0, 1, &dev);
         let mut adamw = optim::Optimizer::new(optim::OptimizerKind::Adamw);
         let never = |_: &str| false;

@@ -135,14 +135,12 @@ pub struct Attention {
 }
 
 impl Attention {
-    /// The mixed tokens. Without autodiff on the CPU this is burn-flex's fused attention
-    /// kernel (no [N, N] weights kept); with autodiff, see [`Attention::mix_trainable`]. On
-    /// GPUs the plain matmul-softmax-matmul is used: CubeCL's fused kernel measured 10× slower
-    /// there (ViT-S/16 extraction on an H200 through Vulkan: 819 vs 8634 img/s).
+    /// The mixed tokens, for inference (training goes through [`Attention::mix_trainable`],
+    /// see `Block::forward`). On the CPU this is burn-flex's fused attention kernel (no
+    /// [N, N] weights kept); on GPUs the plain matmul-softmax-matmul, as CubeCL's fused kernel
+    /// measured 10× slower there (ViT-S/16 extraction on an H200 through Vulkan: 819 vs 8634
+    /// img/s).
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        if x.device().is_autodiff() {
-            return self.mix_trainable(self.qkv.forward(x));
-        }
         if x.device() != Device::flex() {
             return self.forward_with_weights(x).0;
         }
@@ -157,8 +155,7 @@ impl Attention {
     /// PyTorch's softmax does: the unnormalised weights E = exp(s - max s) are saved once (by
     /// exp and by E·V alike) and the rows are normalised after the product, on [N, head_dim].
     /// A softmax op would keep both E and E / ΣE. q, k and v stay views of the qkv output
-    /// (the scale goes on the scores), so no scaled copy of q is kept either.
-    /// Takes the qkv projection's output [B, N, 3D].
+    /// [B, N, 3D] this takes (the scale goes on the scores), so no scaled copy of q is kept.
     fn mix_trainable(&self, qkv: Tensor<3>) -> Tensor<3> {
         let [b, n, c3] = qkv.dims();
         let c = c3 / 3;
