@@ -3,7 +3,7 @@
 pub mod cli;
 pub mod data;
 pub mod eval;
-pub mod infer;
+pub mod bf16;
 pub mod model;
 pub mod npy;
 pub mod pretrained;

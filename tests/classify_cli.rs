@@ -161,7 +161,7 @@ fn min_row_cosine(a: &dino::npy::Array, b: &dino::npy::Array) -> f64 {
 #[test]
 fn bf16_features_match_f32_and_keep_knn_accuracy() {
     let model = ["--random_init", "--arch", "vit_micro", "--patch_size", "7", "--image_size", "28", "--center_crop", "1"];
-    if !dino::infer::amx::available() {
+    if !dino::bf16::amx::available() {
         let (ok, _, err) = dino(&[&["knn", "--precision", "bf16"], &model[..]].concat());
         assert!(!ok && err.contains("--precision bf16") && err.contains("AMX"), "{err}");
         eprintln!("skipped the comparison: no AMX-BF16 on this CPU");

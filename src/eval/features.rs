@@ -10,7 +10,7 @@ use rayon::prelude::*;
 use super::knn::LabelledFeatures;
 use crate::data::augment::{normalize_to_chw, resize_crop};
 use crate::data::dataset::Dataset;
-use crate::infer::{Bf16Vit, amx};
+use crate::bf16::{Bf16Vit, amx};
 use crate::model::{Network, ResNet, VisionTransformer};
 use crate::weights::HostTensor;
 

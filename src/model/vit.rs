@@ -245,14 +245,17 @@ impl Block {
         x + apply_keep(update, mlp_keep)
     }
 
-    /// Per-sample residual scale: 0 with probability `drop_path`, else 1 / (1 - drop_path).
+    /// Per-sample residual scale as a [batch, 1, 1] tensor, see [`keep_factors`].
     fn keep_mask(&self, batch: usize, rng: &mut StdRng, device: &Device) -> Tensor<3> {
-        let keep = 1.0 - self.drop_path;
-        let values = (0..batch)
-            .map(|_| if rng.random::<f64>() < keep { (1.0 / keep) as f32 } else { 0.0 })
-            .collect();
-        tensor_from_vec(values, [batch, 1, 1], device)
+        tensor_from_vec(keep_factors(self.drop_path, batch, rng), [batch, 1, 1], device)
     }
+}
+
+/// Stochastic depth's per-sample residual scales: 0 with probability `drop_path`, else
+/// 1 / (1 - drop_path). One draw per sample, in order (the bf16 student draws the same).
+pub fn keep_factors(drop_path: f64, batch: usize, rng: &mut StdRng) -> Vec<f32> {
+    let keep = 1.0 - drop_path;
+    (0..batch).map(|_| if rng.random::<f64>() < keep { (1.0 / keep) as f32 } else { 0.0 }).collect()
 }
 
 fn apply_keep(update: Tensor<3>, keep: Option<Tensor<3>>) -> Tensor<3> {
@@ -340,18 +343,36 @@ impl VisionTransformer {
 /// does: the grid is scaled bicubically by (grid + 0.1) / trained_side, so the kernel samples
 /// slightly off the exact ratio and the output size never rounds down.
 pub fn position_embedding(pos: Tensor<3>, patch_size: usize, h: usize, w: usize) -> Tensor<3> {
-    let (gh, gw) = (h / patch_size, w / patch_size);
     let [_, n_plus_one, d] = pos.dims();
-    let n = n_plus_one - 1;
-    if gh * gw == n && h == w {
+    let Some(GridResize { side, out, scale }) = GridResize::plan(n_plus_one - 1, patch_size, h, w) else {
         return pos;
-    }
-    let side = (n as f64).sqrt().round() as usize;
-    assert_eq!(side * side, n, "position embedding grid is not square");
+    };
     let grid = pos.clone().slice_dim(1, 1..n_plus_one).reshape([side, side, d]);
-    let scale = [(gh as f64 + 0.1) / side as f64, (gw as f64 + 0.1) / side as f64];
-    let resized = resample_grid(grid, [gh, gw], scale, &pos.device()).reshape([1, gh * gw, d]);
+    let resized = resample_grid(grid, out, scale, &pos.device()).reshape([1, out[0] * out[1], d]);
     Tensor::cat(vec![pos.slice_dim(1, 0..1), resized], 1)
+}
+
+/// How [`position_embedding`] resizes the trained side × side grid for an input.
+pub struct GridResize {
+    pub side: usize,
+    /// Patch rows and columns of the input.
+    pub out: [usize; 2],
+    /// Bicubic scale factors (rows, columns): (out + 0.1) / side.
+    pub scale: [f64; 2],
+}
+
+impl GridResize {
+    /// The resize for an h × w input to a grid of `patches` positions; `None` when the
+    /// input has the trained grid and the embedding is used as it is.
+    pub fn plan(patches: usize, patch_size: usize, h: usize, w: usize) -> Option<Self> {
+        let (gh, gw) = (h / patch_size, w / patch_size);
+        if gh * gw == patches && h == w {
+            return None;
+        }
+        let side = (patches as f64).sqrt().round() as usize;
+        assert_eq!(side * side, patches, "position embedding grid is not square");
+        Some(Self { side, out: [gh, gw], scale: [(gh as f64 + 0.1) / side as f64, (gw as f64 + 0.1) / side as f64] })
+    }
 }
 
 #[cfg(test)]

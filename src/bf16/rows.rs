@@ -1,17 +1,18 @@
-//! The engine's element-wise passes, one row at a time: LayerNorm, softmax, bias + exact GELU,
-//! bias + residual, each writing its result in the precision the next matrix product reads.
+//! The engines' element-wise passes, one row at a time: LayerNorm, softmax, bias + exact GELU,
+//! bias + residual, each writing its result in the precision the next matrix product reads,
+//! and the backward passes of LayerNorm, softmax and GELU for training.
 //! They are compiled for AVX-512 and only reached once `amx::available()` has confirmed it
 //! (every AMX CPU has AVX-512), so the rest of the crate stays portable.
 
-use super::amx::to_bf16;
+use super::amx::{from_bf16, to_bf16};
 
 /// Features the row kernels are compiled for.
 macro_rules! avx512 {
-    ($(#[$doc:meta])* pub fn $name:ident($($arg:ident: $ty:ty),*) $body:block) => {
+    ($(#[$doc:meta])* pub fn $name:ident($($arg:ident: $ty:ty),*) $(-> $ret:ty)? $body:block) => {
         $(#[$doc])*
-        pub fn $name($($arg: $ty),*) {
+        pub fn $name($($arg: $ty),*) $(-> $ret)? {
             #[cfg_attr(target_arch = "x86_64", target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,fma"))]
-            unsafe fn kernel($($arg: $ty),*) $body
+            unsafe fn kernel($($arg: $ty),*) $(-> $ret)? $body
             debug_assert!(super::amx::available());
             // Safety: the engine only runs after `amx::available()`, which checks these features.
             unsafe { kernel($($arg),*) }
@@ -60,6 +61,40 @@ fn gelu(x: f32) -> f32 {
     0.5 * x * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2))
 }
 
+/// d GELU / dx = Φ(x) + x·φ(x).
+#[inline(always)]
+fn gelu_slope(x: f32) -> f32 {
+    const INV_SQRT_2PI: f32 = 0.398_942_3;
+    0.5 * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2)) + x * INV_SQRT_2PI * exp(-0.5 * x * x)
+}
+
+avx512! {
+    /// dst = bf16(gelu(h)) for bf16 pre-activations h.
+    pub fn gelu_to_bf16(dst: &mut [u16], h: &[u16]) {
+        for (d, &x) in dst.iter_mut().zip(h) {
+            *d = to_bf16(gelu(from_bf16(x)));
+        }
+    }
+}
+
+avx512! {
+    /// dst = bf16(dg · gelu'(h)): the gradient through GELU at the bf16 pre-activations h.
+    pub fn gelu_backward_to_bf16(dst: &mut [u16], dg: &[f32], h: &[u16]) {
+        for ((d, &g), &x) in dst.iter_mut().zip(dg).zip(h) {
+            *d = to_bf16(g * gelu_slope(from_bf16(x)));
+        }
+    }
+}
+
+avx512! {
+    /// dst = bf16(v · scale).
+    pub fn scale_to_bf16(dst: &mut [u16], v: &[f32], scale: f32) {
+        for (d, &x) in dst.iter_mut().zip(v) {
+            *d = to_bf16(x * scale);
+        }
+    }
+}
+
 avx512! {
     /// dst = bf16(gelu(v + bias)).
     pub fn bias_gelu_to_bf16(dst: &mut [u16], v: &[f32], bias: &[f32]) {
@@ -83,6 +118,25 @@ avx512! {
     pub fn bias_accumulate(dst: &mut [f32], v: &[f32], bias: &[f32]) {
         for ((d, &x), &b) in dst.iter_mut().zip(v).zip(bias) {
             *d += x + b;
+        }
+    }
+}
+
+avx512! {
+    /// dst += scale · (v + bias): a residual branch under stochastic depth (scale 0 for a
+    /// dropped sample, 1 / keep-rate otherwise).
+    pub fn bias_accumulate_scaled(dst: &mut [f32], v: &[f32], bias: &[f32], scale: f32) {
+        for ((d, &x), &b) in dst.iter_mut().zip(v).zip(bias) {
+            *d = (x + b).mul_add(scale, *d);
+        }
+    }
+}
+
+avx512! {
+    /// dst = bf16(v + bias).
+    pub fn bias_to_bf16(dst: &mut [u16], v: &[f32], bias: &[f32]) {
+        for ((d, &x), &b) in dst.iter_mut().zip(v).zip(bias) {
+            *d = to_bf16(x + b);
         }
     }
 }
@@ -129,6 +183,63 @@ fn normalise(x: &[f32], weight: &[f32], bias: &[f32], eps: f32, mut store: impl 
     let inv = 1.0 / (var + eps).sqrt();
     for (i, ((&v, &w), &b)) in x.iter().zip(weight).zip(bias).enumerate() {
         store(i, ((v - mean) * inv).mul_add(w, b));
+    }
+}
+
+avx512! {
+    /// The standardised row x̂ = (x - mean) / sqrt(var + eps) (LayerNorm without its affine
+    /// part, kept for the backward pass); returns 1 / sqrt(var + eps).
+    pub fn standardize(xhat: &mut [f32], x: &[f32], eps: f32) -> f32 {
+        let n = x.len() as f32;
+        let mean = sum_by(x, |v| v) / n;
+        let var = sum_by(x, |v| (v - mean) * (v - mean)) / n;
+        let inv = 1.0 / (var + eps).sqrt();
+        for (d, &v) in xhat.iter_mut().zip(x) {
+            *d = (v - mean) * inv;
+        }
+        inv
+    }
+}
+
+avx512! {
+    /// dst = bf16(x̂·weight + bias): the affine part of LayerNorm.
+    pub fn affine_to_bf16(dst: &mut [u16], xhat: &[f32], weight: &[f32], bias: &[f32]) {
+        for (((d, &v), &w), &b) in dst.iter_mut().zip(xhat).zip(weight).zip(bias) {
+            *d = to_bf16(v.mul_add(w, b));
+        }
+    }
+}
+
+avx512! {
+    /// LayerNorm's input gradient for one row, added to `dx`: with g = dn·weight,
+    /// dx += inv · (g - mean(g) - x̂·mean(g·x̂)).
+    pub fn layer_norm_backward(dx: &mut [f32], dn: &[f32], xhat: &[f32], weight: &[f32], inv: f32) {
+        let n = dn.len() as f32;
+        let mut g_sum = [0f32; 16];
+        let mut gx_sum = [0f32; 16];
+        for (i, ((&d, &w), &x)) in dn.iter().zip(weight).zip(xhat).enumerate() {
+            g_sum[i % 16] += d * w;
+            gx_sum[i % 16] += d * w * x;
+        }
+        let g_mean = g_sum.iter().sum::<f32>() / n;
+        let gx_mean = gx_sum.iter().sum::<f32>() / n;
+        for (((o, &d), &w), &x) in dx.iter_mut().zip(dn).zip(weight).zip(xhat) {
+            *o += inv * (d * w - g_mean - x * gx_mean);
+        }
+    }
+}
+
+avx512! {
+    /// Softmax's input gradient for one row: dst = bf16(p · (dp - Σ dp·p)) for bf16 weights p.
+    pub fn softmax_backward_to_bf16(dst: &mut [u16], dp: &[f32], p: &[u16]) {
+        let mut lanes = [0f32; 16];
+        for (i, (&d, &w)) in dp.iter().zip(p).enumerate() {
+            lanes[i % 16] += d * from_bf16(w);
+        }
+        let dot: f32 = lanes.iter().sum();
+        for ((o, &d), &w) in dst.iter_mut().zip(dp).zip(p) {
+            *o = to_bf16(from_bf16(w) * (d - dot));
+        }
     }
 }
 
@@ -194,5 +305,28 @@ mod tests {
         assert!((gelu(1.0) as f64 - 0.841_344_746_068_542_9).abs() < 2e-7);
         assert!((gelu(-3.0) as f64 + 0.004_049_694_202_6).abs() < 2e-7);
         assert_eq!(gelu(0.0), 0.0);
+    }
+
+    /// The GELU slope against a central difference of the erf form in f64.
+    #[test]
+    fn gelu_slope_is_the_derivative() {
+        let gelu64 = |x: f64| 0.5 * x * (1.0 + libm_erf(x / std::f64::consts::SQRT_2));
+        for i in -40..=40 {
+            let x = i as f64 * 0.125;
+            let h = 1e-4;
+            let want = (gelu64(x + h) - gelu64(x - h)) / (2.0 * h);
+            assert!((gelu_slope(x as f32) as f64 - want).abs() < 1e-6, "gelu'({x}): {} vs {want}", gelu_slope(x as f32));
+        }
+    }
+
+    /// erf in f64 by its Maclaurin series (converges fast on |x| ≤ 4), for the tests.
+    fn libm_erf(x: f64) -> f64 {
+        let (mut term, mut sum, mut n) = (x, x, 0.0);
+        while term.abs() > 1e-17 * sum.abs().max(1e-300) {
+            n += 1.0;
+            term *= -x * x / n;
+            sum += term / (2.0 * n + 1.0);
+        }
+        sum * 2.0 / std::f64::consts::PI.sqrt()
     }
 }

@@ -90,6 +90,10 @@ impl BfMatrix {
         &mut self.data
     }
 
+    pub fn row(&self, r: usize) -> &[u16] {
+        &self.data[r * self.stride..r * self.stride + self.cols]
+    }
+
     pub fn row_mut(&mut self, r: usize) -> &mut [u16] {
         &mut self.data[r * self.stride..r * self.stride + self.cols]
     }
@@ -301,9 +305,9 @@ fn with_tiles<R>(f: impl FnOnce() -> R) -> R {
     r
 }
 
-/// Hands `rows` rows of A·B from `first_row` on to `emit(dst, values, col0)`, one destination
+/// Hands `rows` rows of A·B from `first_row` on to `emit(dst, values, row, col0)`, one destination
 /// row segment at a time.
-fn product_rows<T>(a: BfView, b: &PackedB, (first_row, rows): (usize, usize), out: &mut [T], out_stride: usize, emit: &impl Fn(&mut [T], &[f32], usize)) {
+fn product_rows<T>(a: BfView, b: &PackedB, (first_row, rows): (usize, usize), out: &mut [T], out_stride: usize, emit: &impl Fn(&mut [T], &[f32], usize, usize)) {
     let mut block = [0f32; BLOCK * BLOCK];
     for local0 in (0..rows).step_by(BLOCK) {
         let valid_rows = (rows - local0).min(BLOCK);
@@ -313,7 +317,7 @@ fn product_rows<T>(a: BfView, b: &PackedB, (first_row, rows): (usize, usize), ou
                 let cols = (b.n - col0).min(BLOCK);
                 for r in 0..valid_rows {
                     let at = (local0 + r) * out_stride + col0;
-                    emit(&mut out[at..at + cols], &values[r * BLOCK..r * BLOCK + cols], col0);
+                    emit(&mut out[at..at + cols], &values[r * BLOCK..r * BLOCK + cols], first_row + local0 + r, col0);
                 }
             })
         };
@@ -327,10 +331,10 @@ fn check_shapes<T>(a: BfView, b: &PackedB, out: &[T], out_stride: usize) {
 }
 
 /// A·B for all rows of `a`, split over rayon's threads by 32-row blocks. Row i's product lands
-/// through `emit(dst, values, col0)` where `dst` is `out[i * out_stride + col0..]` (as long as
-/// `values`), so the caller decides what storing means (add a bias, apply GELU, accumulate).
+/// through `emit(dst, values, i, col0)` where `dst` is `out[i * out_stride + col0..]` (as long
+/// as `values`), so the caller decides what storing means (add a bias, apply GELU, accumulate).
 /// `out` may end right after the last row's n values.
-pub fn matmul<T: Send>(a: BfView, b: &PackedB, out: &mut [T], out_stride: usize, emit: impl Fn(&mut [T], &[f32], usize) + Sync) {
+pub fn matmul<T: Send>(a: BfView, b: &PackedB, out: &mut [T], out_stride: usize, emit: impl Fn(&mut [T], &[f32], usize, usize) + Sync) {
     check_shapes(a, b, out, out_stride);
     // Four blocks per task: enough tasks to balance, few tile reconfigurations.
     let rows_per_task = 4 * BLOCK;
@@ -345,7 +349,7 @@ pub fn matmul<T: Send>(a: BfView, b: &PackedB, out: &mut [T], out_stride: usize,
 }
 
 /// As `matmul` on the calling thread only (for callers already running one task per thread).
-pub fn matmul_serial<T>(a: BfView, b: &PackedB, out: &mut [T], out_stride: usize, emit: impl Fn(&mut [T], &[f32], usize)) {
+pub fn matmul_serial<T>(a: BfView, b: &PackedB, out: &mut [T], out_stride: usize, emit: impl Fn(&mut [T], &[f32], usize, usize)) {
     check_shapes(a, b, out, out_stride);
     with_tiles(|| product_rows(a, b, (0, a.rows), out, out_stride, &emit));
 }
@@ -395,9 +399,9 @@ mod tests {
         assert_eq!(b.pairs, b_transposed.pairs, "the two packings differ");
         let stride = n + 3;
         let mut parallel = vec![f32::NAN; m * stride];
-        matmul(a.view(), &b, &mut parallel, stride, |dst, v, _| dst.copy_from_slice(v));
+        matmul(a.view(), &b, &mut parallel, stride, |dst, v, _, _| dst.copy_from_slice(v));
         let mut serial = vec![f32::NAN; m * stride];
-        matmul_serial(a.view(), &b, &mut serial, stride, |dst, v, _| dst.copy_from_slice(v));
+        matmul_serial(a.view(), &b, &mut serial, stride, |dst, v, _, _| dst.copy_from_slice(v));
         for i in 0..m {
             for j in 0..n {
                 let want: f64 = (0..k).map(|t| bf16_round(a_vals[i * k + t]) as f64 * bf16_round(b_vals[t * n + j]) as f64).sum();

@@ -15,14 +15,14 @@ use crate::model::{LayerNorm, VisionTransformer};
 use crate::weights::HostTensor;
 
 /// A LayerNorm's parameters on the host.
-struct Norm {
-    weight: Vec<f32>,
-    bias: Vec<f32>,
-    eps: f32,
+pub(super) struct Norm {
+    pub weight: Vec<f32>,
+    pub bias: Vec<f32>,
+    pub eps: f32,
 }
 
 impl Norm {
-    fn new(norm: &LayerNorm) -> Self {
+    pub fn new(norm: &LayerNorm) -> Self {
         Self { weight: host(norm.weight.val()), bias: host(norm.bias.val()), eps: norm.eps as f32 }
     }
 
@@ -35,22 +35,35 @@ impl Norm {
     }
 }
 
-/// A Linear layer packed for AMX.
-struct Dense {
-    weight: PackedB,
-    bias: Vec<f32>,
+/// A Linear layer packed for AMX: W for the forward product and, for training, Wᵀ for the
+/// input gradient.
+pub(super) struct Dense {
+    pub weight: PackedB,
+    pub transposed: Option<PackedB>,
+    pub bias: Vec<f32>,
 }
 
 impl Dense {
-    fn new(linear: &burn::nn::Linear) -> Self {
+    pub fn new(linear: &burn::nn::Linear) -> Self {
+        Self::packed(linear, false)
+    }
+
+    /// Also packs Wᵀ, for `dx = dy·Wᵀ`.
+    pub fn trainable(linear: &burn::nn::Linear) -> Self {
+        Self::packed(linear, true)
+    }
+
+    fn packed(linear: &burn::nn::Linear, with_transposed: bool) -> Self {
         // burn keeps the weight as [in, out]: already the right-hand operand.
         let weight = HostTensor::from_tensor(linear.weight.val());
         let (k, n) = (weight.shape[0], weight.shape[1]);
+        let row = |i: usize| &weight.values[i * n..(i + 1) * n];
         let bias = linear.bias.as_ref().map_or_else(|| vec![0.0; n], |b| host(b.val()));
-        Self { weight: PackedB::pack(k, n, |i| &weight.values[i * n..(i + 1) * n]), bias }
+        let transposed = with_transposed.then(|| PackedB::pack_transposed(n, k, row));
+        Self { weight: PackedB::pack(k, n, row), transposed, bias }
     }
 
-    fn out_dim(&self) -> usize {
+    pub fn out_dim(&self) -> usize {
         self.weight.n()
     }
 }
@@ -85,7 +98,7 @@ pub struct Bf16Vit {
     qkv_scale: Vec<f32>,
 }
 
-fn host<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+pub(super) fn host<const D: usize>(t: Tensor<D>) -> Vec<f32> {
     HostTensor::from_tensor(t).values
 }
 
@@ -101,6 +114,7 @@ impl Bf16Vit {
         let patch = Dense {
             // The Conv2d weight [dim, 3, p, p] flattened is B's transpose.
             weight: PackedB::pack_transposed(k, dim, |j| &conv[j * k..(j + 1) * k]),
+            transposed: None,
             bias: host(vit.patch_embed.bias.val()),
         };
         let num_heads = vit.blocks.first().map_or(1, |b| b.attn.num_heads);
@@ -155,16 +169,16 @@ impl Bf16Vit {
         for (i, block) in self.blocks.iter().enumerate() {
             block.norm1.to_bf16(&x, &mut normed);
             let scale = &self.qkv_scale;
-            amx::matmul(normed.view(), &block.qkv.weight, qkv.data_mut(), 3 * dim, |dst, v, c| {
+            amx::matmul(normed.view(), &block.qkv.weight, qkv.data_mut(), 3 * dim, |dst, v, _, c| {
                 rows::bias_scale_to_bf16(dst, v, &block.qkv.bias[c..], &scale[c..]);
             });
             self.attention(&qkv, batch, tokens, &mut mixed);
-            amx::matmul(mixed.view(), &block.proj.weight, &mut x, dim, |dst, v, c| rows::bias_accumulate(dst, v, &block.proj.bias[c..]));
+            amx::matmul(mixed.view(), &block.proj.weight, &mut x, dim, |dst, v, _, c| rows::bias_accumulate(dst, v, &block.proj.bias[c..]));
             block.norm2.to_bf16(&x, &mut normed);
             let stride = hidden.stride();
             let hidden_rows = &mut hidden.data_mut()[..rows * stride];
-            amx::matmul(normed.view(), &block.fc1.weight, hidden_rows, stride, |dst, v, c| rows::bias_gelu_to_bf16(dst, v, &block.fc1.bias[c..]));
-            amx::matmul(hidden.view(), &block.fc2.weight, &mut x, dim, |dst, v, c| rows::bias_accumulate(dst, v, &block.fc2.bias[c..]));
+            amx::matmul(normed.view(), &block.fc1.weight, hidden_rows, stride, |dst, v, _, c| rows::bias_gelu_to_bf16(dst, v, &block.fc1.bias[c..]));
+            amx::matmul(hidden.view(), &block.fc2.weight, &mut x, dim, |dst, v, _, c| rows::bias_accumulate(dst, v, &block.fc2.bias[c..]));
             if self.blocks.len() - i <= n {
                 let mut out = vec![0f32; rows * dim];
                 out.par_chunks_mut(dim).zip(x.par_chunks(dim)).for_each(|(dst, row)| {
@@ -177,38 +191,10 @@ impl Bf16Vit {
     }
 
     /// The token stream [B·(1 + patches), D]: patch projections and the cls token, plus the
-    /// position embedding. Pixels past the last whole patch are dropped, as in the f32 path.
+    /// position embedding.
     fn embed(&self, pixels: &[f32], batch: usize, (h, w): (usize, usize)) -> Vec<f32> {
-        let (dim, p) = (self.dim, self.patch_size);
-        let (gh, gw) = (h / p, w / p);
-        let (patches, tokens) = (gh * gw, 1 + gh * gw);
-        let mut flat = BfMatrix::zeros(batch * patches, 3 * p * p);
-        let stride = flat.stride();
-        flat.data_mut().par_chunks_mut(patches * stride).zip(pixels.par_chunks(3 * h * w)).for_each(|(rows, image)| {
-            for (patch, row) in rows.chunks_mut(stride).enumerate() {
-                let (gy, gx) = (patch / gw, patch % gw);
-                for c in 0..3 {
-                    for py in 0..p {
-                        let src = &image[(c * h + gy * p + py) * w + gx * p..][..p];
-                        rows::to_bf16_row(&mut row[(c * p + py) * p..][..p], src);
-                    }
-                }
-            }
-        });
-        let mut projected = vec![0f32; batch * patches * dim];
-        amx::matmul(flat.view(), &self.patch.weight, &mut projected, dim, |dst, v, c| rows::bias_add(dst, v, &self.patch.bias[c..]));
-        let pos = self.position_embedding(h, w);
-        let mut x = vec![0f32; batch * tokens * dim];
-        x.par_chunks_mut(tokens * dim).zip(projected.par_chunks(patches * dim)).for_each(|(image, patch_rows)| {
-            let (cls, rest) = image.split_at_mut(dim);
-            for ((d, &c), &e) in cls.iter_mut().zip(&self.cls_token).zip(&pos[..dim]) {
-                *d = c + e;
-            }
-            for ((d, &v), &e) in rest.iter_mut().zip(patch_rows).zip(&pos[dim..]) {
-                *d = v + e;
-            }
-        });
-        x
+        let flat = patch_rows(pixels, batch, (h, w), self.patch_size);
+        tokens(&flat, &self.patch, &self.cls_token, &self.position_embedding(h, w), batch)
     }
 
     fn position_embedding(&self, h: usize, w: usize) -> Arc<Vec<f32>> {
@@ -219,29 +205,94 @@ impl Bf16Vit {
     /// Multi-head self-attention of each image (one image per task), from the bf16 qkv rows
     /// [B·N, 3D] (queries already scaled) into the heads' concatenated outputs.
     fn attention(&self, qkv: &BfMatrix, images: usize, tokens: usize, mixed: &mut BfMatrix) {
-        let dim = self.dim;
-        let head_dim = dim / self.num_heads;
-        let (qkv_stride, stride) = (qkv.stride(), mixed.stride());
-        let qkv = qkv.view_data();
+        let shape = HeadShape { dim: self.dim, head_dim: self.dim / self.num_heads, tokens };
+        let stride = mixed.stride();
         mixed.data_mut()[..images * tokens * stride].par_chunks_mut(tokens * stride).enumerate().for_each_init(
-            || (PackedB::default(), vec![0f32; tokens * tokens], BfMatrix::zeros(tokens, tokens), PackedB::default()),
-            |(keys, scores, weights, values), (image, out)| {
-                let first = image * tokens * qkv_stride;
+            || (HeadScratch::default(), BfMatrix::zeros(tokens, tokens)),
+            |(scratch, weights), (image, out)| {
                 for head in 0..self.num_heads {
-                    let part = |p: usize| first + p * dim + head * head_dim;
-                    let row = |p: usize, t: usize| &qkv[part(p) + t * qkv_stride..][..head_dim];
-                    let queries = BfView::new(&qkv[part(0)..], tokens, head_dim, qkv_stride);
-                    keys.repack_bf16_transposed(head_dim, tokens, |t| row(1, t));
-                    amx::matmul_serial(queries, keys, scores, tokens, |dst, v, _| dst.copy_from_slice(v));
-                    for (t, scores_row) in scores.chunks_mut(tokens).enumerate() {
-                        rows::softmax_to_bf16(weights.row_mut(t), scores_row);
-                    }
-                    values.repack_bf16(tokens, head_dim, |t| row(2, t));
-                    amx::matmul_serial(weights.view(), values, &mut out[head * head_dim..], stride, |dst, v, _| rows::to_bf16_row(dst, v));
+                    head_attention(qkv, shape, (image, head), scratch, weights, &mut out[head * shape.head_dim..], stride);
                 }
             },
         );
     }
+}
+
+/// The patches of normalised images [B, 3, H, W] as bf16 rows [B·patches, 3·p·p] in the
+/// Conv2d weight's (channel, row, column) order. Pixels past the last whole patch are dropped,
+/// as in the f32 path.
+pub(super) fn patch_rows(pixels: &[f32], batch: usize, (h, w): (usize, usize), p: usize) -> BfMatrix {
+    let (gh, gw) = (h / p, w / p);
+    let patches = gh * gw;
+    let mut flat = BfMatrix::zeros(batch * patches, 3 * p * p);
+    let stride = flat.stride();
+    flat.data_mut()[..batch * patches * stride].par_chunks_mut(patches * stride).zip(pixels.par_chunks(3 * h * w)).for_each(|(rows, image)| {
+        for (patch, row) in rows.chunks_mut(stride).enumerate() {
+            let (gy, gx) = (patch / gw, patch % gw);
+            for c in 0..3 {
+                for py in 0..p {
+                    let src = &image[(c * h + gy * p + py) * w + gx * p..][..p];
+                    rows::to_bf16_row(&mut row[(c * p + py) * p..][..p], src);
+                }
+            }
+        }
+    });
+    flat
+}
+
+/// The token stream [B·(1 + patches), D]: each image's cls token then its projected patches
+/// (`flat`, from [`patch_rows`]), plus the position embedding `pos` [(1 + patches)·D].
+pub(super) fn tokens(flat: &BfMatrix, patch: &Dense, cls_token: &[f32], pos: &[f32], batch: usize) -> Vec<f32> {
+    let dim = patch.out_dim();
+    let patches = pos.len() / dim - 1;
+    let mut projected = vec![0f32; batch * patches * dim];
+    amx::matmul(flat.view(), &patch.weight, &mut projected, dim, |dst, v, _, c| rows::bias_add(dst, v, &patch.bias[c..]));
+    let mut x = vec![0f32; batch * (patches + 1) * dim];
+    x.par_chunks_mut((patches + 1) * dim).zip(projected.par_chunks(patches * dim)).for_each(|(image, patch_rows)| {
+        let (cls, rest) = image.split_at_mut(dim);
+        for ((d, &c), &e) in cls.iter_mut().zip(cls_token).zip(&pos[..dim]) {
+            *d = c + e;
+        }
+        for ((d, &v), &e) in rest.iter_mut().zip(patch_rows).zip(&pos[dim..]) {
+            *d = v + e;
+        }
+    });
+    x
+}
+
+/// Widths of one attention: model width, head width, tokens per image.
+#[derive(Clone, Copy)]
+pub(super) struct HeadShape {
+    pub dim: usize,
+    pub head_dim: usize,
+    pub tokens: usize,
+}
+
+/// Buffers one thread reuses across heads.
+#[derive(Default)]
+pub(super) struct HeadScratch {
+    pub scores: Vec<f32>,
+    pub packed: PackedB,
+}
+
+/// One head of one image: softmax(q·kᵀ) into `weights` [N, N] (bf16), then weights·v into
+/// `out` (bf16 rows `out_stride` apart). q, k and v are read from the bf16 qkv rows [B·N, 3D]
+/// (queries already scaled), which need one spare block of rows past the last image.
+pub(super) fn head_attention(qkv: &BfMatrix, shape: HeadShape, (image, head): (usize, usize), scratch: &mut HeadScratch, weights: &mut BfMatrix, out: &mut [u16], out_stride: usize) {
+    let HeadShape { dim, head_dim, tokens } = shape;
+    let qkv_stride = qkv.stride();
+    let data = qkv.view_data();
+    let part = |p: usize| image * tokens * qkv_stride + p * dim + head * head_dim;
+    let row = |p: usize, t: usize| &data[part(p) + t * qkv_stride..][..head_dim];
+    let queries = BfView::new(&data[part(0)..], tokens, head_dim, qkv_stride);
+    scratch.scores.resize(tokens * tokens, 0.0);
+    scratch.packed.repack_bf16_transposed(head_dim, tokens, |t| row(1, t));
+    amx::matmul_serial(queries, &scratch.packed, &mut scratch.scores, tokens, |dst, v, _, _| dst.copy_from_slice(v));
+    for (t, scores_row) in scratch.scores.chunks_mut(tokens).enumerate() {
+        rows::softmax_to_bf16(weights.row_mut(t), scores_row);
+    }
+    scratch.packed.repack_bf16(tokens, head_dim, |t| row(2, t));
+    amx::matmul_serial(weights.view(), &scratch.packed, out, out_stride, |dst, v, _, _| rows::to_bf16_row(dst, v));
 }
 
 #[cfg(test)]

@@ -1,0 +1,716 @@
+//! The student ViT's forward and backward pass in bf16 on AMX, for `dino train --precision
+//! bf16`: the network, stochastic depth and position-embedding resize of `model::vit`, with
+//! every matrix product — forward, input gradients and weight gradients — on tiles (bf16
+//! inputs, f32 accumulation), while the residual stream, the LayerNorm and softmax statistics
+//! and the gradient sums stay in f32. The forward keeps what the backward needs in a [`Tape`].
+//!
+//! Weights are packed from the burn student at every step and the gradients go back by
+//! parameter name, so burn keeps owning the weights, the optimiser state and the checkpoints.
+
+use burn::tensor::Tensor;
+use rand::rngs::StdRng;
+use rayon::prelude::*;
+
+use super::amx::{self, BLOCK, BfMatrix, BfView, PackedB, to_bf16};
+use super::rows;
+use super::vit::{Dense, HeadScratch, HeadShape, Norm, head_attention, host, patch_rows, tokens};
+use crate::model::VisionTransformer;
+use crate::model::interpolate::bicubic_matrix;
+use crate::model::vit::{GridResize, keep_factors, position_embedding};
+use crate::weights::HostTensor;
+
+struct BlockLayers {
+    norm1: Norm,
+    qkv: Dense,
+    proj: Dense,
+    norm2: Norm,
+    fc1: Dense,
+    fc2: Dense,
+    drop_path: f64,
+}
+
+/// A ViT packed for one training step.
+pub struct StudentVit {
+    patch_size: usize,
+    dim: usize,
+    num_heads: usize,
+    patch: Dense,
+    cls_token: Vec<f32>,
+    pos_embed: Tensor<3>,
+    blocks: Vec<BlockLayers>,
+    norm: Norm,
+    /// head_dim^-0.5 for the query columns of the qkv product, 1 for the others.
+    qkv_scale: Vec<f32>,
+}
+
+/// A LayerNorm's input as its backward pass needs it: the standardised rows and 1/σ per row.
+struct Standardized {
+    xhat: Vec<f32>,
+    inv: Vec<f32>,
+}
+
+/// What one block's forward keeps.
+struct BlockTape {
+    keep_attn: Option<Vec<f32>>,
+    keep_mlp: Option<Vec<f32>>,
+    norm1: Standardized,
+    /// [rows + one spare block, 3D], queries scaled.
+    qkv: BfMatrix,
+    /// Attention weights, image-major then head, [N, N] each.
+    weights: Vec<BfMatrix>,
+    mixed: BfMatrix,
+    norm2: Standardized,
+    /// fc1's output before and after GELU.
+    hidden: BfMatrix,
+    activated: BfMatrix,
+}
+
+/// The forward pass of one crop group, kept for its backward pass.
+pub struct Tape {
+    images: usize,
+    /// Tokens per image (cls and patches).
+    tokens: usize,
+    size: (usize, usize),
+    patches: BfMatrix,
+    blocks: Vec<BlockTape>,
+    /// The final norm's input at the cls rows.
+    out: Standardized,
+}
+
+/// A LayerNorm's parameter gradients.
+struct NormGrads {
+    weight: Vec<f32>,
+    bias: Vec<f32>,
+}
+
+/// A Linear layer's gradients, the weight as burn stores it ([in, out]).
+struct DenseGrads {
+    weight: Vec<f32>,
+    bias: Vec<f32>,
+}
+
+struct BlockGrads {
+    norm1: NormGrads,
+    qkv: DenseGrads,
+    proj: DenseGrads,
+    norm2: NormGrads,
+    fc1: DenseGrads,
+    fc2: DenseGrads,
+}
+
+/// The backbone's parameter gradients, summed over the crop groups of a step.
+pub struct Gradients {
+    dim: usize,
+    patch_size: usize,
+    cls_token: Vec<f32>,
+    pos_embed: Vec<f32>,
+    /// The Conv2d layout [D, 3·p·p].
+    patch: DenseGrads,
+    blocks: Vec<BlockGrads>,
+    norm: NormGrads,
+}
+
+fn zeros(n: usize) -> Vec<f32> {
+    vec![0.0; n]
+}
+
+fn add(acc: &mut [f32], v: &[f32]) {
+    for (a, &x) in acc.iter_mut().zip(v) {
+        *a += x;
+    }
+}
+
+impl NormGrads {
+    fn zeros(dim: usize) -> Self {
+        Self { weight: zeros(dim), bias: zeros(dim) }
+    }
+
+    fn named(self, name: &str, out: &mut Vec<(String, HostTensor)>) {
+        let dim = self.weight.len();
+        out.push((format!("{name}.weight"), HostTensor { shape: vec![dim], values: self.weight }));
+        out.push((format!("{name}.bias"), HostTensor { shape: vec![dim], values: self.bias }));
+    }
+}
+
+impl DenseGrads {
+    fn zeros(d_in: usize, d_out: usize) -> Self {
+        Self { weight: zeros(d_in * d_out), bias: zeros(d_out) }
+    }
+
+    fn named(self, name: &str, weight_shape: Vec<usize>, out: &mut Vec<(String, HostTensor)>) {
+        let d_out = self.bias.len();
+        out.push((format!("{name}.weight"), HostTensor { shape: weight_shape, values: self.weight }));
+        out.push((format!("{name}.bias"), HostTensor { shape: vec![d_out], values: self.bias }));
+    }
+}
+
+impl Gradients {
+    /// The gradients by the ViT's parameter names ("blocks.0.attn.qkv.weight", ...), shaped as
+    /// the parameters.
+    pub fn named(self) -> Vec<(String, HostTensor)> {
+        let (d, p) = (self.dim, self.patch_size);
+        let mut out = vec![
+            ("cls_token".to_string(), HostTensor { shape: vec![1, 1, d], values: self.cls_token }),
+            ("pos_embed".to_string(), HostTensor { shape: vec![1, self.pos_embed.len() / d, d], values: self.pos_embed }),
+        ];
+        self.patch.named("patch_embed", vec![d, 3, p, p], &mut out);
+        for (i, b) in self.blocks.into_iter().enumerate() {
+            let hidden = b.fc1.bias.len();
+            b.norm1.named(&format!("blocks.{i}.norm1"), &mut out);
+            b.qkv.named(&format!("blocks.{i}.attn.qkv"), vec![d, 3 * d], &mut out);
+            b.proj.named(&format!("blocks.{i}.attn.proj"), vec![d, d], &mut out);
+            b.norm2.named(&format!("blocks.{i}.norm2"), &mut out);
+            b.fc1.named(&format!("blocks.{i}.mlp.fc1"), vec![d, hidden], &mut out);
+            b.fc2.named(&format!("blocks.{i}.mlp.fc2"), vec![hidden, d], &mut out);
+        }
+        self.norm.named("norm", &mut out);
+        out
+    }
+}
+
+impl Norm {
+    /// The training forward: keeps x̂ and 1/σ, writes bf16(x̂·γ + β) into `out`.
+    fn standardize_to_bf16(&self, x: &[f32], out: &mut BfMatrix) -> Standardized {
+        let (dim, stride) = (out.cols(), out.stride());
+        let rows = x.len() / dim;
+        let mut xhat = zeros(x.len());
+        let mut inv = zeros(rows);
+        out.data_mut()[..rows * stride]
+            .par_chunks_mut(stride)
+            .zip(xhat.par_chunks_mut(dim))
+            .zip(inv.par_iter_mut())
+            .zip(x.par_chunks(dim))
+            .for_each(|(((dst, xhat), inv), row)| {
+                *inv = rows::standardize(xhat, row, self.eps);
+                rows::affine_to_bf16(&mut dst[..dim], xhat, &self.weight, &self.bias);
+            });
+        Standardized { xhat, inv }
+    }
+
+    /// The backward pass from the output gradient `dn`: adds the input gradient to `dx` and
+    /// the parameter gradients to `grads`.
+    fn backward(&self, saved: &Standardized, dn: &[f32], dx: &mut [f32], grads: &mut NormGrads) {
+        let dim = self.weight.len();
+        const ROWS: usize = 64;
+        let (dweight, dbias) = dx
+            .par_chunks_mut(ROWS * dim)
+            .zip(dn.par_chunks(ROWS * dim))
+            .zip(saved.xhat.par_chunks(ROWS * dim))
+            .zip(saved.inv.par_chunks(ROWS))
+            .map(|(((dx, dn), xhat), inv)| {
+                let (mut dweight, mut dbias) = (zeros(dim), zeros(dim));
+                for (r, &inv) in inv.iter().enumerate() {
+                    let (dn, xhat) = (&dn[r * dim..][..dim], &xhat[r * dim..][..dim]);
+                    rows::layer_norm_backward(&mut dx[r * dim..][..dim], dn, xhat, &self.weight, inv);
+                    for ((w, &d), &x) in dweight.iter_mut().zip(dn).zip(xhat) {
+                        *w += d * x;
+                    }
+                    add(&mut dbias, dn);
+                }
+                (dweight, dbias)
+            })
+            .reduce(
+                || (zeros(dim), zeros(dim)),
+                |(mut w, mut b), (w2, b2)| {
+                    add(&mut w, &w2);
+                    add(&mut b, &b2);
+                    (w, b)
+                },
+            );
+        add(&mut grads.weight, &dweight);
+        add(&mut grads.bias, &dbias);
+    }
+
+    /// bf16(x̂·γ + β) transposed, [D, rows]: the left operand of the next layer's weight
+    /// gradient, recomputed from the kept x̂ instead of kept.
+    fn output_transposed(&self, saved: &Standardized) -> BfMatrix {
+        let dim = self.weight.len();
+        transposed(saved.inv.len(), dim, |r, c| to_bf16(saved.xhat[r * dim + c].mul_add(self.weight[c], self.bias[c])))
+    }
+}
+
+/// The transpose [cols, rows] of the rows × cols matrix `value(r, c)`, in bf16: weight
+/// gradients take an activation's transpose as their left operand. Threaded over 32-column
+/// strips of the source, so each task reads 64-byte row segments.
+fn transposed(rows: usize, cols: usize, value: impl Fn(usize, usize) -> u16 + Sync) -> BfMatrix {
+    let mut t = BfMatrix::zeros(cols, rows);
+    let stride = t.stride();
+    t.data_mut().par_chunks_mut(BLOCK * stride).enumerate().for_each(|(strip, out)| {
+        let c0 = strip * BLOCK;
+        let width = cols.saturating_sub(c0).min(BLOCK);
+        for r in 0..rows {
+            for i in 0..width {
+                out[i * stride + r] = value(r, c0 + i);
+            }
+        }
+    });
+    t
+}
+
+/// grad [in, out] += inputsᵀ · dy, with `inputs_t` the transposed layer input [in, rows] and
+/// `dy` the output gradient [rows, out].
+fn weight_gradient(inputs_t: &BfMatrix, dy: &BfMatrix, rows: usize, grad: &mut [f32]) {
+    let out = dy.cols();
+    let (data, stride) = (dy.view_data(), dy.stride());
+    let mut packed = PackedB::default();
+    packed.repack_bf16(rows, out, |i| &data[i * stride..][..out]);
+    amx::matmul(inputs_t.view(), &packed, grad, out, |dst, v, _, _| add(dst, v));
+}
+
+/// Column sums of the first `rows` rows of a bf16 matrix, added to `sums` (bias gradients).
+fn add_column_sums(m: &BfMatrix, rows: usize, sums: &mut [f32]) {
+    let (cols, stride) = (m.cols(), m.stride());
+    let total = m.view_data()[..rows * stride]
+        .par_chunks(64 * stride)
+        .map(|chunk| {
+            let mut acc = zeros(cols);
+            for row in chunk.chunks(stride) {
+                for (a, &v) in acc.iter_mut().zip(&row[..cols]) {
+                    *a += amx::from_bf16(v);
+                }
+            }
+            acc
+        })
+        .reduce(
+            || zeros(cols),
+            |mut a, b| {
+                add(&mut a, &b);
+                a
+            },
+        );
+    add(sums, &total);
+}
+
+/// A residual branch's output gradient: bf16(keep · dx) into `dy`, with `keep` the sample's
+/// stochastic-depth scale (1 without), and its column sums (the branch's bias gradient) added
+/// to `bias_grad`.
+fn branch_gradient(dx: &[f32], keep: Option<&[f32]>, tokens: usize, dy: &mut BfMatrix, bias_grad: &mut [f32]) {
+    let (dim, stride) = (dy.cols(), dy.stride());
+    let rows = dx.len() / dim;
+    let total = dy.data_mut()[..rows * stride]
+        .par_chunks_mut(stride)
+        .zip(dx.par_chunks(dim))
+        .enumerate()
+        .fold(
+            || zeros(dim),
+            |mut acc, (r, (dst, row))| {
+                let scale = keep.map_or(1.0, |k| k[r / tokens]);
+                rows::scale_to_bf16(&mut dst[..dim], row, scale);
+                for (a, &v) in acc.iter_mut().zip(row) {
+                    *a += scale * v;
+                }
+                acc
+            },
+        )
+        .reduce(
+            || zeros(dim),
+            |mut a, b| {
+                add(&mut a, &b);
+                a
+            },
+        );
+    add(bias_grad, &total);
+}
+
+/// Transposes the tokens × tokens block of `src` into `dst`.
+fn transpose_square(src: &BfMatrix, dst: &mut BfMatrix, tokens: usize) {
+    for r in 0..tokens {
+        for (c, &v) in src.row(r).iter().enumerate() {
+            dst.row_mut(c)[r] = v;
+        }
+    }
+}
+
+/// Per-thread buffers of the attention backward pass.
+struct AttentionScratch {
+    d_weights: Vec<f32>,
+    d_scores: BfMatrix,
+    transposed: BfMatrix,
+    packed: PackedB,
+}
+
+impl StudentVit {
+    /// Packs the ViT's current weights; an error when AMX is not available or the heads are
+    /// not a whole number of 32-wide tile slices.
+    pub fn new(vit: &VisionTransformer) -> anyhow::Result<Self> {
+        anyhow::ensure!(amx::available(), "bf16 training needs a CPU with AMX-BF16");
+        let dim = vit.embed_dim();
+        let num_heads = vit.blocks.first().map_or(1, |b| b.attn.num_heads);
+        let head_dim = dim / num_heads;
+        anyhow::ensure!(head_dim.is_multiple_of(32), "bf16 training needs a head width that is a multiple of 32, not {head_dim}");
+        let conv = host(vit.patch_embed.weight.val());
+        let k = conv.len() / dim;
+        let patch = Dense {
+            // The Conv2d weight [dim, 3, p, p] flattened is B's transpose.
+            weight: PackedB::pack_transposed(k, dim, |j| &conv[j * k..(j + 1) * k]),
+            transposed: None,
+            bias: host(vit.patch_embed.bias.val()),
+        };
+        let blocks = vit
+            .blocks
+            .iter()
+            .map(|b| BlockLayers {
+                norm1: Norm::new(&b.norm1),
+                qkv: Dense::trainable(&b.attn.qkv),
+                proj: Dense::trainable(&b.attn.proj),
+                norm2: Norm::new(&b.norm2),
+                fc1: Dense::trainable(&b.mlp.fc1),
+                fc2: Dense::trainable(&b.mlp.fc2),
+                drop_path: b.drop_path,
+            })
+            .collect();
+        Ok(Self {
+            patch_size: vit.patch_size(),
+            dim,
+            num_heads,
+            patch,
+            cls_token: host(vit.cls_token.val()),
+            pos_embed: vit.pos_embed.val().without_autodiff().detach(),
+            blocks,
+            norm: Norm::new(&vit.norm),
+            qkv_scale: (0..3 * dim).map(|c| if c < dim { (head_dim as f32).powf(-0.5) } else { 1.0 }).collect(),
+        })
+    }
+
+    /// Zero gradients for this network's parameters.
+    pub fn zero_gradients(&self) -> Gradients {
+        let d = self.dim;
+        let hidden = self.blocks.first().map_or(0, |b| b.fc1.out_dim());
+        let block = || BlockGrads {
+            norm1: NormGrads::zeros(d),
+            qkv: DenseGrads::zeros(d, 3 * d),
+            proj: DenseGrads::zeros(d, d),
+            norm2: NormGrads::zeros(d),
+            fc1: DenseGrads::zeros(d, hidden),
+            fc2: DenseGrads::zeros(hidden, d),
+        };
+        Gradients {
+            dim: d,
+            patch_size: self.patch_size,
+            cls_token: zeros(d),
+            pos_embed: zeros(self.pos_embed.dims()[1] * d),
+            patch: DenseGrads::zeros(3 * self.patch_size * self.patch_size, d),
+            blocks: (0..self.blocks.len()).map(|_| block()).collect(),
+            norm: NormGrads::zeros(d),
+        }
+    }
+
+    /// The image features [B, D] (cls token after the final norm) of normalised images
+    /// [B, 3, H, W], with stochastic depth drawn from `rng` exactly as
+    /// `VisionTransformer::forward_train` draws it, and the tape for [`StudentVit::backward`].
+    pub fn forward(&self, pixels: &[f32], images: usize, (h, w): (usize, usize), rng: &mut StdRng) -> (Vec<f32>, Tape) {
+        let (dim, p) = (self.dim, self.patch_size);
+        let tokens_per_image = 1 + (h / p) * (w / p);
+        let rows = images * tokens_per_image;
+        let heads = self.num_heads;
+        let shape = HeadShape { dim, head_dim: dim / heads, tokens: tokens_per_image };
+        let patches = patch_rows(pixels, images, (h, w), p);
+        let pos = host(position_embedding(self.pos_embed.clone(), p, h, w));
+        let mut x = tokens(&patches, &self.patch, &self.cls_token, &pos, images);
+        let mut normed = BfMatrix::zeros(rows, dim);
+        let mut blocks = Vec::with_capacity(self.blocks.len());
+        for block in &self.blocks {
+            let (keep_attn, keep_mlp) = if block.drop_path > 0.0 {
+                (Some(keep_factors(block.drop_path, images, rng)), Some(keep_factors(block.drop_path, images, rng)))
+            } else {
+                (None, None)
+            };
+            let keep = |k: &Option<Vec<f32>>, row: usize| k.as_ref().map_or(1.0, |k| k[row / tokens_per_image]);
+
+            let norm1 = block.norm1.standardize_to_bf16(&x, &mut normed);
+            let mut qkv = BfMatrix::zeros(rows + BLOCK, 3 * dim);
+            let qkv_stride = qkv.stride();
+            amx::matmul(normed.view(), &block.qkv.weight, qkv.data_mut(), qkv_stride, |dst, v, _, c| {
+                rows::bias_scale_to_bf16(dst, v, &block.qkv.bias[c..], &self.qkv_scale[c..]);
+            });
+            let mut weights: Vec<BfMatrix> = (0..images * heads).map(|_| BfMatrix::zeros(tokens_per_image, tokens_per_image)).collect();
+            let mut mixed = BfMatrix::zeros(rows, dim);
+            let stride = mixed.stride();
+            mixed.data_mut()[..rows * stride]
+                .par_chunks_mut(tokens_per_image * stride)
+                .zip(weights.par_chunks_mut(heads))
+                .enumerate()
+                .for_each_init(HeadScratch::default, |scratch, (image, (out, weights))| {
+                    for (head, weights) in weights.iter_mut().enumerate() {
+                        head_attention(&qkv, shape, (image, head), scratch, weights, &mut out[head * shape.head_dim..], stride);
+                    }
+                });
+            amx::matmul(mixed.view(), &block.proj.weight, &mut x, dim, |dst, v, r, c| {
+                rows::bias_accumulate_scaled(dst, v, &block.proj.bias[c..], keep(&keep_attn, r));
+            });
+
+            let norm2 = block.norm2.standardize_to_bf16(&x, &mut normed);
+            let mut hidden = BfMatrix::zeros(rows, block.fc1.out_dim());
+            let hidden_stride = hidden.stride();
+            amx::matmul(normed.view(), &block.fc1.weight, hidden.data_mut(), hidden_stride, |dst, v, _, c| {
+                rows::bias_to_bf16(dst, v, &block.fc1.bias[c..]);
+            });
+            let mut activated = BfMatrix::zeros(rows, block.fc1.out_dim());
+            activated.data_mut().par_chunks_mut(hidden_stride).zip(hidden.view_data().par_chunks(hidden_stride)).for_each(|(dst, h)| rows::gelu_to_bf16(dst, h));
+            amx::matmul(activated.view(), &block.fc2.weight, &mut x, dim, |dst, v, r, c| {
+                rows::bias_accumulate_scaled(dst, v, &block.fc2.bias[c..], keep(&keep_mlp, r));
+            });
+            blocks.push(BlockTape { keep_attn, keep_mlp, norm1, qkv, weights, mixed, norm2, hidden, activated });
+        }
+
+        // The final norm, at the cls rows only.
+        let mut out = Standardized { xhat: zeros(images * dim), inv: zeros(images) };
+        let mut features = zeros(images * dim);
+        for i in 0..images {
+            let (xhat, feature) = (&mut out.xhat[i * dim..][..dim], &mut features[i * dim..][..dim]);
+            out.inv[i] = rows::standardize(xhat, &x[i * tokens_per_image * dim..][..dim], self.norm.eps);
+            for (((f, &v), &g), &b) in feature.iter_mut().zip(xhat.iter()).zip(&self.norm.weight).zip(&self.norm.bias) {
+                *f = v.mul_add(g, b);
+            }
+        }
+        (features, Tape { images, tokens: tokens_per_image, size: (h, w), patches, blocks, out })
+    }
+
+    /// Adds the gradients of the parameters for the feature gradients `d_features` [B, D] of
+    /// the forward pass that made `tape`.
+    pub fn backward(&self, tape: &Tape, d_features: &[f32], grads: &mut Gradients) {
+        let dim = self.dim;
+        let (images, tokens_per_image) = (tape.images, tape.tokens);
+        let rows = images * tokens_per_image;
+        let mut dx = zeros(rows * dim);
+        let mut dn = zeros(rows * dim);
+        for i in 0..images {
+            let (d, xhat) = (&d_features[i * dim..][..dim], &tape.out.xhat[i * dim..][..dim]);
+            rows::layer_norm_backward(&mut dx[i * tokens_per_image * dim..][..dim], d, xhat, &self.norm.weight, tape.out.inv[i]);
+            for ((w, &g), &x) in grads.norm.weight.iter_mut().zip(d).zip(xhat) {
+                *w += g * x;
+            }
+            add(&mut grads.norm.bias, d);
+        }
+
+        let mut dy = BfMatrix::zeros(rows, dim);
+        for ((layers, saved), g) in self.blocks.iter().zip(&tape.blocks).zip(grads.blocks.iter_mut()).rev() {
+            // MLP branch: x += keep · (gelu(h)·W2 + b2), h = n2·W1 + b1.
+            branch_gradient(&dx, saved.keep_mlp.as_deref(), tokens_per_image, &mut dy, &mut g.fc2.bias);
+            let hidden_dim = layers.fc1.out_dim();
+            let activated = saved.activated.view_data();
+            let hidden_stride = saved.activated.stride();
+            weight_gradient(&transposed(rows, hidden_dim, |r, c| activated[r * hidden_stride + c]), &dy, rows, &mut g.fc2.weight);
+            let mut d_hidden = BfMatrix::zeros(rows, hidden_dim);
+            let hidden = saved.hidden.view_data();
+            amx::matmul(dy.view(), transposed_weight(&layers.fc2), d_hidden.data_mut(), hidden_stride, |dst, v, r, c| {
+                rows::gelu_backward_to_bf16(dst, v, &hidden[r * hidden_stride + c..]);
+            });
+            add_column_sums(&d_hidden, rows, &mut g.fc1.bias);
+            weight_gradient(&layers.norm2.output_transposed(&saved.norm2), &d_hidden, rows, &mut g.fc1.weight);
+            amx::matmul(d_hidden.view(), transposed_weight(&layers.fc1), &mut dn, dim, |dst, v, _, _| dst.copy_from_slice(v));
+            layers.norm2.backward(&saved.norm2, &dn, &mut dx, &mut g.norm2);
+
+            // Attention branch: x += keep · (attention(n1·Wqkv + bqkv)·Wp + bp).
+            branch_gradient(&dx, saved.keep_attn.as_deref(), tokens_per_image, &mut dy, &mut g.proj.bias);
+            let mixed = saved.mixed.view_data();
+            let mixed_stride = saved.mixed.stride();
+            weight_gradient(&transposed(rows, dim, |r, c| mixed[r * mixed_stride + c]), &dy, rows, &mut g.proj.weight);
+            let mut d_mixed = BfMatrix::zeros(rows + BLOCK, dim);
+            amx::matmul(dy.view(), transposed_weight(&layers.proj), d_mixed.data_mut(), mixed_stride, |dst, v, _, _| rows::to_bf16_row(dst, v));
+            let d_qkv = self.attention_backward(saved, &d_mixed, images, tokens_per_image);
+            add_column_sums(&d_qkv, rows, &mut g.qkv.bias);
+            weight_gradient(&layers.norm1.output_transposed(&saved.norm1), &d_qkv, rows, &mut g.qkv.weight);
+            amx::matmul(d_qkv.view(), transposed_weight(&layers.qkv), &mut dn, dim, |dst, v, _, _| dst.copy_from_slice(v));
+            layers.norm1.backward(&saved.norm1, &dn, &mut dx, &mut g.norm1);
+        }
+        self.embedding_backward(tape, &dx, grads);
+    }
+
+    /// Gradients of q, k and v [rows, 3D] from the heads' output gradient `d_mixed` [rows, D],
+    /// one image per task: with P the kept weights, dP = dO·vᵀ, dS = P ⊙ (dP - rowsum(dP ⊙ P)),
+    /// dq = dS·k · scale, dk = dSᵀ·q_scaled, dv = Pᵀ·dO.
+    fn attention_backward(&self, saved: &BlockTape, d_mixed: &BfMatrix, images: usize, tokens: usize) -> BfMatrix {
+        let (dim, heads) = (self.dim, self.num_heads);
+        let head_dim = dim / heads;
+        let scale = self.qkv_scale[0];
+        let mut d_qkv = BfMatrix::zeros(images * tokens, 3 * dim);
+        let out_stride = d_qkv.stride();
+        let (qkv, qkv_stride) = (saved.qkv.view_data(), saved.qkv.stride());
+        let (d_out, d_stride) = (d_mixed.view_data(), d_mixed.stride());
+        d_qkv.data_mut()[..images * tokens * out_stride].par_chunks_mut(tokens * out_stride).enumerate().for_each_init(
+            || AttentionScratch {
+                d_weights: zeros(tokens * tokens),
+                d_scores: BfMatrix::zeros(tokens, tokens),
+                transposed: BfMatrix::zeros(tokens, tokens),
+                packed: PackedB::default(),
+            },
+            |s, (image, out)| {
+                for head in 0..heads {
+                    let weights = &saved.weights[image * heads + head];
+                    let part = |p: usize| image * tokens * qkv_stride + p * dim + head * head_dim;
+                    let row = |p: usize, t: usize| &qkv[part(p) + t * qkv_stride..][..head_dim];
+                    let first = image * tokens * d_stride + head * head_dim;
+                    let d_head = BfView::new(&d_out[first..], tokens, head_dim, d_stride);
+                    let d_head_row = |t: usize| &d_out[first + t * d_stride..][..head_dim];
+
+                    s.packed.repack_bf16_transposed(head_dim, tokens, |t| row(2, t));
+                    amx::matmul_serial(d_head, &s.packed, &mut s.d_weights, tokens, |dst, v, _, _| dst.copy_from_slice(v));
+                    for t in 0..tokens {
+                        rows::softmax_backward_to_bf16(s.d_scores.row_mut(t), &s.d_weights[t * tokens..][..tokens], weights.row(t));
+                    }
+
+                    transpose_square(weights, &mut s.transposed, tokens);
+                    s.packed.repack_bf16(tokens, head_dim, d_head_row);
+                    let v_at = 2 * dim + head * head_dim;
+                    amx::matmul_serial(s.transposed.view(), &s.packed, &mut out[v_at..], out_stride, |dst, v, _, _| rows::to_bf16_row(dst, v));
+
+                    s.packed.repack_bf16(tokens, head_dim, |t| row(1, t));
+                    amx::matmul_serial(s.d_scores.view(), &s.packed, &mut out[head * head_dim..], out_stride, |dst, v, _, _| rows::scale_to_bf16(dst, v, scale));
+
+                    transpose_square(&s.d_scores, &mut s.transposed, tokens);
+                    s.packed.repack_bf16(tokens, head_dim, |t| row(0, t));
+                    let k_at = dim + head * head_dim;
+                    amx::matmul_serial(s.transposed.view(), &s.packed, &mut out[k_at..], out_stride, |dst, v, _, _| rows::to_bf16_row(dst, v));
+                }
+            },
+        );
+        d_qkv
+    }
+
+    /// Gradients of the cls token, the position embedding (through the bicubic resize when
+    /// the input was not at the trained size) and the patch projection from the token
+    /// gradients `dx`.
+    fn embedding_backward(&self, tape: &Tape, dx: &[f32], grads: &mut Gradients) {
+        let (dim, p) = (self.dim, self.patch_size);
+        let (images, tokens_per_image) = (tape.images, tape.tokens);
+        let patches = tokens_per_image - 1;
+        let mut d_pos = zeros(tokens_per_image * dim);
+        for image in dx.chunks(tokens_per_image * dim) {
+            add(&mut d_pos, image);
+        }
+        add(&mut grads.cls_token, &d_pos[..dim]);
+        for token in d_pos[dim..].chunks(dim) {
+            add(&mut grads.patch.bias, token);
+        }
+        let (h, w) = tape.size;
+        match GridResize::plan(grads.pos_embed.len() / dim - 1, p, h, w) {
+            None => add(&mut grads.pos_embed, &d_pos),
+            Some(GridResize { side, out: [gh, gw], scale }) => {
+                // resized[a, b] = Σ_i Σ_j Rh[a, i]·Rw[b, j]·grid[i, j], so
+                // d grid[i, j] = Σ_b Rw[b, j] · (Σ_a Rh[a, i]·d resized[a, b]).
+                add(&mut grads.pos_embed[..dim], &d_pos[..dim]);
+                let (rh, rw) = (bicubic_matrix(side, gh, scale[0]), bicubic_matrix(side, gw, scale[1]));
+                let mut along_w = zeros(side * gw * dim);
+                for a in 0..gh {
+                    for i in 0..side {
+                        let weight = rh[a * side + i];
+                        for b in 0..gw {
+                            let (src, dst) = (&d_pos[dim + (a * gw + b) * dim..][..dim], &mut along_w[(i * gw + b) * dim..][..dim]);
+                            dst.iter_mut().zip(src).for_each(|(d, &s)| *d += weight * s);
+                        }
+                    }
+                }
+                for i in 0..side {
+                    for b in 0..gw {
+                        for j in 0..side {
+                            let weight = rw[b * side + j];
+                            let src = &along_w[(i * gw + b) * dim..][..dim];
+                            let dst = &mut grads.pos_embed[dim + (i * side + j) * dim..][..dim];
+                            dst.iter_mut().zip(src).for_each(|(d, &s)| *d += weight * s);
+                        }
+                    }
+                }
+            }
+        }
+        // d W_patch [D, 3p²] = d patchesᵀ · patches.
+        let d_patches_t = transposed(images * patches, dim, |r, c| to_bf16(dx[((r / patches) * tokens_per_image + 1 + r % patches) * dim + c]));
+        let k = 3 * p * p;
+        let (data, stride) = (tape.patches.view_data(), tape.patches.stride());
+        let mut packed = PackedB::default();
+        packed.repack_bf16(images * patches, k, |i| &data[i * stride..][..k]);
+        amx::matmul(d_patches_t.view(), &packed, &mut grads.patch.weight, k, |dst, v, _, _| add(dst, v));
+    }
+}
+
+fn transposed_weight(dense: &Dense) -> &PackedB {
+    dense.transposed.as_ref().expect("training layers are packed with Wᵀ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::module::Module;
+    use burn::tensor::{Device, Distribution};
+    use rand::SeedableRng;
+    use std::collections::HashMap;
+
+    use crate::model::VitConfig;
+    use crate::weights::{ModulePath, export};
+
+    /// Relative error |a - b| / |b| over a whole tensor.
+    fn relative_error(a: &[f32], b: &[f32]) -> f64 {
+        let diff: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
+        let norm: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
+        (diff / norm.max(1e-30)).sqrt()
+    }
+
+    /// The bf16 forward and backward against burn's autodiff of the f32 model: a random ViT
+    /// with stochastic depth, one crop group at the trained size (37 tokens, so per-image
+    /// views cross a 32-row block) and one resized (10 tokens, the position embedding goes
+    /// through the bicubic resize), the same stochastic-depth draws on both sides, and a
+    /// random feature gradient. Every parameter's gradient agrees up to bf16 rounding.
+    #[test]
+    fn gradients_match_burn_autodiff_up_to_bf16_rounding() {
+        if !amx::available() {
+            eprintln!("skipped: no AMX-BF16 on this CPU");
+            return;
+        }
+        let plain = Device::flex();
+        let device = plain.clone().autodiff();
+        let config = VitConfig { img_size: 48, patch_size: 8, embed_dim: 64, depth: 3, num_heads: 2, mlp_ratio: 4, drop_path_rate: 0.3 };
+        let vit = config.init(&mut StdRng::seed_from_u64(0), &device);
+        let engine = StudentVit::new(&vit).unwrap();
+        let mut grads = engine.zero_gradients();
+        let mut want_features = Vec::new();
+        let mut loss = None;
+        let (mut rng_f32, mut rng_bf16) = (StdRng::seed_from_u64(7), StdRng::seed_from_u64(7));
+        for (batch, size) in [(5, 48), (4, 24)] {
+            let images = Tensor::<4>::random([batch, 3, size, size], Distribution::Normal(0.0, 1.0), &plain);
+            let upstream = Tensor::<2>::random([batch, 64], Distribution::Normal(0.0, 1.0), &plain);
+            let pixels = host(images.clone());
+            let features = vit.forward_train(images.autodiff(), Some(&mut rng_f32));
+            let term = (features.clone() * upstream.clone().autodiff()).sum();
+            loss = Some(match loss {
+                None => term,
+                Some(l) => l + term,
+            });
+            want_features.push(host(features.clone().without_autodiff()));
+            let (got, tape) = engine.forward(&pixels, batch, (size, size), &mut rng_bf16);
+            let error = relative_error(&got, want_features.last().unwrap());
+            assert!(error < 0.01, "features at {size} px: relative error {error}");
+            engine.backward(&tape, &host(upstream), &mut grads);
+        }
+        let autodiff = loss.unwrap().backward();
+        // burn's gradient of every parameter, by name.
+        struct Collect<'a> {
+            grads: &'a burn::tensor::Gradients,
+            path: ModulePath,
+            found: HashMap<String, Vec<f32>>,
+        }
+        impl burn::module::ModuleVisitor for Collect<'_> {
+            fn enter_module(&mut self, name: &str, kind: &str) {
+                self.path.enter(name, kind);
+            }
+            fn exit_module(&mut self, _: &str, _: &str) {
+                self.path.exit();
+            }
+            fn visit_float<const D: usize>(&mut self, param: &burn::module::Param<Tensor<D>>) {
+                if let Some(g) = param.grad(self.grads) {
+                    self.found.insert(self.path.joined(), host(g));
+                }
+            }
+        }
+        let mut collect = Collect { grads: &autodiff, path: ModulePath::default(), found: HashMap::new() };
+        vit.visit(&mut collect);
+        let named = grads.named();
+        assert_eq!(named.len(), export(&vit).len(), "one gradient per parameter");
+        for (name, got) in named {
+            let want = &collect.found[&name];
+            assert_eq!(got.values.len(), want.len(), "{name}");
+            let error = relative_error(&got.values, want);
+            eprintln!("{name}: relative error {error:.4}");
+            assert!(error < 0.015, "{name}: relative error {error}");
+        }
+    }
+}
