@@ -1,9 +1,11 @@
 //! Our side of the speed harness (bench/run.sh runs it next to bench/dino_step.py): one DINO
 //! training step — teacher forward on the global crops, student forward on all crops, loss,
-//! backward, clipped AdamW, teacher EMA — or feature extraction, timed part by part.
+//! backward, clipped AdamW, teacher EMA — or feature extraction, timed part by part, at
+//! either precision.
 //! Prints one JSON line: median seconds, images per second, peak RSS, and the step's parts.
 //!
 //!     cargo run --release --example bench -- --mode step --arch vit_tiny --patch 16 --batch 8 --out_dim 65536
+//!     cargo run --release --example bench -- --mode step --arch vit_tiny --patch 16 --batch 8 --out_dim 65536 --precision bf16
 //!     cargo run --release --example bench -- --mode extract --arch vit_small --batch 64 --precision bf16
 
 use std::time::Instant;
@@ -12,7 +14,7 @@ use burn::module::Module;
 use burn::tensor::{Distribution, Tensor};
 use dino::eval::features::{FeatureLayout, FeatureNetwork, Precision};
 use dino::model::{DinoHeadConfig, DinoModel, Network, VitConfig};
-use dino::train::{ema, loss::DinoLoss, optim};
+use dino::train::{ema, loss::DinoLoss, optim, step};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 
@@ -49,7 +51,7 @@ fn main() {
     let mut rng = StdRng::seed_from_u64(0);
     let backbone = vit.init(&mut rng, &dev);
     let mut times = Vec::new();
-    let mut parts: Vec<[f64; 5]> = Vec::new();
+    let mut parts: Vec<[f64; 3]> = Vec::new();
     if mode == "extract" {
         let network = Network::Vit(backbone);
         let network = FeatureNetwork::new(&network, precision).expect("--precision available here");
@@ -68,33 +70,29 @@ fn main() {
         let mut adamw = optim::Optimizer::new(optim::OptimizerKind::Adamw);
         let never = |_: &str| false;
         for _ in 0..warmup + steps {
-            let global = Tensor::<4>::random([2 * batch, 3, gsize, gsize], Distribution::Normal(0.0, 1.0), &dev);
-            let local = Tensor::<4>::random([nlocal * batch, 3, lsize, lsize], Distribution::Normal(0.0, 1.0), &dev);
+            let pixels = |count: usize, size: usize| {
+                let t = Tensor::<4>::random([count, 3, size, size], Distribution::Normal(0.0, 1.0), &dev);
+                t.into_data().try_to_vec::<f32>().expect("f32 pixels")
+            };
+            let crops = step::Crops { images: batch, global: pixels(2 * batch, gsize), global_size: gsize, local: pixels(nlocal * batch, lsize), local_size: lsize, local_number: nlocal };
             let t0 = Instant::now();
-            let t_out = teacher.forward(std::slice::from_ref(&global), None);
-            let _ = t_out.clone().into_data();
+            let out = step::forward_backward(&student, &teacher, &mut loss_fn, &crops, precision, &mut rng, 0, &dev).expect("--precision available here");
             let t1 = Instant::now();
-            let s_out = student.forward(&[global.autodiff(), local.autodiff()], Some(&mut rng));
-            let out = loss_fn.forward(s_out, t_out, 0);
-            let _ = out.loss.clone().into_data();
-            let t2 = Instant::now();
-            let grads = out.loss.backward();
-            let t3 = Instant::now();
             let settings = optim::StepSettings { lr: 1e-4, weight_decay: 0.04, clip_grad: Some(3.0), frozen: &never };
-            student = adamw.step(student, grads, &settings);
+            student = adamw.step(student, out.grads, out.by_name, &settings);
             let _ = student.head.last_layer.weight_v.val().into_data();
-            let t4 = Instant::now();
+            let t2 = Instant::now();
             teacher = ema::update_teacher(teacher, &student, 0.996);
             let _ = teacher.head.last_layer.weight_v.val().into_data();
-            let t5 = Instant::now();
-            times.push((t5 - t0).as_secs_f64());
-            parts.push([(t1 - t0).as_secs_f64(), (t2 - t1).as_secs_f64(), (t3 - t2).as_secs_f64(), (t4 - t3).as_secs_f64(), (t5 - t4).as_secs_f64()]);
+            let t3 = Instant::now();
+            times.push((t3 - t0).as_secs_f64());
+            parts.push([(t1 - t0).as_secs_f64(), (t2 - t1).as_secs_f64(), (t3 - t2).as_secs_f64()]);
         }
     }
     let m = median(times[warmup..].to_vec());
     let mut line = serde_json::json!({ "impl": format!("dino ({device}, {precision:?})"), "median_s": m, "img_per_s": batch as f64 / m, "peak_rss_mb": peak_rss_mb() });
     if !parts.is_empty() {
-        let names = ["teacher_forward", "student_forward_loss", "backward", "adamw", "ema"];
+        let names = ["forward_backward", "adamw", "ema"];
         for (i, name) in names.iter().enumerate() {
             line[name] = serde_json::json!(median(parts[warmup..].iter().map(|p| p[i]).collect()));
         }

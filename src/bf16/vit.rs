@@ -153,13 +153,40 @@ impl Bf16Vit {
         let [batch, channels, h, w] = images.dims();
         assert_eq!(channels, 3, "images must have 3 channels");
         let device = images.device();
-        let pixels = host(images);
-        let (dim, p) = (self.dim, self.patch_size);
-        let (gh, gw) = (h / p, w / p);
-        let tokens = 1 + gh * gw;
-        let rows = batch * tokens;
+        let dim = self.dim;
+        let tokens = 1 + (h / self.patch_size) * (w / self.patch_size);
+        let streams = self.streams(&host(images), batch, (h, w), n);
+        streams
+            .into_iter()
+            .map(|x| {
+                let mut out = vec![0f32; x.len()];
+                out.par_chunks_mut(dim).zip(x.par_chunks(dim)).for_each(|(dst, row)| {
+                    rows::layer_norm(dst, row, &self.norm.weight, &self.norm.bias, self.norm.eps);
+                });
+                Tensor::from_data(TensorData::new(out, [batch, tokens, dim]), &device)
+            })
+            .collect()
+    }
 
-        let mut x = self.embed(&pixels, batch, (h, w));
+    /// As `VisionTransformer::forward`: the image features [B, D] (the cls token after the
+    /// final norm) of normalised images [B, 3, H, W] given as host values.
+    pub fn features(&self, pixels: &[f32], batch: usize, (h, w): (usize, usize)) -> Vec<f32> {
+        let dim = self.dim;
+        let tokens = 1 + (h / self.patch_size) * (w / self.patch_size);
+        let x = self.streams(pixels, batch, (h, w), 1).pop().expect("a ViT has at least one block");
+        let mut out = vec![0f32; batch * dim];
+        for (dst, image) in out.chunks_mut(dim).zip(x.chunks(tokens * dim)) {
+            rows::layer_norm(dst, &image[..dim], &self.norm.weight, &self.norm.bias, self.norm.eps);
+        }
+        out
+    }
+
+    /// The residual stream [B·(1 + patches), D] after each of the last `n` blocks.
+    fn streams(&self, pixels: &[f32], batch: usize, (h, w): (usize, usize), n: usize) -> Vec<Vec<f32>> {
+        let (dim, p) = (self.dim, self.patch_size);
+        let tokens = 1 + (h / p) * (w / p);
+        let rows = batch * tokens;
+        let mut x = self.embed(pixels, batch, (h, w));
         let mut normed = BfMatrix::zeros(rows, dim);
         // One spare block of rows: each image's heads are read in whole 32-row blocks.
         let mut qkv = BfMatrix::zeros(rows + amx::BLOCK, 3 * dim);
@@ -180,11 +207,7 @@ impl Bf16Vit {
             amx::matmul(normed.view(), &block.fc1.weight, hidden_rows, stride, |dst, v, _, c| rows::bias_gelu_to_bf16(dst, v, &block.fc1.bias[c..]));
             amx::matmul(hidden.view(), &block.fc2.weight, &mut x, dim, |dst, v, _, c| rows::bias_accumulate(dst, v, &block.fc2.bias[c..]));
             if self.blocks.len() - i <= n {
-                let mut out = vec![0f32; rows * dim];
-                out.par_chunks_mut(dim).zip(x.par_chunks(dim)).for_each(|(dst, row)| {
-                    rows::layer_norm(dst, row, &self.norm.weight, &self.norm.bias, self.norm.eps);
-                });
-                outputs.push(Tensor::from_data(TensorData::new(out, [batch, tokens, dim]), &device));
+                outputs.push(x.clone());
             }
         }
         outputs

@@ -10,7 +10,8 @@ use rayon::prelude::*;
 use super::knn::LabelledFeatures;
 use crate::data::augment::{normalize_to_chw, resize_crop};
 use crate::data::dataset::Dataset;
-use crate::bf16::{Bf16Vit, amx};
+pub use crate::bf16::Precision;
+use crate::bf16::Bf16Vit;
 use crate::model::{Network, ResNet, VisionTransformer};
 use crate::weights::HostTensor;
 
@@ -114,16 +115,6 @@ fn compose_features(mut layers: Vec<Tensor<3>>, layout: FeatureLayout) -> Tensor
     }
 }
 
-/// Arithmetic of the backbone's forward pass when computing features.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
-pub enum Precision {
-    /// f32 throughout: the reference's numbers.
-    #[default]
-    F32,
-    /// bf16 matrix products with f32 accumulation on Intel AMX (ViT only).
-    Bf16,
-}
-
 /// A network ready to compute features at a precision (the bf16 engine packed once).
 pub struct FeatureNetwork<'a> {
     network: &'a Network,
@@ -137,9 +128,7 @@ impl<'a> FeatureNetwork<'a> {
             Precision::F32 => None,
             Precision::Bf16 => {
                 let vit = network.vit("--precision bf16")?;
-                if !amx::available() {
-                    anyhow::bail!("--precision bf16 needs a CPU with AMX-BF16 (Intel Xeon Sapphire Rapids or newer); this one has none, use --precision f32");
-                }
+                crate::bf16::check_available("--precision")?;
                 Some(Bf16Vit::new(vit).context("--precision bf16")?)
             }
         };

@@ -9,6 +9,7 @@ use clap::{ArgMatches, Args, ValueEnum};
 use serde::{Deserialize, Serialize};
 
 use super::optim::OptimizerKind;
+use crate::bf16::Precision;
 use crate::data::augment::MultiCropConfig;
 use crate::model::{ARCHITECTURES, DinoHeadConfig, Network, ResNetConfig, VitConfig};
 
@@ -197,6 +198,13 @@ pub struct TrainConfig {
     /// Compute device.
     #[arg(long, value_enum, default_value = "cpu")]
     pub device: DeviceKind,
+    /// Arithmetic of the backbones: f32 (the reference's numbers) or bf16 (ViT on a CPU with
+    /// Intel AMX, Xeon Sapphire Rapids and newer: the teacher's and student's backbone
+    /// matrix products in bf16 with f32 accumulation; weights, optimiser, heads and loss stay
+    /// f32; see BENCHMARKS.md).
+    #[arg(long, value_enum, default_value = "f32")]
+    #[serde(default)]
+    pub precision: Precision,
     /// Stop cleanly, with a checkpoint, after this many minutes (0: no limit).
     #[arg(long, default_value_t = 0.0)]
     pub max_minutes: f64,
@@ -298,6 +306,12 @@ impl TrainConfig {
         }
         if !(0.0..=1.0).contains(&self.momentum_teacher) {
             bail!("--momentum_teacher must be within [0, 1]");
+        }
+        if self.precision == Precision::Bf16 {
+            if !is_vit || self.device != DeviceKind::Cpu {
+                bail!("--precision bf16 trains a ViT on the CPU; use --precision f32 for --arch {} on --device {:?}", self.arch, self.device);
+            }
+            crate::bf16::check_available("--precision")?;
         }
         Ok(())
     }

@@ -8,4 +8,5 @@ pub mod loss;
 pub mod online_knn;
 pub mod optim;
 pub mod schedule;
+pub mod step;
 pub mod trainer;

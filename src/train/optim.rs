@@ -7,11 +7,11 @@
 use std::collections::HashMap;
 
 use burn::module::{Module, ModuleMapper, Param};
-use burn::tensor::{Gradients, Tensor};
+use burn::tensor::{Gradients, Tensor, TensorData};
 use clap::ValueEnum;
 use serde::{Deserialize, Serialize};
 
-use crate::weights::ModulePath;
+use crate::weights::{HostTensor, ModulePath};
 
 /// Which update rule trains the student.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ValueEnum)]
@@ -70,10 +70,13 @@ impl Optimizer {
         }
     }
 
-    /// Applies one step to every parameter of `module` that has a gradient in `grads`.
-    pub fn step<M: Module>(&mut self, module: M, grads: Gradients, settings: &StepSettings) -> M {
-        let mut mapper = StepMapper { optim: self, grads, settings, path: ModulePath::default() };
-        module.map(&mut mapper)
+    /// Applies one step to every parameter of `module` that has a gradient in `grads` or, by
+    /// its dotted path, in `by_name` (gradients computed outside burn's autodiff).
+    pub fn step<M: Module>(&mut self, module: M, grads: Gradients, by_name: HashMap<String, HostTensor>, settings: &StepSettings) -> M {
+        let mut mapper = StepMapper { optim: self, grads, by_name, settings, path: ModulePath::default() };
+        let module = module.map(&mut mapper);
+        assert!(mapper.by_name.is_empty(), "gradients for unknown parameters: {:?}", mapper.by_name.keys().collect::<Vec<_>>());
+        module
     }
 
     fn update<const D: usize>(&mut self, name: String, value: Tensor<D>, grad: Tensor<D>, s: &StepSettings) -> Tensor<D> {
@@ -122,6 +125,7 @@ impl Optimizer {
 struct StepMapper<'a, 'b> {
     optim: &'a mut Optimizer,
     grads: Gradients,
+    by_name: HashMap<String, HostTensor>,
     settings: &'a StepSettings<'b>,
     path: ModulePath,
 }
@@ -136,10 +140,15 @@ impl ModuleMapper for StepMapper<'_, '_> {
     }
 
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
-        let Some(grad) = param.grad_remove(&mut self.grads) else {
+        let name = self.path.joined();
+        let grad = param.grad_remove(&mut self.grads).or_else(|| {
+            let host = self.by_name.remove(&name)?;
+            let device = param.val().without_autodiff().device();
+            Some(Tensor::from_data(TensorData::new(host.values, host.shape), &device))
+        });
+        let Some(grad) = grad else {
             return param;
         };
-        let name = self.path.joined();
         if (self.settings.frozen)(&name) {
             return param;
         }
@@ -153,7 +162,7 @@ impl ModuleMapper for StepMapper<'_, '_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use burn::tensor::{Device, TensorData};
+    use burn::tensor::Device;
 
     fn values(t: Tensor<2>) -> Vec<f32> {
         t.into_data().try_to_vec::<f32>().unwrap()

@@ -1,5 +1,6 @@
 //! `dino train`: the whole training run, top to bottom — data, models, schedules, then the loop
-//! of teacher forward, student forward, loss, backward, clipped AdamW (or SGD) step and teacher EMA, with
+//! of teacher forward, student forward, loss, backward (`step.rs`, at either precision),
+//! clipped AdamW (or SGD) step and teacher EMA, with
 //! checkpoints, logs and a clean stop on a time budget or a non-finite loss.
 
 use std::collections::HashMap;
@@ -9,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use burn::module::Module;
-use burn::tensor::{Device, Tensor, TensorData};
+use burn::tensor::Device;
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
@@ -23,6 +24,7 @@ use super::loss::DinoLoss;
 use super::online_knn::OnlineKnn;
 use super::optim::{Optimizer, StepSettings};
 use super::schedule::Schedules;
+use super::step::{Crops, forward_backward};
 use crate::data::dataset::{Dataset, IdxSplit};
 use crate::data::loader::{mix_seed, start_epoch, steps_per_epoch};
 use crate::model::DinoModel;
@@ -123,26 +125,17 @@ pub fn train(cfg: &TrainConfig) -> Result<Outcome> {
             let it = state.progress.global_step;
             if batch.images > 0 {
                 let n = batch.images;
-                let global = Tensor::<4>::from_data(TensorData::new(batch.global, [2 * n, 3, g, g]), &device);
-                let local = Tensor::<4>::from_data(TensorData::new(batch.local, [crops.local_crops_number * n, 3, l, l]), &device);
-                let mut crop_groups = vec![global.clone().autodiff()];
-                if crops.local_crops_number > 0 {
-                    crop_groups.push(local.autodiff());
-                }
-
-                let teacher_out = state.teacher.forward(&[global], None);
+                let crops = Crops { images: n, global: batch.global, global_size: g, local: batch.local, local_size: l, local_number: crops.local_crops_number };
                 let mut drop_rng = StdRng::seed_from_u64(mix_seed(cfg.seed, it as u64, 0xD0));
-                let student_out = state.student.forward(&crop_groups, Some(&mut drop_rng));
-                let out = loss_fn.forward(student_out, teacher_out, epoch);
-                let loss_value: f64 = out.loss.clone().into_scalar::<f32>() as f64;
-                if !loss_value.is_finite() {
+                let out = forward_backward(&state.student, &state.teacher, &mut loss_fn, &crops, cfg.precision, &mut drop_rng, epoch, &device)?;
+                if !out.loss.is_finite() {
                     bail!(
-                        "loss is {loss_value} at epoch {epoch} step {}: stopping; the last good checkpoint is {}",
+                        "loss is {} at epoch {epoch} step {}: stopping; the last good checkpoint is {}",
+                        out.loss,
                         state.progress.step_in_epoch,
                         ckpt_path.display()
                     );
                 }
-                let grads = out.loss.backward();
                 let frozen = |name: &str| epoch < cfg.freeze_last_layer && name.contains("last_layer");
                 let settings = StepSettings {
                     lr: schedules.lr[it],
@@ -150,15 +143,10 @@ pub fn train(cfg: &TrainConfig) -> Result<Outcome> {
                     clip_grad: (cfg.clip_grad > 0.0).then_some(cfg.clip_grad),
                     frozen: &frozen,
                 };
-                state.student = state.optimizer.step(state.student, grads, &settings);
+                state.student = state.optimizer.step(state.student, out.grads, out.by_name, &settings);
                 state.teacher = update_teacher(state.teacher, &state.student, schedules.momentum[it]);
 
-                let metrics = StepMetrics {
-                    step: it,
-                    loss: loss_value,
-                    teacher_entropy: out.teacher_entropy.into_scalar::<f32>() as f64,
-                    kl: out.kl.into_scalar::<f32>() as f64,
-                };
+                let metrics = StepMetrics { step: it, loss: out.loss, teacher_entropy: out.teacher_entropy, kl: out.kl };
                 append_line(&run_dir.join("metrics.jsonl"), &metrics)?;
                 sums.add(&metrics, n);
             }

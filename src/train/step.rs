@@ -1,0 +1,108 @@
+//! The models' part of one training iteration: teacher forward on the global crops, student
+//! forward on all crops, DINO loss and backward. At `--precision f32` all of it goes through
+//! burn's autodiff; at bf16 both ViT backbones run on the AMX engines (`src/bf16/`) and only the
+//! heads and the loss go through burn, the student's features entering burn's graph as a leaf
+//! whose gradient the bf16 backbone's backward pass takes from there.
+
+use std::collections::HashMap;
+
+use anyhow::Result;
+use burn::tensor::{Device, Gradients, Tensor, TensorData};
+use rand::rngs::StdRng;
+
+use super::loss::DinoLoss;
+use crate::bf16::{Bf16Vit, Precision, StudentVit};
+use crate::model::DinoModel;
+use crate::weights::HostTensor;
+
+/// One batch of normalised crops, view-major ([views · images, 3, size, size] each).
+pub struct Crops {
+    pub images: usize,
+    pub global: Vec<f32>,
+    pub global_size: usize,
+    pub local: Vec<f32>,
+    pub local_size: usize,
+    pub local_number: usize,
+}
+
+/// The loss terms of a step and the student's gradients.
+pub struct StepOutput {
+    pub loss: f64,
+    pub teacher_entropy: f64,
+    pub kl: f64,
+    /// Gradients burn's autodiff computed (the whole student at f32, the head at bf16).
+    pub grads: Gradients,
+    /// Gradients computed outside burn (the bf16 backbone), by parameter path in the student.
+    pub by_name: HashMap<String, HostTensor>,
+}
+
+/// Teacher forward, student forward, loss and backward for one batch. `rng` draws the
+/// student's stochastic depth; the loss updates its centre.
+#[allow(clippy::too_many_arguments)]
+pub fn forward_backward(
+    student: &DinoModel,
+    teacher: &DinoModel,
+    loss_fn: &mut DinoLoss,
+    crops: &Crops,
+    precision: Precision,
+    rng: &mut StdRng,
+    epoch: usize,
+    device: &Device,
+) -> Result<StepOutput> {
+    let n = crops.images;
+    let (g, l) = (crops.global_size, crops.local_size);
+    let groups = [(&crops.global, 2 * n, g), (&crops.local, crops.local_number * n, l)];
+    let groups = groups.into_iter().filter(|(_, count, _)| *count > 0);
+    match precision {
+        Precision::F32 => {
+            let tensor = |pixels: &Vec<f32>, count, size| Tensor::<4>::from_data(TensorData::new(pixels.clone(), [count, 3, size, size]), device);
+            let global = tensor(&crops.global, 2 * n, g);
+            let teacher_out = teacher.forward(&[global], None);
+            let student_groups: Vec<_> = groups.map(|(pixels, count, size)| tensor(pixels, count, size).autodiff()).collect();
+            let student_out = student.forward(&student_groups, Some(rng));
+            let out = loss_fn.forward(student_out, teacher_out, epoch);
+            let loss = out.loss.clone().into_scalar::<f32>() as f64;
+            Ok(StepOutput {
+                loss,
+                teacher_entropy: out.teacher_entropy.into_scalar::<f32>() as f64,
+                kl: out.kl.into_scalar::<f32>() as f64,
+                grads: out.loss.backward(),
+                by_name: HashMap::new(),
+            })
+        }
+        Precision::Bf16 => {
+            let teacher_vit = Bf16Vit::new(teacher.backbone.vit("--precision bf16")?)?;
+            let teacher_features = teacher_vit.features(&crops.global, 2 * n, (g, g));
+            let dim = teacher_features.len() / (2 * n);
+            let teacher_out = teacher.head.forward(Tensor::from_data(TensorData::new(teacher_features, [2 * n, dim]), device));
+
+            let backbone = StudentVit::new(student.backbone.vit("--precision bf16")?)?;
+            let mut features = Vec::new();
+            let mut tapes = Vec::new();
+            for (pixels, count, size) in groups {
+                let (f, tape) = backbone.forward(pixels, count, (size, size), rng);
+                features.extend(f);
+                tapes.push((count, tape));
+            }
+            let rows = features.len() / dim;
+            let leaf = Tensor::<2>::from_data(TensorData::new(features, [rows, dim]), &device.clone().autodiff()).require_grad();
+            let out = loss_fn.forward(student.head.forward(leaf.clone()), teacher_out, epoch);
+            let loss = out.loss.clone().into_scalar::<f32>() as f64;
+            let grads = out.loss.backward();
+            let d_features = HostTensor::from_tensor(leaf.grad(&grads).expect("the features feed the loss")).values;
+            let mut backbone_grads = backbone.zero_gradients();
+            let mut first = 0;
+            for (count, tape) in &tapes {
+                backbone.backward(tape, &d_features[first * dim..(first + count) * dim], &mut backbone_grads);
+                first += count;
+            }
+            Ok(StepOutput {
+                loss,
+                teacher_entropy: out.teacher_entropy.into_scalar::<f32>() as f64,
+                kl: out.kl.into_scalar::<f32>() as f64,
+                grads,
+                by_name: backbone_grads.named().into_iter().map(|(name, g)| (format!("backbone.{name}"), g)).collect(),
+            })
+        }
+    }
+}
