@@ -360,3 +360,41 @@ fn pretrained_weights_initialise_the_backbone() {
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && stderr.contains("--pretrained_weights"), "{stderr}");
 }
+
+/// `--precision bf16` trains the same network: from the same weights and crops the first
+/// step's loss equals f32's up to bf16 rounding, and over an epoch the losses stay close and
+/// fall alike. Without AMX, and for a ResNet, the flag is refused with one line.
+#[test]
+fn bf16_training_follows_f32() {
+    let out = scratch("train_bf16");
+    let args_at = |precision: &str| {
+        let mut args = small_run_args(fashion_mnist(), &out.join(precision), 1);
+        set_flag(&mut args, "--precision", precision);
+        args
+    };
+    let mut resnet = args_at("bf16");
+    set_flag(&mut resnet, "--arch", "resnet_micro");
+    let o = run(&resnet);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && stderr.trim().lines().count() == 1 && stderr.contains("--precision"), "{stderr}");
+    if !dino::bf16::amx::available() {
+        let o = run(&args_at("bf16"));
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && stderr.trim().lines().count() == 1 && stderr.contains("AMX"), "{stderr}");
+        return;
+    }
+    let losses = |precision: &str| {
+        let o = run(&args_at(precision));
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        json_lines(&out.join(precision).join("metrics.jsonl")).iter().map(|s| s["loss"].as_f64().unwrap()).collect::<Vec<_>>()
+    };
+    let (f32_losses, bf16_losses) = (losses("f32"), losses("bf16"));
+    assert_eq!(bf16_losses.len(), 8);
+    eprintln!("f32 {f32_losses:?}\nbf16 {bf16_losses:?}");
+    let relative = |a: f64, b: f64| (a - b).abs() / b.abs();
+    assert!(relative(bf16_losses[0], f32_losses[0]) < 1e-3, "first loss {} vs {}", bf16_losses[0], f32_losses[0]);
+    for (b, f) in bf16_losses.iter().zip(&f32_losses) {
+        assert!(relative(*b, *f) < 5e-3, "{b} vs {f}");
+    }
+    assert!(bf16_losses[7] < bf16_losses[0], "bf16 loss did not fall: {bf16_losses:?}");
+}
