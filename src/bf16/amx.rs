@@ -16,6 +16,8 @@ pub const BLOCK: usize = 32;
 const K_STEP: usize = 32;
 /// k-pairs in one packed B tile: 16 rows of 16.
 const TILE_PAIRS: usize = 16 * 16;
+/// Matrices of at least this many values are packed on several threads.
+const PARALLEL_PACK_MIN: usize = 1 << 16;
 
 /// Whether this CPU and kernel let the process use AMX-BF16 (asked once: Linux grants the
 /// large tile state only on request).
@@ -74,6 +76,10 @@ impl BfMatrix {
     pub fn zeros(rows: usize, cols: usize) -> Self {
         let stride = round_up(cols.max(1), K_STEP);
         Self { rows, cols, stride, data: vec![0; round_up(rows.max(1), BLOCK) * stride] }
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
     }
 
     pub fn cols(&self) -> usize {
@@ -181,19 +187,31 @@ impl PackedB {
     }
 
     /// Packs the k×n bf16 matrix whose row i is `row(i)`, reusing this allocation: rows two at
-    /// a time, interleaved into 16 contiguous pairs per strip.
-    pub fn repack_bf16<'a>(&mut self, k: usize, n: usize, row: impl Fn(usize) -> &'a [u16]) {
+    /// a time, interleaved into 16 contiguous pairs per strip. Large matrices are packed
+    /// strip by strip on rayon's threads (each strip is one contiguous run of tiles).
+    pub fn repack_bf16<'a>(&mut self, k: usize, n: usize, row: impl Fn(usize) -> &'a [u16] + Sync) {
         self.reset(k, n);
-        let zeros = vec![0; n];
-        for r in 0..k.div_ceil(2) {
-            let (lo, hi) = (&row(2 * r)[..n], if 2 * r + 1 < k { &row(2 * r + 1)[..n] } else { &zeros });
-            for j0 in (0..n).step_by(16) {
-                let at = self.slot(r, j0);
-                let width = (n - j0).min(16);
-                for (dst, (&l, &h)) in self.pairs[at..at + width].iter_mut().zip(lo[j0..].iter().zip(&hi[j0..])) {
+        let tile_rows = self.k_tiles * TILE_PAIRS;
+        let zeros = [0u16; 16];
+        let fill = |(strip, pairs): (usize, &mut [u32])| {
+            let j0 = strip * 16;
+            if j0 >= n {
+                return;
+            }
+            let width = (n - j0).min(16);
+            for r in 0..k.div_ceil(2) {
+                let lo = &row(2 * r)[j0..j0 + width];
+                let hi = if 2 * r + 1 < k { &row(2 * r + 1)[j0..j0 + width] } else { &zeros[..width] };
+                let at = (r / 16) * TILE_PAIRS + (r % 16) * 16;
+                for (dst, (&l, &h)) in pairs[at..at + width].iter_mut().zip(lo.iter().zip(hi)) {
                     *dst = l as u32 | (h as u32) << 16;
                 }
             }
+        };
+        if k * n >= PARALLEL_PACK_MIN {
+            self.pairs.par_chunks_mut(tile_rows).enumerate().for_each(fill);
+        } else {
+            self.pairs.chunks_mut(tile_rows).enumerate().for_each(fill);
         }
     }
 

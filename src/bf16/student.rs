@@ -221,20 +221,21 @@ impl Norm {
         add(&mut grads.bias, &dbias);
     }
 
-    /// bf16(x̂·γ + β) transposed, [D, rows]: the left operand of the next layer's weight
-    /// gradient, recomputed from the kept x̂ instead of kept.
-    fn output_transposed(&self, saved: &Standardized) -> BfMatrix {
+    /// bf16(x̂·γ + β) transposed into `t` [D, rows]: the left operand of the next layer's
+    /// weight gradient, recomputed from the kept x̂ instead of kept.
+    fn output_transposed(&self, saved: &Standardized, t: &mut BfMatrix) {
         let dim = self.weight.len();
-        transposed(saved.inv.len(), dim, |r, c| to_bf16(saved.xhat[r * dim + c].mul_add(self.weight[c], self.bias[c])))
+        transpose_into(t, saved.inv.len(), |r, c| to_bf16(saved.xhat[r * dim + c].mul_add(self.weight[c], self.bias[c])));
     }
 }
 
-/// The transpose [cols, rows] of the rows × cols matrix `value(r, c)`, in bf16: weight
-/// gradients take an activation's transpose as their left operand. Threaded over 32-column
-/// strips of the source, so each task reads 64-byte row segments.
-fn transposed(rows: usize, cols: usize, value: impl Fn(usize, usize) -> u16 + Sync) -> BfMatrix {
-    let mut t = BfMatrix::zeros(cols, rows);
-    let stride = t.stride();
+/// Writes the transpose [cols, rows] of the rows × cols matrix `value(r, c)` into `t` (made
+/// by `BfMatrix::zeros(cols, rows)`), in bf16: weight gradients take an activation's transpose
+/// as their left operand. Threaded over 32-column strips of the source, so each task reads
+/// 64-byte row segments.
+fn transpose_into(t: &mut BfMatrix, rows: usize, value: impl Fn(usize, usize) -> u16 + Sync) {
+    let (cols, stride) = (t.rows(), t.stride());
+    debug_assert_eq!(t.cols(), rows);
     t.data_mut().par_chunks_mut(BLOCK * stride).enumerate().for_each(|(strip, out)| {
         let c0 = strip * BLOCK;
         let width = cols.saturating_sub(c0).min(BLOCK);
@@ -244,17 +245,31 @@ fn transposed(rows: usize, cols: usize, value: impl Fn(usize, usize) -> u16 + Sy
             }
         }
     });
-    t
+}
+
+/// Buffers of one backward pass, reused from block to block.
+struct Workspace {
+    /// The output gradient of a D-wide product, bf16 [rows, D].
+    dy: BfMatrix,
+    /// A LayerNorm's output gradient, f32 [rows, D].
+    dn: Vec<f32>,
+    d_hidden: BfMatrix,
+    /// With one spare block of rows, for per-image head views.
+    d_mixed: BfMatrix,
+    d_qkv: BfMatrix,
+    /// Transposed layer inputs: [D, rows] and [hidden, rows].
+    inputs_t: BfMatrix,
+    hidden_t: BfMatrix,
+    packed: PackedB,
 }
 
 /// grad [in, out] += inputsᵀ · dy, with `inputs_t` the transposed layer input [in, rows] and
 /// `dy` the output gradient [rows, out].
-fn weight_gradient(inputs_t: &BfMatrix, dy: &BfMatrix, rows: usize, grad: &mut [f32]) {
+fn weight_gradient(inputs_t: &BfMatrix, dy: &BfMatrix, rows: usize, packed: &mut PackedB, grad: &mut [f32]) {
     let out = dy.cols();
     let (data, stride) = (dy.view_data(), dy.stride());
-    let mut packed = PackedB::default();
     packed.repack_bf16(rows, out, |i| &data[i * stride..][..out]);
-    amx::matmul(inputs_t.view(), &packed, grad, out, |dst, v, _, _| add(dst, v));
+    amx::matmul(inputs_t.view(), packed, grad, out, |dst, v, _, _| add(dst, v));
 }
 
 /// Column sums of the first `rows` rows of a bf16 matrix, added to `sums` (bias gradients).
@@ -473,7 +488,6 @@ impl StudentVit {
         let (images, tokens_per_image) = (tape.images, tape.tokens);
         let rows = images * tokens_per_image;
         let mut dx = zeros(rows * dim);
-        let mut dn = zeros(rows * dim);
         for i in 0..images {
             let (d, xhat) = (&d_features[i * dim..][..dim], &tape.out.xhat[i * dim..][..dim]);
             rows::layer_norm_backward(&mut dx[i * tokens_per_image * dim..][..dim], d, xhat, &self.norm.weight, tape.out.inv[i]);
@@ -483,36 +497,45 @@ impl StudentVit {
             add(&mut grads.norm.bias, d);
         }
 
-        let mut dy = BfMatrix::zeros(rows, dim);
+        let hidden_dim = self.blocks.first().map_or(0, |b| b.fc1.out_dim());
+        let mut ws = Workspace {
+            dy: BfMatrix::zeros(rows, dim),
+            dn: zeros(rows * dim),
+            d_hidden: BfMatrix::zeros(rows, hidden_dim),
+            d_mixed: BfMatrix::zeros(rows + BLOCK, dim),
+            d_qkv: BfMatrix::zeros(rows, 3 * dim),
+            inputs_t: BfMatrix::zeros(dim, rows),
+            hidden_t: BfMatrix::zeros(hidden_dim, rows),
+            packed: PackedB::default(),
+        };
         for ((layers, saved), g) in self.blocks.iter().zip(&tape.blocks).zip(grads.blocks.iter_mut()).rev() {
             // MLP branch: x += keep · (gelu(h)·W2 + b2), h = n2·W1 + b1.
-            branch_gradient(&dx, saved.keep_mlp.as_deref(), tokens_per_image, &mut dy, &mut g.fc2.bias);
-            let hidden_dim = layers.fc1.out_dim();
-            let activated = saved.activated.view_data();
-            let hidden_stride = saved.activated.stride();
-            weight_gradient(&transposed(rows, hidden_dim, |r, c| activated[r * hidden_stride + c]), &dy, rows, &mut g.fc2.weight);
-            let mut d_hidden = BfMatrix::zeros(rows, hidden_dim);
+            branch_gradient(&dx, saved.keep_mlp.as_deref(), tokens_per_image, &mut ws.dy, &mut g.fc2.bias);
+            let (activated, hidden_stride) = (saved.activated.view_data(), saved.activated.stride());
+            transpose_into(&mut ws.hidden_t, rows, |r, c| activated[r * hidden_stride + c]);
+            weight_gradient(&ws.hidden_t, &ws.dy, rows, &mut ws.packed, &mut g.fc2.weight);
             let hidden = saved.hidden.view_data();
-            amx::matmul(dy.view(), transposed_weight(&layers.fc2), d_hidden.data_mut(), hidden_stride, |dst, v, r, c| {
+            amx::matmul(ws.dy.view(), transposed_weight(&layers.fc2), ws.d_hidden.data_mut(), hidden_stride, |dst, v, r, c| {
                 rows::gelu_backward_to_bf16(dst, v, &hidden[r * hidden_stride + c..]);
             });
-            add_column_sums(&d_hidden, rows, &mut g.fc1.bias);
-            weight_gradient(&layers.norm2.output_transposed(&saved.norm2), &d_hidden, rows, &mut g.fc1.weight);
-            amx::matmul(d_hidden.view(), transposed_weight(&layers.fc1), &mut dn, dim, |dst, v, _, _| dst.copy_from_slice(v));
-            layers.norm2.backward(&saved.norm2, &dn, &mut dx, &mut g.norm2);
+            add_column_sums(&ws.d_hidden, rows, &mut g.fc1.bias);
+            layers.norm2.output_transposed(&saved.norm2, &mut ws.inputs_t);
+            weight_gradient(&ws.inputs_t, &ws.d_hidden, rows, &mut ws.packed, &mut g.fc1.weight);
+            amx::matmul(ws.d_hidden.view(), transposed_weight(&layers.fc1), &mut ws.dn, dim, |dst, v, _, _| dst.copy_from_slice(v));
+            layers.norm2.backward(&saved.norm2, &ws.dn, &mut dx, &mut g.norm2);
 
             // Attention branch: x += keep · (attention(n1·Wqkv + bqkv)·Wp + bp).
-            branch_gradient(&dx, saved.keep_attn.as_deref(), tokens_per_image, &mut dy, &mut g.proj.bias);
-            let mixed = saved.mixed.view_data();
-            let mixed_stride = saved.mixed.stride();
-            weight_gradient(&transposed(rows, dim, |r, c| mixed[r * mixed_stride + c]), &dy, rows, &mut g.proj.weight);
-            let mut d_mixed = BfMatrix::zeros(rows + BLOCK, dim);
-            amx::matmul(dy.view(), transposed_weight(&layers.proj), d_mixed.data_mut(), mixed_stride, |dst, v, _, _| rows::to_bf16_row(dst, v));
-            let d_qkv = self.attention_backward(saved, &d_mixed, images, tokens_per_image);
-            add_column_sums(&d_qkv, rows, &mut g.qkv.bias);
-            weight_gradient(&layers.norm1.output_transposed(&saved.norm1), &d_qkv, rows, &mut g.qkv.weight);
-            amx::matmul(d_qkv.view(), transposed_weight(&layers.qkv), &mut dn, dim, |dst, v, _, _| dst.copy_from_slice(v));
-            layers.norm1.backward(&saved.norm1, &dn, &mut dx, &mut g.norm1);
+            branch_gradient(&dx, saved.keep_attn.as_deref(), tokens_per_image, &mut ws.dy, &mut g.proj.bias);
+            let (mixed, mixed_stride) = (saved.mixed.view_data(), saved.mixed.stride());
+            transpose_into(&mut ws.inputs_t, rows, |r, c| mixed[r * mixed_stride + c]);
+            weight_gradient(&ws.inputs_t, &ws.dy, rows, &mut ws.packed, &mut g.proj.weight);
+            amx::matmul(ws.dy.view(), transposed_weight(&layers.proj), ws.d_mixed.data_mut(), mixed_stride, |dst, v, _, _| rows::to_bf16_row(dst, v));
+            self.attention_backward(saved, &ws.d_mixed, images, tokens_per_image, &mut ws.d_qkv);
+            add_column_sums(&ws.d_qkv, rows, &mut g.qkv.bias);
+            layers.norm1.output_transposed(&saved.norm1, &mut ws.inputs_t);
+            weight_gradient(&ws.inputs_t, &ws.d_qkv, rows, &mut ws.packed, &mut g.qkv.weight);
+            amx::matmul(ws.d_qkv.view(), transposed_weight(&layers.qkv), &mut ws.dn, dim, |dst, v, _, _| dst.copy_from_slice(v));
+            layers.norm1.backward(&saved.norm1, &ws.dn, &mut dx, &mut g.norm1);
         }
         self.embedding_backward(tape, &dx, grads);
     }
@@ -520,11 +543,10 @@ impl StudentVit {
     /// Gradients of q, k and v [rows, 3D] from the heads' output gradient `d_mixed` [rows, D],
     /// one image per task: with P the kept weights, dP = dO·vᵀ, dS = P ⊙ (dP - rowsum(dP ⊙ P)),
     /// dq = dS·k · scale, dk = dSᵀ·q_scaled, dv = Pᵀ·dO.
-    fn attention_backward(&self, saved: &BlockTape, d_mixed: &BfMatrix, images: usize, tokens: usize) -> BfMatrix {
+    fn attention_backward(&self, saved: &BlockTape, d_mixed: &BfMatrix, images: usize, tokens: usize, d_qkv: &mut BfMatrix) {
         let (dim, heads) = (self.dim, self.num_heads);
         let head_dim = dim / heads;
         let scale = self.qkv_scale[0];
-        let mut d_qkv = BfMatrix::zeros(images * tokens, 3 * dim);
         let out_stride = d_qkv.stride();
         let (qkv, qkv_stride) = (saved.qkv.view_data(), saved.qkv.stride());
         let (d_out, d_stride) = (d_mixed.view_data(), d_mixed.stride());
@@ -565,7 +587,6 @@ impl StudentVit {
                 }
             },
         );
-        d_qkv
     }
 
     /// Gradients of the cls token, the position embedding (through the bicubic resize when
@@ -614,7 +635,8 @@ impl StudentVit {
             }
         }
         // d W_patch [D, 3p²] = d patchesᵀ · patches.
-        let d_patches_t = transposed(images * patches, dim, |r, c| to_bf16(dx[((r / patches) * tokens_per_image + 1 + r % patches) * dim + c]));
+        let mut d_patches_t = BfMatrix::zeros(dim, images * patches);
+        transpose_into(&mut d_patches_t, images * patches, |r, c| to_bf16(dx[((r / patches) * tokens_per_image + 1 + r % patches) * dim + c]));
         let k = 3 * p * p;
         let (data, stride) = (tape.patches.view_data(), tape.patches.stride());
         let mut packed = PackedB::default();
