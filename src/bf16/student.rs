@@ -11,7 +11,7 @@ use burn::tensor::Tensor;
 use rand::rngs::StdRng;
 use rayon::prelude::*;
 
-use super::amx::{self, BLOCK, BfMatrix, BfView, PackedB, to_bf16};
+use super::amx::{self, BLOCK, BfMatrix, BfView, PackedB};
 use super::rows;
 use super::vit::{Dense, HeadScratch, HeadShape, Norm, head_attention, host, patch_rows, tokens};
 use crate::model::VisionTransformer;
@@ -225,23 +225,40 @@ impl Norm {
     /// weight gradient, recomputed from the kept x̂ instead of kept.
     fn output_transposed(&self, saved: &Standardized, t: &mut BfMatrix) {
         let dim = self.weight.len();
-        transpose_into(t, saved.inv.len(), |r, c| to_bf16(saved.xhat[r * dim + c].mul_add(self.weight[c], self.bias[c])));
+        transpose_into(t, saved.inv.len(), |r, c0, segment| {
+            let w = segment.len();
+            rows::affine_to_bf16(segment, &saved.xhat[r * dim + c0..][..w], &self.weight[c0..][..w], &self.bias[c0..][..w]);
+        });
     }
 }
 
-/// Writes the transpose [cols, rows] of the rows × cols matrix `value(r, c)` into `t` (made
-/// by `BfMatrix::zeros(cols, rows)`), in bf16: weight gradients take an activation's transpose
-/// as their left operand. Threaded over 32-column strips of the source, so each task reads
-/// 64-byte row segments.
-fn transpose_into(t: &mut BfMatrix, rows: usize, value: impl Fn(usize, usize) -> u16 + Sync) {
+/// Writes the transpose [cols, rows] of a rows × cols matrix into `t` (made by
+/// `BfMatrix::zeros(cols, rows)`), in bf16: weight gradients take an activation's transpose
+/// as their left operand. `fill(r, c0, segment)` writes the source's row r, columns
+/// c0..c0 + segment.len(), so the caller's conversion runs on contiguous slices. Threaded over
+/// 32-column strips of the source, each strip transposed through 32×32 tiles so that reads
+/// and writes are whole 64-byte rows.
+fn transpose_into(t: &mut BfMatrix, rows: usize, fill: impl Fn(usize, usize, &mut [u16]) + Sync) {
     let (cols, stride) = (t.rows(), t.stride());
     debug_assert_eq!(t.cols(), rows);
     t.data_mut().par_chunks_mut(BLOCK * stride).enumerate().for_each(|(strip, out)| {
         let c0 = strip * BLOCK;
         let width = cols.saturating_sub(c0).min(BLOCK);
-        for r in 0..rows {
-            for i in 0..width {
-                out[i * stride + r] = value(r, c0 + i);
+        if width == 0 {
+            return;
+        }
+        let mut segment = [0u16; BLOCK];
+        let mut tile = [[0u16; BLOCK]; BLOCK];
+        for r0 in (0..rows).step_by(BLOCK) {
+            let height = (rows - r0).min(BLOCK);
+            for r in 0..height {
+                fill(r0 + r, c0, &mut segment[..width]);
+                for (column, &v) in tile.iter_mut().zip(&segment[..width]) {
+                    column[r] = v;
+                }
+            }
+            for (i, column) in tile[..width].iter().enumerate() {
+                out[i * stride + r0..][..height].copy_from_slice(&column[..height]);
             }
         }
     });
@@ -512,7 +529,7 @@ impl StudentVit {
             // MLP branch: x += keep · (gelu(h)·W2 + b2), h = n2·W1 + b1.
             branch_gradient(&dx, saved.keep_mlp.as_deref(), tokens_per_image, &mut ws.dy, &mut g.fc2.bias);
             let (activated, hidden_stride) = (saved.activated.view_data(), saved.activated.stride());
-            transpose_into(&mut ws.hidden_t, rows, |r, c| activated[r * hidden_stride + c]);
+            transpose_into(&mut ws.hidden_t, rows, |r, c0, segment| segment.copy_from_slice(&activated[r * hidden_stride + c0..][..segment.len()]));
             weight_gradient(&ws.hidden_t, &ws.dy, rows, &mut ws.packed, &mut g.fc2.weight);
             let hidden = saved.hidden.view_data();
             amx::matmul(ws.dy.view(), transposed_weight(&layers.fc2), ws.d_hidden.data_mut(), hidden_stride, |dst, v, r, c| {
@@ -527,7 +544,7 @@ impl StudentVit {
             // Attention branch: x += keep · (attention(n1·Wqkv + bqkv)·Wp + bp).
             branch_gradient(&dx, saved.keep_attn.as_deref(), tokens_per_image, &mut ws.dy, &mut g.proj.bias);
             let (mixed, mixed_stride) = (saved.mixed.view_data(), saved.mixed.stride());
-            transpose_into(&mut ws.inputs_t, rows, |r, c| mixed[r * mixed_stride + c]);
+            transpose_into(&mut ws.inputs_t, rows, |r, c0, segment| segment.copy_from_slice(&mixed[r * mixed_stride + c0..][..segment.len()]));
             weight_gradient(&ws.inputs_t, &ws.dy, rows, &mut ws.packed, &mut g.proj.weight);
             amx::matmul(ws.dy.view(), transposed_weight(&layers.proj), ws.d_mixed.data_mut(), mixed_stride, |dst, v, _, _| rows::to_bf16_row(dst, v));
             self.attention_backward(saved, &ws.d_mixed, images, tokens_per_image, &mut ws.d_qkv);
@@ -636,7 +653,10 @@ impl StudentVit {
         }
         // d W_patch [D, 3p²] = d patchesᵀ · patches.
         let mut d_patches_t = BfMatrix::zeros(dim, images * patches);
-        transpose_into(&mut d_patches_t, images * patches, |r, c| to_bf16(dx[((r / patches) * tokens_per_image + 1 + r % patches) * dim + c]));
+        transpose_into(&mut d_patches_t, images * patches, |r, c0, segment| {
+            let token = (r / patches) * tokens_per_image + 1 + r % patches;
+            rows::to_bf16_row(segment, &dx[token * dim + c0..][..segment.len()]);
+        });
         let k = 3 * p * p;
         let (data, stride) = (tape.patches.view_data(), tape.patches.stride());
         let mut packed = PackedB::default();
