@@ -139,7 +139,9 @@ impl<'a> BfView<'a> {
 
 /// The right-hand operand, packed into tdpbf16ps's layout: for each 16-column strip and each
 /// 32-deep k slice, a tile of 16 rows by 16 columns whose entries are k-pairs: row r, column c
-/// holds (B[2r][c], B[2r+1][c]) as two bf16 in one u32.
+/// holds (B[2r][c], B[2r+1][c]) as two bf16 in one u32. The pair (2r, 2r+1) of column j is at
+/// ((j / 16) · k_tiles + r / 16) · 256 + (r % 16) · 16 + j % 16: each strip is one contiguous
+/// run of tiles.
 #[derive(Default)]
 pub struct PackedB {
     k: usize,
@@ -149,14 +151,20 @@ pub struct PackedB {
     pairs: Vec<u32>,
 }
 
-/// Rows of f32 as rows of bf16.
-fn rows_to_bf16<'a>(count: usize, len: usize, row: impl Fn(usize) -> &'a [f32]) -> Vec<u16> {
-    (0..count).flat_map(|i| row(i)[..len].iter().map(|&v| to_bf16(v))).collect()
+/// Rows of f32 as rows of bf16, on rayon's threads.
+fn rows_to_bf16<'a>(count: usize, len: usize, row: impl Fn(usize) -> &'a [f32] + Sync) -> Vec<u16> {
+    let mut out = vec![0u16; count * len];
+    out.par_chunks_mut(len.max(1)).enumerate().for_each(|(i, dst)| {
+        for (d, &v) in dst.iter_mut().zip(&row(i)[..len]) {
+            *d = to_bf16(v);
+        }
+    });
+    out
 }
 
 impl PackedB {
     /// Packs the k×n matrix B whose row i is `row(i)` (n values).
-    pub fn pack<'a>(k: usize, n: usize, row: impl Fn(usize) -> &'a [f32]) -> Self {
+    pub fn pack<'a>(k: usize, n: usize, row: impl Fn(usize) -> &'a [f32] + Sync) -> Self {
         let values = rows_to_bf16(k, n, row);
         let mut packed = Self::default();
         packed.repack_bf16(k, n, |i| &values[i * n..(i + 1) * n]);
@@ -164,7 +172,7 @@ impl PackedB {
     }
 
     /// Packs B = Mᵀ for the n×k matrix M whose row j is `row(j)` (k values).
-    pub fn pack_transposed<'a>(k: usize, n: usize, row: impl Fn(usize) -> &'a [f32]) -> Self {
+    pub fn pack_transposed<'a>(k: usize, n: usize, row: impl Fn(usize) -> &'a [f32] + Sync) -> Self {
         let values = rows_to_bf16(n, k, row);
         let mut packed = Self::default();
         packed.repack_bf16_transposed(k, n, |j| &values[j * k..(j + 1) * k]);
@@ -178,12 +186,6 @@ impl PackedB {
         self.n_strips = round_up(n.max(1), BLOCK) / 16;
         self.pairs.clear();
         self.pairs.resize(self.n_strips * self.k_tiles * TILE_PAIRS, 0);
-    }
-
-    /// Where the pair (2r, 2r+1) of column j lives.
-    #[inline(always)]
-    fn slot(&self, r: usize, j: usize) -> usize {
-        ((j / 16) * self.k_tiles + r / 16) * TILE_PAIRS + (r % 16) * 16 + j % 16
     }
 
     /// Packs the k×n bf16 matrix whose row i is `row(i)`, reusing this allocation: rows two at
@@ -217,13 +219,21 @@ impl PackedB {
 
     /// Packs Mᵀ for the n×k bf16 matrix M whose row j is `row(j)`, reusing this allocation: a
     /// row's consecutive pairs are already the u32 entries, so this is a transpose of pairs.
-    pub fn repack_bf16_transposed<'a>(&mut self, k: usize, n: usize, row: impl Fn(usize) -> &'a [u16]) {
+    /// Large matrices are packed strip by strip on rayon's threads.
+    pub fn repack_bf16_transposed<'a>(&mut self, k: usize, n: usize, row: impl Fn(usize) -> &'a [u16] + Sync) {
         self.reset(k, n);
-        for j in 0..n {
-            for (r, two) in row(j)[..k].chunks(2).enumerate() {
-                let slot = self.slot(r, j);
-                self.pairs[slot] = two[0] as u32 | (two.get(1).copied().unwrap_or(0) as u32) << 16;
+        let tile_rows = self.k_tiles * TILE_PAIRS;
+        let fill = |(strip, pairs): (usize, &mut [u32])| {
+            for j in strip * 16..(strip * 16 + 16).min(n) {
+                for (r, two) in row(j)[..k].chunks(2).enumerate() {
+                    pairs[(r / 16) * TILE_PAIRS + (r % 16) * 16 + j % 16] = two[0] as u32 | (two.get(1).copied().unwrap_or(0) as u32) << 16;
+                }
             }
+        };
+        if k * n >= PARALLEL_PACK_MIN {
+            self.pairs.par_chunks_mut(tile_rows).enumerate().for_each(fill);
+        } else {
+            self.pairs.chunks_mut(tile_rows).enumerate().for_each(fill);
         }
     }
 
