@@ -364,8 +364,10 @@ fn check_shapes<T>(a: BfView, b: &PackedB, out: &[T], out_stride: usize) {
 /// `out` may end right after the last row's n values.
 pub fn matmul<T: Send>(a: BfView, b: &PackedB, out: &mut [T], out_stride: usize, emit: impl Fn(&mut [T], &[f32], usize, usize) + Sync) {
     check_shapes(a, b, out, out_stride);
-    // Four blocks per task: enough tasks to balance, few tile reconfigurations.
-    let rows_per_task = 4 * BLOCK;
+    // Up to four blocks per task (few tile reconfigurations), fewer when that would leave
+    // less than two tasks per thread (the short products of weight gradients).
+    let blocks = a.rows.div_ceil(BLOCK);
+    let rows_per_task = (blocks / (2 * rayon::current_num_threads())).clamp(1, 4) * BLOCK;
     out.par_chunks_mut(rows_per_task * out_stride)
         .enumerate()
         .for_each(|(task, chunk)| {

@@ -281,12 +281,22 @@ struct Workspace {
 }
 
 /// grad [in, out] += inputsᵀ · dy, with `inputs_t` the transposed layer input [in, rows] and
-/// `dy` the output gradient [rows, out].
+/// `dy` the output gradient [rows, out]. The sum runs over the batch's token rows, thousands
+/// deep, so it is split into chunks whose packed `dy` (about 1 MB) stays in cache while every
+/// row block of inputsᵀ passes over it; one product over all rows would stream the whole `dy`
+/// from memory once per 32 input channels.
 fn weight_gradient(inputs_t: &BfMatrix, dy: &BfMatrix, rows: usize, packed: &mut PackedB, grad: &mut [f32]) {
     let out = dy.cols();
     let (data, stride) = (dy.view_data(), dy.stride());
-    packed.repack_bf16(rows, out, |i| &data[i * stride..][..out]);
-    amx::matmul(inputs_t.view(), packed, grad, out, |dst, v, _, _| add(dst, v));
+    let (inputs, inputs_stride) = (inputs_t.view_data(), inputs_t.stride());
+    let chunk = ((1 << 20) / (2 * out)).clamp(BLOCK, 2048) / BLOCK * BLOCK;
+    for first in (0..rows).step_by(chunk) {
+        let depth = (rows - first).min(chunk);
+        packed.repack_bf16(depth, out, |i| &data[(first + i) * stride..][..out]);
+        // Past `rows` the transposed input's columns are zero padding.
+        let a = BfView::new(&inputs[first..], inputs_t.rows(), depth.div_ceil(BLOCK) * BLOCK, inputs_stride);
+        amx::matmul(a, packed, grad, out, |dst, v, _, _| add(dst, v));
+    }
 }
 
 /// Column sums of the first `rows` rows of a bf16 matrix, added to `sums` (bias gradients).
