@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Speed harness: the same DINO step (and feature extraction) in dino and in PyTorch, case by
 # case, each in a fresh process, printed as a Markdown table (img/s, ratio, peak RSS).
-#   bench/run.sh [quick]        (quick: the ViT-Ti/16 batch-8 cases and extraction only)
+#   bench/run.sh [quick]        (quick: the ViT-Ti/16 batch-8 cases and extraction only;
+#                               --precision bf16 runs PyTorch under bf16 autocast)
 #   bench/run.sh -- "CASE" ...  (just these cases, e.g. "--mode step --arch vit_small --batch 32 --out_dim 4096")
 # Needs a venv with torch: python3 -m venv .venv-bench && .venv-bench/bin/pip install torch
 # (override with PYTHON=...). FEATURES=... adds cargo features; CARGO_TARGET_DIR is honoured.
@@ -12,7 +13,9 @@ cargo build --release --example bench ${FEATURES:+--features "$FEATURES"} >&2
 ours="${CARGO_TARGET_DIR:-target}/release/examples/bench"
 cases=(
   "--mode step --arch vit_tiny --patch 16 --batch 8 --out_dim 65536"
+  "--mode step --arch vit_tiny --patch 16 --batch 8 --out_dim 65536 --precision bf16"
   "--mode step --arch vit_tiny --patch 16 --batch 8 --out_dim 4096"
+  "--mode step --arch vit_tiny --patch 16 --batch 8 --out_dim 4096 --precision bf16"
   "--mode extract --arch vit_small --patch 16 --batch 64"
   "--mode extract --arch vit_small --patch 16 --batch 64 --precision bf16"
 )

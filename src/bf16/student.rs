@@ -13,21 +13,11 @@ use rayon::prelude::*;
 
 use super::amx::{self, BLOCK, BfMatrix, BfView, PackedB};
 use super::rows;
-use super::vit::{Dense, HeadScratch, HeadShape, Norm, head_attention, host, patch_rows, tokens};
+use super::vit::{Dense, HeadScratch, HeadShape, Norm, PackedBlock, Stem, head_attention, host, patch_rows, tokens};
 use crate::model::VisionTransformer;
 use crate::model::interpolate::bicubic_matrix;
 use crate::model::vit::{GridResize, keep_factors, position_embedding};
 use crate::weights::HostTensor;
-
-struct BlockLayers {
-    norm1: Norm,
-    qkv: Dense,
-    proj: Dense,
-    norm2: Norm,
-    fc1: Dense,
-    fc2: Dense,
-    drop_path: f64,
-}
 
 /// A ViT packed for one training step.
 pub struct StudentVit {
@@ -37,7 +27,7 @@ pub struct StudentVit {
     patch: Dense,
     cls_token: Vec<f32>,
     pos_embed: Tensor<3>,
-    blocks: Vec<BlockLayers>,
+    blocks: Vec<PackedBlock>,
     norm: Norm,
     /// head_dim^-0.5 for the query columns of the qkv product, 1 for the others.
     qkv_scale: Vec<f32>,
@@ -375,42 +365,17 @@ impl StudentVit {
     /// Packs the ViT's current weights; an error when AMX is not available or the heads are
     /// not a whole number of 32-wide tile slices.
     pub fn new(vit: &VisionTransformer) -> anyhow::Result<Self> {
-        anyhow::ensure!(amx::available(), "bf16 training needs a CPU with AMX-BF16");
-        let dim = vit.embed_dim();
-        let num_heads = vit.blocks.first().map_or(1, |b| b.attn.num_heads);
-        let head_dim = dim / num_heads;
-        anyhow::ensure!(head_dim.is_multiple_of(32), "bf16 training needs a head width that is a multiple of 32, not {head_dim}");
-        let conv = host(vit.patch_embed.weight.val());
-        let k = conv.len() / dim;
-        let patch = Dense {
-            // The Conv2d weight [dim, 3, p, p] flattened is B's transpose.
-            weight: PackedB::pack_transposed(k, dim, |j| &conv[j * k..(j + 1) * k]),
-            transposed: None,
-            bias: host(vit.patch_embed.bias.val()),
-        };
-        let blocks = vit
-            .blocks
-            .iter()
-            .map(|b| BlockLayers {
-                norm1: Norm::new(&b.norm1),
-                qkv: Dense::trainable(&b.attn.qkv),
-                proj: Dense::trainable(&b.attn.proj),
-                norm2: Norm::new(&b.norm2),
-                fc1: Dense::trainable(&b.mlp.fc1),
-                fc2: Dense::trainable(&b.mlp.fc2),
-                drop_path: b.drop_path,
-            })
-            .collect();
+        let Stem { patch, num_heads, qkv_scale } = Stem::new(vit, "bf16 training")?;
         Ok(Self {
             patch_size: vit.patch_size(),
-            dim,
+            dim: vit.embed_dim(),
             num_heads,
             patch,
             cls_token: host(vit.cls_token.val()),
             pos_embed: vit.pos_embed.val().without_autodiff().detach(),
-            blocks,
+            blocks: vit.blocks.iter().map(|b| PackedBlock::new(b, true)).collect(),
             norm: Norm::new(&vit.norm),
-            qkv_scale: (0..3 * dim).map(|c| if c < dim { (head_dim as f32).powf(-0.5) } else { 1.0 }).collect(),
+            qkv_scale,
         })
     }
 

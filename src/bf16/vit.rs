@@ -68,13 +68,62 @@ impl Dense {
     }
 }
 
-struct BlockWeights {
-    norm1: Norm,
-    qkv: Dense,
-    proj: Dense,
-    norm2: Norm,
-    fc1: Dense,
-    fc2: Dense,
+/// A transformer block packed for AMX.
+pub(super) struct PackedBlock {
+    pub norm1: Norm,
+    pub qkv: Dense,
+    pub proj: Dense,
+    pub norm2: Norm,
+    pub fc1: Dense,
+    pub fc2: Dense,
+    pub drop_path: f64,
+}
+
+impl PackedBlock {
+    /// `trainable` also packs each Wᵀ for the backward pass.
+    pub fn new(b: &Block, trainable: bool) -> Self {
+        let dense = |l| if trainable { Dense::trainable(l) } else { Dense::new(l) };
+        Self {
+            norm1: Norm::new(&b.norm1),
+            qkv: dense(&b.attn.qkv),
+            proj: dense(&b.attn.proj),
+            norm2: Norm::new(&b.norm2),
+            fc1: dense(&b.mlp.fc1),
+            fc2: dense(&b.mlp.fc2),
+            drop_path: b.drop_path,
+        }
+    }
+}
+
+/// What both engines build alike from a ViT: the patch projection, and for the heads (read
+/// straight out of the qkv rows in whole 32-wide tile slices, so their width is checked) the
+/// qkv product's column scales: head_dim^-0.5 on the queries (as the f32 path scales q before
+/// QKᵀ), 1 on keys and values.
+pub(super) struct Stem {
+    pub patch: Dense,
+    pub num_heads: usize,
+    pub qkv_scale: Vec<f32>,
+}
+
+impl Stem {
+    /// An error naming `what` when AMX is missing or the heads do not fit the tiles.
+    pub fn new(vit: &VisionTransformer, what: &str) -> anyhow::Result<Self> {
+        anyhow::ensure!(amx::available(), "{what} needs a CPU with AMX-BF16");
+        let dim = vit.embed_dim();
+        let conv = host(vit.patch_embed.weight.val());
+        let k = conv.len() / dim;
+        let patch = Dense {
+            // The Conv2d weight [dim, 3, p, p] flattened is B's transpose.
+            weight: PackedB::pack_transposed(k, dim, |j| &conv[j * k..(j + 1) * k]),
+            transposed: None,
+            bias: host(vit.patch_embed.bias.val()),
+        };
+        let num_heads = vit.blocks.first().map_or(1, |b| b.attn.num_heads);
+        let head_dim = dim / num_heads;
+        anyhow::ensure!(head_dim.is_multiple_of(32), "{what} needs a head width that is a multiple of 32, not {head_dim}");
+        let qkv_scale = (0..3 * dim).map(|c| if c < dim { (head_dim as f32).powf(-0.5) } else { 1.0 }).collect();
+        Ok(Self { patch, num_heads, qkv_scale })
+    }
 }
 
 /// Host position embeddings [1 + patches, D] by input (height, width).
@@ -91,7 +140,7 @@ pub struct Bf16Vit {
     pos_embed: Tensor<3>,
     /// Position embeddings already resized, by input height and width.
     resized_pos: Mutex<PositionCache>,
-    blocks: Vec<BlockWeights>,
+    blocks: Vec<PackedBlock>,
     norm: Norm,
     /// Multiplies the query columns of the qkv product by head_dim^-0.5 (as the f32 path
     /// scales q before QKᵀ), the key and value columns by 1.
@@ -106,40 +155,18 @@ impl Bf16Vit {
     /// Packs a ViT's weights; an error when AMX is not available or the heads are not a
     /// whole number of 32-wide tile slices.
     pub fn new(vit: &VisionTransformer) -> anyhow::Result<Self> {
-        anyhow::ensure!(amx::available(), "bf16 inference needs a CPU with AMX-BF16");
-        let p = vit.patch_size();
-        let dim = vit.embed_dim();
-        let conv = host(vit.patch_embed.weight.val());
-        let k = conv.len() / dim;
-        let patch = Dense {
-            // The Conv2d weight [dim, 3, p, p] flattened is B's transpose.
-            weight: PackedB::pack_transposed(k, dim, |j| &conv[j * k..(j + 1) * k]),
-            transposed: None,
-            bias: host(vit.patch_embed.bias.val()),
-        };
-        let num_heads = vit.blocks.first().map_or(1, |b| b.attn.num_heads);
-        let head_dim = dim / num_heads;
-        // Heads are read straight out of the qkv rows, in whole 32-wide tile slices.
-        anyhow::ensure!(head_dim.is_multiple_of(32), "bf16 inference needs a head width that is a multiple of 32, not {head_dim}");
-        let block = |b: &Block| BlockWeights {
-            norm1: Norm::new(&b.norm1),
-            qkv: Dense::new(&b.attn.qkv),
-            proj: Dense::new(&b.attn.proj),
-            norm2: Norm::new(&b.norm2),
-            fc1: Dense::new(&b.mlp.fc1),
-            fc2: Dense::new(&b.mlp.fc2),
-        };
+        let Stem { patch, num_heads, qkv_scale } = Stem::new(vit, "bf16 inference")?;
         Ok(Self {
-            patch_size: p,
-            dim,
+            patch_size: vit.patch_size(),
+            dim: vit.embed_dim(),
             num_heads,
             patch,
             cls_token: host(vit.cls_token.val()),
             pos_embed: vit.pos_embed.val(),
             resized_pos: Mutex::new(HashMap::new()),
-            blocks: vit.blocks.iter().map(block).collect(),
+            blocks: vit.blocks.iter().map(|b| PackedBlock::new(b, false)).collect(),
             norm: Norm::new(&vit.norm),
-            qkv_scale: (0..3 * dim).map(|c| if c < dim { (head_dim as f32).powf(-0.5) } else { 1.0 }).collect(),
+            qkv_scale,
         })
     }
 
