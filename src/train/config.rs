@@ -308,8 +308,11 @@ impl TrainConfig {
             bail!("--momentum_teacher must be within [0, 1]");
         }
         if self.precision == Precision::Bf16 {
-            if !is_vit || self.device != DeviceKind::Cpu {
-                bail!("--precision bf16 trains a ViT on the CPU; use --precision f32 for --arch {} on --device {:?}", self.arch, self.device);
+            if !is_vit {
+                bail!("--precision bf16 trains ViTs only; use --precision f32 for --arch {}", self.arch);
+            }
+            if self.device != DeviceKind::Cpu {
+                bail!("--precision bf16 runs on --device cpu only; use --precision f32 on GPUs");
             }
             crate::bf16::check_available("--precision")?;
         }

@@ -51,14 +51,16 @@ pub fn forward_backward(
 ) -> Result<StepOutput> {
     let n = crops.images;
     let (g, l) = (crops.global_size, crops.local_size);
-    let groups = [(&crops.global, 2 * n, g), (&crops.local, crops.local_number * n, l)];
-    let groups = groups.into_iter().filter(|(_, count, _)| *count > 0);
+    let local_count = crops.local_number * n;
     match precision {
         Precision::F32 => {
-            let tensor = |pixels: &Vec<f32>, count, size| Tensor::<4>::from_data(TensorData::new(pixels.clone(), [count, 3, size, size]), device);
+            let tensor = |pixels: &[f32], count, size| Tensor::<4>::from_data(TensorData::new(pixels.to_vec(), [count, 3, size, size]), device);
             let global = tensor(&crops.global, 2 * n, g);
+            let mut student_groups = vec![global.clone().autodiff()];
+            if local_count > 0 {
+                student_groups.push(tensor(&crops.local, local_count, l).autodiff());
+            }
             let teacher_out = teacher.forward(&[global], None);
-            let student_groups: Vec<_> = groups.map(|(pixels, count, size)| tensor(pixels, count, size).autodiff()).collect();
             let student_out = student.forward(&student_groups, Some(rng));
             let out = loss_fn.forward(student_out, teacher_out, epoch);
             let loss = out.loss.clone().into_scalar::<f32>() as f64;
@@ -79,7 +81,8 @@ pub fn forward_backward(
             let backbone = StudentVit::new(student.backbone.vit("--precision bf16")?)?;
             let mut features = Vec::new();
             let mut tapes = Vec::new();
-            for (pixels, count, size) in groups {
+            let groups = [(&crops.global, 2 * n, g), (&crops.local, local_count, l)];
+            for (pixels, count, size) in groups.into_iter().filter(|(_, count, _)| *count > 0) {
                 let (f, tape) = backbone.forward(pixels, count, (size, size), rng);
                 features.extend(f);
                 tapes.push((count, tape));
