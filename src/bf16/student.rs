@@ -110,6 +110,12 @@ fn add(acc: &mut [f32], v: &[f32]) {
     }
 }
 
+/// a + b, reusing a (for reducing per-thread partial sums).
+fn summed(mut a: Vec<f32>, b: Vec<f32>) -> Vec<f32> {
+    add(&mut a, &b);
+    a
+}
+
 impl NormGrads {
     fn zeros(dim: usize) -> Self {
         Self { weight: zeros(dim), bias: zeros(dim) }
@@ -199,14 +205,7 @@ impl Norm {
                 }
                 (dweight, dbias)
             })
-            .reduce(
-                || (zeros(dim), zeros(dim)),
-                |(mut w, mut b), (w2, b2)| {
-                    add(&mut w, &w2);
-                    add(&mut b, &b2);
-                    (w, b)
-                },
-            );
+            .reduce(|| (zeros(dim), zeros(dim)), |(w, b), (w2, b2)| (summed(w, w2), summed(b, b2)));
         add(&mut grads.weight, &dweight);
         add(&mut grads.bias, &dbias);
     }
@@ -303,13 +302,7 @@ fn add_column_sums(m: &BfMatrix, rows: usize, sums: &mut [f32]) {
             }
             acc
         })
-        .reduce(
-            || zeros(cols),
-            |mut a, b| {
-                add(&mut a, &b);
-                a
-            },
-        );
+        .reduce(|| zeros(cols), summed);
     add(sums, &total);
 }
 
@@ -334,13 +327,7 @@ fn branch_gradient(dx: &[f32], keep: Option<&[f32]>, tokens: usize, dy: &mut BfM
                 acc
             },
         )
-        .reduce(
-            || zeros(dim),
-            |mut a, b| {
-                add(&mut a, &b);
-                a
-            },
-        );
+        .reduce(|| zeros(dim), summed);
     add(bias_grad, &total);
 }
 

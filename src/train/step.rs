@@ -52,7 +52,9 @@ pub fn forward_backward(
     let n = crops.images;
     let (g, l) = (crops.global_size, crops.local_size);
     let local_count = crops.local_number * n;
-    match precision {
+    // At bf16, what the backbone's backward pass needs once burn's is done.
+    let mut bf16_student = None;
+    let (teacher_out, student_out) = match precision {
         Precision::F32 => {
             let tensor = |pixels: &[f32], count, size| Tensor::<4>::from_data(TensorData::new(pixels.to_vec(), [count, 3, size, size]), device);
             let global = tensor(&crops.global, 2 * n, g);
@@ -60,17 +62,7 @@ pub fn forward_backward(
             if local_count > 0 {
                 student_groups.push(tensor(&crops.local, local_count, l).autodiff());
             }
-            let teacher_out = teacher.forward(&[global], None);
-            let student_out = student.forward(&student_groups, Some(rng));
-            let out = loss_fn.forward(student_out, teacher_out, epoch);
-            let loss = out.loss.clone().into_scalar::<f32>() as f64;
-            Ok(StepOutput {
-                loss,
-                teacher_entropy: out.teacher_entropy.into_scalar::<f32>() as f64,
-                kl: out.kl.into_scalar::<f32>() as f64,
-                grads: out.loss.backward(),
-                by_name: HashMap::new(),
-            })
+            (teacher.forward(&[global], None), student.forward(&student_groups, Some(rng)))
         }
         Precision::Bf16 => {
             let teacher_vit = Bf16Vit::new(teacher.backbone.vit("--precision bf16")?)?;
@@ -89,23 +81,33 @@ pub fn forward_backward(
             }
             let rows = features.len() / dim;
             let leaf = Tensor::<2>::from_data(TensorData::new(features, [rows, dim]), &device.clone().autodiff()).require_grad();
-            let out = loss_fn.forward(student.head.forward(leaf.clone()), teacher_out, epoch);
-            let loss = out.loss.clone().into_scalar::<f32>() as f64;
-            let grads = out.loss.backward();
+            let student_out = student.head.forward(leaf.clone());
+            bf16_student = Some((backbone, tapes, leaf));
+            (teacher_out, student_out)
+        }
+    };
+    let out = loss_fn.forward(student_out, teacher_out, epoch);
+    let loss = out.loss.clone().into_scalar::<f32>() as f64;
+    let grads = out.loss.backward();
+    let by_name = match bf16_student {
+        None => HashMap::new(),
+        Some((backbone, tapes, leaf)) => {
             let d_features = HostTensor::from_tensor(leaf.grad(&grads).expect("the features feed the loss")).values;
+            let dim = d_features.len() / tapes.iter().map(|(count, _)| count).sum::<usize>();
             let mut backbone_grads = backbone.zero_gradients();
             let mut first = 0;
             for (count, tape) in &tapes {
                 backbone.backward(tape, &d_features[first * dim..(first + count) * dim], &mut backbone_grads);
                 first += count;
             }
-            Ok(StepOutput {
-                loss,
-                teacher_entropy: out.teacher_entropy.into_scalar::<f32>() as f64,
-                kl: out.kl.into_scalar::<f32>() as f64,
-                grads,
-                by_name: backbone_grads.named().into_iter().map(|(name, g)| (format!("backbone.{name}"), g)).collect(),
-            })
+            backbone_grads.named().into_iter().map(|(name, g)| (format!("backbone.{name}"), g)).collect()
         }
-    }
+    };
+    Ok(StepOutput {
+        loss,
+        teacher_entropy: out.teacher_entropy.into_scalar::<f32>() as f64,
+        kl: out.kl.into_scalar::<f32>() as f64,
+        grads,
+        by_name,
+    })
 }
