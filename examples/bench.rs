@@ -66,7 +66,7 @@ fn main() {
         let student = DinoModel { backbone: dino::model::Network::Vit(backbone), head };
         let mut teacher = student.valid();
         let mut student = student.fork(&dev.clone().autodiff()).train();
-        let mut loss_fn = DinoLoss::new(out_dim, 2 + nlocal, 0.04, 0.04, 0, 1, &dev);
+        let mut loss_fn = DinoLoss::new(out_dim, 2 + nlocal, &dev);
         let mut adamw = optim::Optimizer::new(optim::OptimizerKind::Adamw);
         let never = |_: &str| false;
         for _ in 0..warmup + steps {
@@ -76,7 +76,7 @@ fn main() {
             };
             let crops = step::Crops { images: batch, global: pixels(2 * batch, gsize), global_size: gsize, local: pixels(nlocal * batch, lsize), local_size: lsize, local_number: nlocal };
             let t0 = Instant::now();
-            let out = step::forward_backward(&student, &teacher, &mut loss_fn, &crops, precision, &mut rng, 0, &dev).expect("--precision available here");
+            let out = step::forward_backward(&student, &teacher, &mut loss_fn, &crops, precision, &mut rng, 0.04, &dev).expect("--precision available here");
             let t1 = Instant::now();
             let settings = optim::StepSettings { lr: 1e-4, weight_decay: 0.04, clip_grad: Some(3.0), frozen: &never };
             student = adamw.step(student, out.grads, out.by_name, &settings);

@@ -157,6 +157,94 @@ fn assert_resumes_bit_identically(name: &str, args_for: impl Fn(&Path) -> Vec<St
     }
 }
 
+/// Waits until `ready(lines of out/metrics.jsonl)` holds, then kills the run (SIGKILL);
+/// returns the number of lines it had logged.
+fn kill_when(child: &mut std::process::Child, out: &Path, ready: impl Fn(usize) -> bool) -> usize {
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        let lines = std::fs::read_to_string(out.join("metrics.jsonl")).map(|t| t.lines().count()).unwrap_or(0);
+        if ready(lines) {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            return lines;
+        }
+        assert!(Instant::now() < deadline, "run never got ready to be killed");
+        assert!(child.try_wait().unwrap().is_none(), "run ended before it could be killed");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// The plan line a budgeted run writes into log.txt, once it is fixed.
+fn plan_of(out: &Path) -> Option<serde_json::Value> {
+    let text = std::fs::read_to_string(out.join("log.txt")).ok()?;
+    text.lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()).find(|v| v.get("plan").is_some())
+}
+
+/// Under `--max_minutes` the schedules are laid over the steps the budget buys: the run ends at
+/// its planned step, before the budget, with the learning rate and teacher momentum at the ends
+/// of their cosines and the temperature at its final value. Killed after the plan is fixed, a
+/// run resumes to the same weights as one that went on uninterrupted from the same checkpoint.
+#[test]
+fn time_budget_plans_the_schedules_and_resumes_bit_identically() {
+    let args_for = |out: &Path, minutes: &str| {
+        let mut args = small_run_args(fashion_mnist(), out, 1000);
+        for (flag, value) in [
+            ("--max_minutes", minutes),
+            ("--batch_size_per_gpu", "16"),
+            ("--head_hidden_dim", "128"),
+            ("--head_bottleneck_dim", "64"),
+            ("--saveckp_steps", "4"),
+            ("--warmup_teacher_temp", "0.02"),
+            ("--warmup_teacher_temp_epochs", "300"),
+            ("--teacher_temp", "0.05"),
+            ("--min_lr", "0.0001"),
+        ] {
+            set_flag(&mut args, flag, value);
+        }
+        args
+    };
+    let spawn = |args: Vec<String>| dino().args(args).stderr(std::process::Stdio::null()).spawn().unwrap();
+
+    // A 24-second budget, killed once its plan is fixed and a checkpoint (every 4 steps) holds it.
+    let uninterrupted = scratch("budget_uninterrupted");
+    let mut child = spawn(args_for(&uninterrupted, "0.4"));
+    let calibration = || plan_of(&uninterrupted).map(|p| p["plan"]["calibration_steps"].as_u64().unwrap() as usize);
+    let killed_at = kill_when(&mut child, &uninterrupted, |lines| calibration().is_some_and(|c| lines >= c + 5));
+    let plan = plan_of(&uninterrupted).unwrap();
+    let total = plan["total_steps"].as_u64().unwrap() as usize;
+    let scheduled = plan["plan"]["scheduled_steps"].as_u64().unwrap() as usize;
+    assert!(total > killed_at + 20, "a plan of {total} steps is too short to test (killed at {killed_at})");
+    assert!(total as f64 * plan["step_seconds"].as_f64().unwrap() < 24.0, "{plan}");
+
+    // Both copies continue the stored plan (a longer budget on resuming changes nothing); one
+    // is killed once more on the way.
+    let interrupted = scratch("budget_interrupted");
+    for file in ["checkpoint.safetensors", "log.txt", "metrics.jsonl"] {
+        std::fs::copy(uninterrupted.join(file), interrupted.join(file)).unwrap();
+    }
+    let o = run(&args_for(&uninterrupted, "5"));
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success() && stderr.contains("resuming from") && !stderr.contains("time budget"), "{stderr}");
+    let mut child = spawn(args_for(&interrupted, "5"));
+    kill_when(&mut child, &interrupted, |lines| lines >= killed_at + 10);
+    let o = run(&args_for(&interrupted, "5"));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(checkpoint_tensors(&uninterrupted.join("checkpoint.safetensors")), checkpoint_tensors(&interrupted.join("checkpoint.safetensors")));
+
+    // The run stopped at its planned step with every schedule at its end.
+    let steps = json_lines(&uninterrupted.join("metrics.jsonl"));
+    assert_eq!(steps.iter().map(|s| s["step"].as_u64().unwrap()).max(), Some(total as u64 - 1));
+    let last = json_lines(&uninterrupted.join("log.txt")).pop().unwrap();
+    // --warmup_epochs 1 of 1000 rounds to no warm-up step; the cosines' last step is i = n - 1.
+    let cosine_end = |base: f64, end: f64| end + 0.5 * (base - end) * (1.0 + (std::f64::consts::PI * (scheduled - 1) as f64 / scheduled as f64).cos());
+    let close = |key: &str, expected: f64| assert!((last[key].as_f64().unwrap() - expected).abs() < 1e-9, "{key}: {last} vs {expected}");
+    close("train_lr", cosine_end(0.004 * 16.0 / 256.0, 1e-4));
+    close("teacher_momentum", cosine_end(0.9, 1.0));
+    close("teacher_temp", 0.05);
+    assert!(last["teacher_momentum"].as_f64().unwrap() > 0.999);
+    assert!(last["train_lr"].as_f64().unwrap() < 1.05e-4);
+}
+
 /// The small run with a ResNet backbone: `--arch resnet_micro` brings the ResNet recipe.
 fn resnet_run_args(data: &str, out: &Path) -> Vec<String> {
     let mut args = small_run_args(data, out, 2);

@@ -5,7 +5,7 @@ use std::path::Path;
 use anyhow::{Context, Result, bail};
 use clap::Args;
 
-use crate::data::dataset::{Dataset, IdxSplit};
+use crate::data::dataset::{Dataset, IdxSplit, SUBSET_SEED};
 use crate::eval::features::{EvalTransform, FeatureNetwork, Precision, REFERENCE_CROP};
 use crate::model::Network;
 
@@ -71,13 +71,11 @@ pub fn check_last_blocks(network: &Network, n_last_blocks: usize) -> Result<()> 
     Ok(())
 }
 
-/// Opens a dataset for a flag, keeping the first `subset` images (0: all); `labelled` demands
+/// Opens a dataset for a flag, keeping a stratified subset of `subset` images (0: all); `labelled` demands
 /// labels.
 pub fn open_dataset(path: &Path, split: IdxSplit, subset: usize, flag: &str, labelled: bool) -> Result<Dataset> {
     let mut d = Dataset::open(path, split).with_context(|| format!("{flag} {}", path.display()))?;
-    if subset > 0 {
-        d.truncate(subset);
-    }
+    d.keep_subset(subset, SUBSET_SEED);
     if labelled && d.num_classes().is_none() {
         bail!("{flag} {}: no labels (class subfolders or IDX label files are needed)", path.display());
     }

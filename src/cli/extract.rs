@@ -38,7 +38,7 @@ pub struct ExtractArgs {
     /// Also append the mean patch token of the last block.
     #[arg(long, default_value_t = false)]
     pub avgpool_patchtokens: bool,
-    /// Use only the first N images (0: all).
+    /// Use only N images, drawn per class in proportion (seeded; 0: all).
     #[arg(long, default_value_t = 0)]
     pub subset: usize,
 }

@@ -46,7 +46,7 @@ pub struct KnnArgs {
     /// Temperature of the exp(similarity / T) vote weights.
     #[arg(long, default_value_t = 0.07)]
     pub temperature: f64,
-    /// Use only the first N train / test images (0: all).
+    /// Use only N train / test images, drawn per class in proportion (seeded; 0: all).
     #[arg(long, default_value_t = 0)]
     pub subset_train: usize,
     #[arg(long, default_value_t = 0)]

@@ -71,7 +71,7 @@ pub struct LinearArgs {
     pub val_freq: usize,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Use only the first N train / test images (0: all).
+    /// Use only N train / test images, drawn per class in proportion (seeded; 0: all).
     #[arg(long, default_value_t = 0)]
     pub subset_train: usize,
     #[arg(long, default_value_t = 0)]

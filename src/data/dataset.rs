@@ -14,6 +14,10 @@ const MAX_PIXELS: u64 = 100_000_000;
 
 const IMAGE_EXTENSIONS: &[&str] = &["jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "pgm", "ppm", "pnm", "pbm", "gif"];
 
+/// Seed of the evaluation commands' and the online k-NN's subsets: fixed, so that runs and
+/// checkpoints are compared on the same images.
+pub const SUBSET_SEED: u64 = 0;
+
 /// Which IDX files of a directory to read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum IdxSplit {
@@ -87,16 +91,24 @@ impl Dataset {
         Ok(Self::Idx { pixels: data.to_vec(), rows, cols, labels })
     }
 
-    /// Keeps only the first `n` images.
-    pub fn truncate(&mut self, n: usize) {
+    /// Keeps `n` images (all when `n` is 0 or at least the size), drawn per class in proportion
+    /// to the class sizes (stratified; unlabelled images form one group), seeded by `seed`;
+    /// the kept images stay in their original order.
+    pub fn keep_subset(&mut self, n: usize, seed: u64) {
+        if n == 0 || n >= self.len() {
+            return;
+        }
+        let labels: Vec<Option<usize>> = (0..self.len()).map(|i| self.label(i)).collect();
+        let keep = stratified_subset(&labels, n, seed);
         match self {
             Self::Folder { files, labels, .. } => {
-                files.truncate(n);
-                labels.truncate(n);
+                *files = keep.iter().map(|&i| files[i].clone()).collect();
+                *labels = keep.iter().map(|&i| labels[i]).collect();
             }
             Self::Idx { pixels, rows, cols, labels } => {
-                labels.truncate(n);
-                pixels.truncate(labels.len() * *rows * *cols);
+                let size = *rows * *cols;
+                *pixels = keep.iter().flat_map(|&i| pixels[i * size..(i + 1) * size].iter().copied()).collect();
+                *labels = keep.iter().map(|&i| labels[i]).collect();
             }
         }
     }
@@ -237,6 +249,36 @@ fn parse_idx(bytes: &[u8], rank: usize) -> Result<(Vec<usize>, &[u8])> {
     Ok((dims, &bytes[header..header + count]))
 }
 
+/// `n` indices of `labels`, ascending, with each label's share of `n` proportional to its share
+/// of the whole (largest remainders get the leftover places), each group drawn by a seeded
+/// shuffle.
+pub fn stratified_subset(labels: &[Option<usize>], n: usize, seed: u64) -> Vec<usize> {
+    use rand::SeedableRng;
+    use rand::seq::SliceRandom;
+    let mut groups: std::collections::BTreeMap<Option<usize>, Vec<usize>> = std::collections::BTreeMap::new();
+    for (i, &label) in labels.iter().enumerate() {
+        groups.entry(label).or_default().push(i);
+    }
+    let total = labels.len();
+    let n = n.min(total);
+    // Whole places first, then one more to the groups with the largest remainders.
+    let mut quotas: Vec<(usize, usize)> = groups.values().map(|g| (g.len() * n / total, g.len() * n % total)).collect();
+    let left = n - quotas.iter().map(|q| q.0).sum::<usize>();
+    let mut by_remainder: Vec<usize> = (0..quotas.len()).collect();
+    by_remainder.sort_by_key(|&g| std::cmp::Reverse(quotas[g].1));
+    for &g in &by_remainder[..left] {
+        quotas[g].0 += 1;
+    }
+    let mut keep = Vec::with_capacity(n);
+    for (g, (label, mut members)) in groups.into_iter().enumerate() {
+        let group_seed = crate::data::loader::mix_seed(seed, label.map_or(u64::MAX, |l| l as u64), 0x5B);
+        members.shuffle(&mut rand::rngs::StdRng::seed_from_u64(group_seed));
+        keep.extend_from_slice(&members[..quotas[g].0]);
+    }
+    keep.sort_unstable();
+    keep
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -250,5 +292,40 @@ mod tests {
         assert_eq!(data, &[1, 2, 3, 4]);
         assert!(parse_idx(&file[..18], 3).is_err());
         assert!(parse_idx(&file, 1).is_err());
+    }
+
+    #[test]
+    fn subsets_keep_every_class_in_proportion() {
+        // Sorted labels (a class-folder listing): 60 of class 0, 30 of class 1, 10 of class 2.
+        let labels: Vec<Option<usize>> = [(0, 60), (1, 30), (2, 10)].iter().flat_map(|&(c, k)| vec![Some(c); k]).collect();
+        let keep = stratified_subset(&labels, 10, 7);
+        let count = |c| keep.iter().filter(|&&i| labels[i] == Some(c)).count();
+        assert_eq!((count(0), count(1), count(2)), (6, 3, 1));
+        assert!(keep.windows(2).all(|w| w[0] < w[1]), "ascending, no repeats");
+        assert_eq!(keep, stratified_subset(&labels, 10, 7), "seeded");
+        assert_ne!(keep, stratified_subset(&labels, 10, 8));
+        // 7 of 100: quotas 4.2, 2.1, 0.7 -> 4, 2 and the largest remainder (class 2) gets the 7th.
+        let keep = stratified_subset(&labels, 7, 0);
+        assert_eq!((keep.iter().filter(|&&i| labels[i] == Some(0)).count(), keep.iter().filter(|&&i| labels[i] == Some(2)).count()), (4, 1));
+        assert_eq!(keep.len(), 7);
+        // Unlabelled images are drawn as one group.
+        assert_eq!(stratified_subset(&[None; 20], 5, 1).len(), 5);
+    }
+
+    #[test]
+    fn idx_subset_moves_pixels_with_labels() {
+        let labels: Vec<usize> = (0..40).map(|i| i % 4).collect();
+        let pixels: Vec<u8> = (0..40).flat_map(|i| [i as u8, 100 + i as u8]).collect();
+        let mut d = Dataset::Idx { pixels, rows: 1, cols: 2, labels };
+        d.keep_subset(8, 3);
+        assert_eq!(d.len(), 8);
+        let Dataset::Idx { pixels, labels, .. } = &d else { unreachable!() };
+        for (k, &label) in labels.iter().enumerate() {
+            let original = pixels[2 * k] as usize;
+            assert_eq!((original % 4, pixels[2 * k + 1] as usize), (label, 100 + original));
+        }
+        let mut per_class = [0; 4];
+        labels.iter().for_each(|&l| per_class[l] += 1);
+        assert_eq!(per_class, [2; 4]);
     }
 }

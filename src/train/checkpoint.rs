@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use super::config::TrainConfig;
 use super::optim::{Optimizer, ParamState};
+use super::schedule::Plan;
 use crate::model::{DinoModel, Network};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
@@ -22,6 +23,9 @@ pub struct Progress {
     pub epoch: usize,
     pub step_in_epoch: usize,
     pub global_step: usize,
+    /// The plan a time budget fixed (`None` for an epoch plan, or before it is fixed).
+    #[serde(default)]
+    pub plan: Option<Plan>,
 }
 
 pub struct TrainState {

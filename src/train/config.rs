@@ -73,7 +73,7 @@ pub struct TrainConfig {
     /// Training images: a folder (ImageFolder layout or flat) or a directory of IDX files.
     #[arg(long, default_value = "/usr/share/datasets/fashion-mnist")]
     pub data: PathBuf,
-    /// Use only the first N images of --data (0: all).
+    /// Use only N images of --data, drawn per class in proportion with --seed (0: all).
     #[arg(long, default_value_t = 0)]
     pub subset: usize,
     /// Where checkpoints, logs, the plot and the resolved config go.
@@ -163,7 +163,8 @@ pub struct TrainConfig {
     /// Images per step.
     #[arg(long, default_value_t = 64)]
     pub batch_size_per_gpu: usize,
-    /// Training epochs.
+    /// Training epochs (under --max_minutes: the unit that epoch-based settings are fractions of,
+    /// and the longest the plan may be).
     #[arg(long, default_value_t = 100)]
     pub epochs: usize,
 
@@ -205,7 +206,9 @@ pub struct TrainConfig {
     #[arg(long, value_enum, default_value = "f32")]
     #[serde(default)]
     pub precision: Precision,
-    /// Stop cleanly, with a checkpoint, after this many minutes (0: no limit).
+    /// Time budget in minutes (0: none). The schedules are laid over the steps the budget buys,
+    /// measured over the first steps (at most --epochs' worth); epoch-based settings become
+    /// fractions of that plan. The run stops cleanly with a checkpoint at the budget.
     #[arg(long, default_value_t = 0.0)]
     pub max_minutes: f64,
     /// Weighted k-NN accuracy of the teacher every N epochs (and when the time budget stops
@@ -219,7 +222,8 @@ pub struct TrainConfig {
     #[arg(long)]
     #[serde(default)]
     pub val_data: Option<PathBuf>,
-    /// Use only the first N images of --data / --val_data for the online k-NN (0: all).
+    /// Use only N images of --data / --val_data for the online k-NN, drawn per class in
+    /// proportion (0: all).
     #[arg(long, default_value_t = 0)]
     #[serde(default)]
     pub knn_train_subset: usize,
@@ -371,19 +375,20 @@ fn read_config_file(path: &PathBuf) -> Result<serde_json::Map<String, serde_json
     }
 }
 
+/// Parses and resolves `dino train` arguments as the command line does (for tests).
+#[cfg(test)]
+pub(crate) fn resolve_args(args: &[&str]) -> Result<TrainConfig> {
+    use clap::{CommandFactory, FromArgMatches};
+    let matches = crate::cli::Cli::command().try_get_matches_from(args)?;
+    match crate::cli::Cli::from_arg_matches(&matches)?.command {
+        crate::cli::Command::Train(c) => c.resolve(matches.subcommand_matches("train").expect("a train command")),
+        _ => bail!("not a train command"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use crate::cli::Cli;
-    use clap::{CommandFactory, FromArgMatches};
-
-    fn resolve(args: &[&str]) -> anyhow::Result<super::TrainConfig> {
-        let matches = Cli::command().try_get_matches_from(args)?;
-        let cli = Cli::from_arg_matches(&matches)?;
-        match cli.command {
-            crate::cli::Command::Train(c) => c.resolve(matches.subcommand_matches("train").unwrap()),
-            _ => unreachable!(),
-        }
-    }
+    use super::resolve_args as resolve;
 
     #[test]
     fn defaults_preset_file_and_flags_resolve_in_order() {

@@ -5,16 +5,12 @@
 use burn::tensor::activation::{log_softmax, softmax};
 use burn::tensor::{Device, Tensor};
 
-use super::schedule::teacher_temperatures;
-
 #[derive(Debug, Clone)]
 pub struct DinoLoss {
     /// Views per image the student sees (2 global + local crops).
     pub ncrops: usize,
     pub student_temp: f64,
     pub center_momentum: f64,
-    /// Teacher temperature of each epoch.
-    pub teacher_temps: Vec<f64>,
     /// EMA of the teacher's batch-mean output, [1, out_dim]; never part of a graph.
     pub center: Tensor<2>,
 }
@@ -30,36 +26,26 @@ pub struct LossOutput {
 }
 
 impl DinoLoss {
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        out_dim: usize,
-        ncrops: usize,
-        warmup_teacher_temp: f64,
-        teacher_temp: f64,
-        warmup_teacher_temp_epochs: usize,
-        epochs: usize,
-        device: &Device,
-    ) -> Self {
+    pub fn new(out_dim: usize, ncrops: usize, device: &Device) -> Self {
         assert!(ncrops >= 2, "DINO needs at least the two global views");
         Self {
             ncrops,
             student_temp: 0.1,
             center_momentum: 0.9,
-            teacher_temps: teacher_temperatures(warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs, epochs),
             center: Tensor::zeros([1, out_dim], device),
         }
     }
 
     /// Loss for one batch. `student_out` is [ncrops * B, K] view-major, `teacher_out` is
-    /// [2 * B, K] for the two global views. Updates the centre afterwards.
-    pub fn forward(&mut self, student_out: Tensor<2>, teacher_out: Tensor<2>, epoch: usize) -> LossOutput {
+    /// [2 * B, K] for the two global views, sharpened at `teacher_temp`. Updates the centre
+    /// afterwards.
+    pub fn forward(&mut self, student_out: Tensor<2>, teacher_out: Tensor<2>, teacher_temp: f64) -> LossOutput {
         let [rows, k] = student_out.dims();
         let batch = rows / self.ncrops;
         let teacher_out = teacher_out.detach().without_autodiff();
-        let temp = self.teacher_temps[epoch.min(self.teacher_temps.len() - 1)];
 
         let student_logp = log_softmax(student_out.div_scalar(self.student_temp), 1).reshape([self.ncrops, batch, k]);
-        let teacher_logits = (teacher_out.clone() - self.center.clone()).div_scalar(temp);
+        let teacher_logits = (teacher_out.clone() - self.center.clone()).div_scalar(teacher_temp);
         let targets = softmax(teacher_logits.clone(), 1).reshape([2, batch, k]);
 
         // Each global view a is the target of every student view except itself:

@@ -6,7 +6,7 @@ use anyhow::{Context, Result, bail};
 use burn::tensor::Device;
 
 use super::config::TrainConfig;
-use crate::data::dataset::{Dataset, IdxSplit};
+use crate::data::dataset::{Dataset, IdxSplit, SUBSET_SEED};
 use crate::eval::features::{EvalTransform, FeatureLayout, REFERENCE_CROP, extract, network_features};
 use crate::eval::knn::knn_accuracy;
 use crate::model::Network;
@@ -33,12 +33,8 @@ impl OnlineKnn {
         if val.num_classes().is_none() {
             bail!("--val_data {}: no labels", val_path.display());
         }
-        if cfg.knn_train_subset > 0 {
-            train.truncate(cfg.knn_train_subset);
-        }
-        if cfg.knn_val_subset > 0 {
-            val.truncate(cfg.knn_val_subset);
-        }
+        train.keep_subset(cfg.knn_train_subset, SUBSET_SEED);
+        val.keep_subset(cfg.knn_val_subset, SUBSET_SEED);
         Ok(Self { train, val, transform: EvalTransform { size: cfg.global_crop_size, crop: REFERENCE_CROP } })
     }
 

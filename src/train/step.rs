@@ -37,7 +37,8 @@ pub struct StepOutput {
 }
 
 /// Teacher forward, student forward, loss and backward for one batch. `rng` draws the
-/// student's stochastic depth; the loss updates its centre.
+/// student's stochastic depth; the loss sharpens the teacher at `teacher_temp` and updates its
+/// centre.
 #[allow(clippy::too_many_arguments)]
 pub fn forward_backward(
     student: &DinoModel,
@@ -46,7 +47,7 @@ pub fn forward_backward(
     crops: &Crops,
     precision: Precision,
     rng: &mut StdRng,
-    epoch: usize,
+    teacher_temp: f64,
     device: &Device,
 ) -> Result<StepOutput> {
     let n = crops.images;
@@ -86,7 +87,7 @@ pub fn forward_backward(
             (teacher_out, student_out)
         }
     };
-    let out = loss_fn.forward(student_out, teacher_out, epoch);
+    let out = loss_fn.forward(student_out, teacher_out, teacher_temp);
     let loss = out.loss.clone().into_scalar::<f32>() as f64;
     let grads = out.loss.backward();
     let by_name = match bf16_student {

@@ -19,11 +19,11 @@ use serde_json::json;
 use super::checkpoint::{self, Progress, TrainState};
 use super::config::{DeviceKind, TrainConfig};
 use super::ema::update_teacher;
-use super::log::{StepMetrics, append_line, plot, read_step_metrics};
+use super::log::{StepMetrics, append_line, plot, read_knn_points, read_step_metrics};
 use super::loss::DinoLoss;
 use super::online_knn::OnlineKnn;
 use super::optim::{Optimizer, StepSettings};
-use super::schedule::Schedules;
+use super::schedule::{Plan, Schedules, StepValues};
 use super::step::{Crops, forward_backward};
 use crate::data::dataset::{Dataset, IdxSplit};
 use crate::data::loader::{mix_seed, start_epoch, steps_per_epoch};
@@ -62,9 +62,7 @@ pub fn train(cfg: &TrainConfig) -> Result<Outcome> {
 
     // Data.
     let mut dataset = Dataset::open(&cfg.data, IdxSplit::Train).with_context(|| format!("--data {}", cfg.data.display()))?;
-    if cfg.subset > 0 {
-        dataset.truncate(cfg.subset);
-    }
+    dataset.keep_subset(cfg.subset, cfg.seed);
     let dataset = Arc::new(dataset);
     let batch_size = cfg.batch_size_per_gpu;
     let steps = steps_per_epoch(dataset.len(), batch_size);
@@ -93,28 +91,41 @@ pub fn train(cfg: &TrainConfig) -> Result<Outcome> {
         eprintln!("backbone initialised from {}", path.display());
     }
     let teacher = student.valid();
-    let mut loss_fn = DinoLoss::new(cfg.out_dim, crops.ncrops(), cfg.warmup_teacher_temp, cfg.teacher_temp, cfg.warmup_teacher_temp_epochs, cfg.epochs, &device);
+    let mut loss_fn = DinoLoss::new(cfg.out_dim, crops.ncrops(), &device);
     let mut state = if ckpt_path.exists() {
         let (s, center) = checkpoint::load(&ckpt_path, student, teacher, &device)?;
         eprintln!("resuming from {} at epoch {} step {}", ckpt_path.display(), s.progress.epoch, s.progress.step_in_epoch);
         loss_fn.center = center;
         s
     } else {
-        TrainState { student, teacher, optimizer: Optimizer::new(cfg.optimizer), progress: Progress { epoch: 0, step_in_epoch: 0, global_step: 0 } }
+        let progress = Progress { epoch: 0, step_in_epoch: 0, global_step: 0, plan: None };
+        TrainState { student, teacher, optimizer: Optimizer::new(cfg.optimizer), progress }
     };
     // The student trains on the autodiff device; the teacher stays on the plain one.
     state.student = state.student.fork(&device.clone().autodiff()).train();
-    let schedules = Schedules::new(cfg, steps);
     let budget = (cfg.max_minutes > 0.0).then(|| Duration::from_secs_f64(cfg.max_minutes * 60.0));
+    // The plan the schedules run over: the one a resumed run fixed, the reference's --epochs,
+    // or, under a time budget, the steps it buys (fixed once the first steps are timed).
+    let mut schedules = match (state.progress.plan, budget) {
+        (Some(plan), _) => Some(Schedules::new(cfg, plan)),
+        (None, None) => Some(Schedules::new(cfg, Plan::epochs(cfg.epochs, steps))),
+        (None, Some(_)) => None,
+    };
+    let mut calibration = Calibration::new(state.progress.global_step, budget);
     let (g, l) = (crops.global_size, crops.local_size);
 
-    while state.progress.epoch < cfg.epochs {
+    loop {
+        if schedules.as_ref().is_some_and(|s| state.progress.global_step >= s.plan.total_steps()) {
+            return Ok(Outcome::Finished);
+        }
         let epoch = state.progress.epoch;
         let loader = start_epoch(dataset.clone(), crops.clone(), batch_size, cfg.seed, epoch, state.progress.step_in_epoch, pool.clone());
         let bar = progress_bar(steps as u64, state.progress.step_in_epoch as u64, epoch, cfg.epochs);
         let mut sums = EpochSums::default();
         let epoch_start = Instant::now();
-        loop {
+        let mut values = StepValues::start(cfg);
+        let mut plan_done = false;
+        while !plan_done {
             let wait = Instant::now();
             let Ok(batch) = loader.batches.recv() else { break };
             sums.data_wait += wait.elapsed();
@@ -123,11 +134,12 @@ pub fn train(cfg: &TrainConfig) -> Result<Outcome> {
             }
             sums.skipped += batch.skipped.len();
             let it = state.progress.global_step;
+            values = schedules.as_ref().map_or_else(|| StepValues::start(cfg), |s| s.at(it));
             if batch.images > 0 {
                 let n = batch.images;
                 let crops = Crops { images: n, global: batch.global, global_size: g, local: batch.local, local_size: l, local_number: crops.local_crops_number };
                 let mut drop_rng = StdRng::seed_from_u64(mix_seed(cfg.seed, it as u64, 0xD0));
-                let out = forward_backward(&state.student, &state.teacher, &mut loss_fn, &crops, cfg.precision, &mut drop_rng, epoch, &device)?;
+                let out = forward_backward(&state.student, &state.teacher, &mut loss_fn, &crops, cfg.precision, &mut drop_rng, values.teacher_temp, &device)?;
                 if !out.loss.is_finite() {
                     bail!(
                         "loss is {} at epoch {epoch} step {}: stopping; the last good checkpoint is {}",
@@ -136,40 +148,56 @@ pub fn train(cfg: &TrainConfig) -> Result<Outcome> {
                         ckpt_path.display()
                     );
                 }
-                let frozen = |name: &str| epoch < cfg.freeze_last_layer && name.contains("last_layer");
+                let frozen = |name: &str| values.last_layer_frozen && name.contains("last_layer");
                 let settings = StepSettings {
-                    lr: schedules.lr[it],
-                    weight_decay: schedules.wd[it],
+                    lr: values.lr,
+                    weight_decay: values.weight_decay,
                     clip_grad: (cfg.clip_grad > 0.0).then_some(cfg.clip_grad),
                     frozen: &frozen,
                 };
                 state.student = state.optimizer.step(state.student, out.grads, out.by_name, &settings);
-                state.teacher = update_teacher(state.teacher, &state.student, schedules.momentum[it]);
+                state.teacher = update_teacher(state.teacher, &state.student, values.teacher_momentum);
 
-                let metrics = StepMetrics { step: it, loss: out.loss, teacher_entropy: out.teacher_entropy, kl: out.kl };
+                let metrics = StepMetrics { step: it, loss: out.loss, teacher_entropy: out.teacher_entropy, kl: out.kl, lr: values.lr };
                 append_line(&run_dir.join("metrics.jsonl"), &metrics)?;
                 sums.add(&metrics, n);
             }
             state.progress.step_in_epoch += 1;
             state.progress.global_step += 1;
+            if schedules.is_none()
+                && let Some(plan) = calibration.after_step(state.progress.global_step, started.elapsed(), cfg.epochs, steps)
+            {
+                bar.suspend(|| announce_plan(run_dir, cfg, &plan, calibration.step_seconds(), dataset.len()))?;
+                state.progress.plan = Some(plan);
+                schedules = Some(Schedules::new(cfg, plan));
+            }
+            plan_done = schedules.as_ref().is_some_and(|s| state.progress.global_step >= s.plan.total_steps());
             bar.inc(1);
             bar.set_message(format!("loss {:.4}", sums.mean(sums.loss)));
             let tenth = (steps / 10).max(1);
             if bar.is_hidden() && state.progress.step_in_epoch % tenth == 0 {
                 eprintln!("epoch {}/{} step {}/{steps} loss {:.4} ({:.0}s)", epoch + 1, cfg.epochs, state.progress.step_in_epoch, sums.mean(sums.loss), epoch_start.elapsed().as_secs_f64());
             }
-            let over_budget = budget.is_some_and(|b| started.elapsed() >= b);
+            let over_budget = !plan_done && budget.is_some_and(|b| started.elapsed() >= b);
             let periodic = cfg.saveckp_steps > 0 && state.progress.global_step % cfg.saveckp_steps == 0;
-            if over_budget || periodic {
+            // (the ends of epochs and of the plan save below)
+            if over_budget || (periodic && !plan_done && state.progress.step_in_epoch < steps) {
                 checkpoint::save(&ckpt_path, &state, &loss_fn.center, cfg)?;
             }
             if over_budget {
                 bar.abandon();
-                let temp = loss_fn.teacher_temps[epoch];
-                let elapsed = epoch_start.elapsed();
                 let knn_top1 = knn.as_ref().map(|k| k.top1(&state.teacher.backbone, &device)).transpose()?;
-                report_epoch(run_dir, cfg, epoch, &sums, elapsed, state.progress.global_step, &schedules, temp, knn_top1, true)?;
-                eprintln!("time budget of {} min reached at epoch {epoch} step {}; checkpoint saved to {}", cfg.max_minutes, state.progress.step_in_epoch, ckpt_path.display());
+                report_epoch(run_dir, cfg, epoch, &sums, epoch_start.elapsed(), state.progress.global_step, &values, knn_top1, true)?;
+                let unfinished = match &schedules {
+                    Some(s) => format!(" with {} planned steps left", s.plan.total_steps() - state.progress.global_step),
+                    None => " before its plan was fixed".into(),
+                };
+                eprintln!(
+                    "time budget of {} min reached at epoch {epoch} step {}{unfinished}; checkpoint saved to {}",
+                    cfg.max_minutes,
+                    state.progress.step_in_epoch,
+                    ckpt_path.display()
+                );
                 return Ok(Outcome::TimeBudgetReached);
             }
         }
@@ -179,24 +207,94 @@ pub fn train(cfg: &TrainConfig) -> Result<Outcome> {
             bail!("--data {}: no readable images (all {} tried were skipped)", cfg.data.display(), sums.skipped);
         }
 
-        // End of epoch: checkpoint, log line, plot.
-        state.progress.epoch += 1;
-        state.progress.step_in_epoch = 0;
+        // End of the epoch, or of the plan inside it: checkpoint, log line, plot.
+        let whole_epoch = state.progress.step_in_epoch == steps;
+        if whole_epoch {
+            state.progress.epoch += 1;
+            state.progress.step_in_epoch = 0;
+        }
         checkpoint::save(&ckpt_path, &state, &loss_fn.center, cfg)?;
-        if cfg.saveckp_freq > 0 && (epoch + 1) % cfg.saveckp_freq == 0 {
+        if whole_epoch && cfg.saveckp_freq > 0 && (epoch + 1) % cfg.saveckp_freq == 0 {
             std::fs::copy(&ckpt_path, run_dir.join(format!("checkpoint{epoch:04}.safetensors")))?;
         }
-        let temp = loss_fn.teacher_temps[epoch];
-        let elapsed = epoch_start.elapsed();
-        let knn_due = (epoch + 1) % cfg.knn_every.max(1) == 0 || epoch + 1 == cfg.epochs;
+        let knn_due = plan_done || (epoch + 1) % cfg.knn_every.max(1) == 0;
         let knn_top1 = knn.as_ref().filter(|_| knn_due).map(|k| k.top1(&state.teacher.backbone, &device)).transpose()?;
-        report_epoch(run_dir, cfg, epoch, &sums, elapsed, state.progress.global_step, &schedules, temp, knn_top1, false)?;
+        report_epoch(run_dir, cfg, epoch, &sums, epoch_start.elapsed(), state.progress.global_step, &values, knn_top1, !whole_epoch)?;
     }
-    Ok(Outcome::Finished)
 }
 
-/// Appends the epoch's line to log.txt, prints it and redraws the plot. `partial` marks an
-/// epoch cut short by the time budget; `knn_top1` is the online k-NN result when one was due.
+/// Times the first steps of a budgeted run and fixes its plan from the rate: the first step
+/// after (re)starting is left out (allocations, the loader filling up), then steps are timed
+/// until `CALIBRATION_SECONDS` of the budget (at most `CALIBRATION_BUDGET_SHARE` of it) or
+/// `CALIBRATION_MAX_STEPS` steps have passed.
+struct Calibration {
+    first_step: usize,
+    budget: Option<Duration>,
+    timer: Option<(Instant, usize)>,
+    step_seconds: f64,
+}
+
+const CALIBRATION_SECONDS: f64 = 30.0;
+const CALIBRATION_BUDGET_SHARE: f64 = 0.02;
+const CALIBRATION_MIN_STEPS: usize = 2;
+const CALIBRATION_MAX_STEPS: usize = 20;
+
+impl Calibration {
+    fn new(first_step: usize, budget: Option<Duration>) -> Self {
+        Self { first_step, budget, timer: None, step_seconds: 0.0 }
+    }
+
+    /// Called after each step with the next step's index and the time since the run started;
+    /// returns the plan once the rate is known.
+    fn after_step(&mut self, next_step: usize, elapsed: Duration, epochs: usize, steps_per_epoch: usize) -> Option<Plan> {
+        let budget = self.budget?.as_secs_f64();
+        let Some((since, from_step)) = self.timer else {
+            self.timer = Some((Instant::now(), next_step));
+            return None;
+        };
+        debug_assert!(from_step > self.first_step);
+        let timed = next_step - from_step;
+        let seconds = since.elapsed().as_secs_f64();
+        let long_enough = seconds >= CALIBRATION_SECONDS.min(CALIBRATION_BUDGET_SHARE * budget);
+        if timed < CALIBRATION_MIN_STEPS || !(long_enough || timed >= CALIBRATION_MAX_STEPS) {
+            return None;
+        }
+        self.step_seconds = seconds / timed as f64;
+        Some(Plan::for_budget(next_step, budget - elapsed.as_secs_f64(), self.step_seconds, epochs, steps_per_epoch))
+    }
+
+    fn step_seconds(&self) -> f64 {
+        self.step_seconds
+    }
+}
+
+/// Says the plan once it is fixed: on the terminal and as a line of log.txt.
+fn announce_plan(run_dir: &std::path::Path, cfg: &TrainConfig, plan: &Plan, step_seconds: f64, dataset_len: usize) -> Result<()> {
+    let warmup = (cfg.warmup_epochs as f64 * plan.epoch_steps()).round() as usize;
+    let line = json!({
+        "plan": plan,
+        "total_steps": plan.total_steps(),
+        "data_epochs": plan.total_steps() as f64 * cfg.batch_size_per_gpu as f64 / dataset_len as f64,
+        "warmup_steps": warmup.min(plan.scheduled_steps),
+        "step_seconds": step_seconds,
+    });
+    append_line(&run_dir.join("log.txt"), &line)?;
+    eprintln!(
+        "plan for the {}-minute budget: {} steps ({} calibration at {:.3} s/step, then {} scheduled; warm-up {} steps, one --epochs epoch = {:.1} steps)",
+        cfg.max_minutes,
+        plan.total_steps(),
+        plan.calibration_steps,
+        step_seconds,
+        plan.scheduled_steps,
+        warmup.min(plan.scheduled_steps),
+        plan.epoch_steps()
+    );
+    Ok(())
+}
+
+/// Appends the epoch's line to log.txt, prints it and redraws the plot. `values` are the
+/// schedules' values at the epoch's last step; `partial` marks an epoch cut short by the time
+/// budget or the end of the plan; `knn_top1` is the online k-NN result when one was due.
 #[allow(clippy::too_many_arguments)]
 fn report_epoch(
     run_dir: &std::path::Path,
@@ -204,24 +302,23 @@ fn report_epoch(
     epoch: usize,
     sums: &EpochSums,
     elapsed: Duration,
-    next_step: usize,
-    schedules: &Schedules,
-    teacher_temp: f64,
+    global_step: usize,
+    values: &StepValues,
     knn_top1: Option<f64>,
     partial: bool,
 ) -> Result<()> {
-    let last = next_step.saturating_sub(1);
     let seconds = elapsed.as_secs_f64();
     let mut line = json!({
         "epoch": epoch,
+        "global_step": global_step,
         "partial": partial,
         "train_loss": sums.mean(sums.loss),
         "teacher_entropy": sums.mean(sums.entropy),
         "kl": sums.mean(sums.kl),
-        "train_lr": schedules.lr[last],
-        "train_wd": schedules.wd[last],
-        "teacher_momentum": schedules.momentum[last],
-        "teacher_temp": teacher_temp,
+        "train_lr": values.lr,
+        "train_wd": values.weight_decay,
+        "teacher_momentum": values.teacher_momentum,
+        "teacher_temp": values.teacher_temp,
         "img_per_s": sums.images as f64 / seconds,
         "data_wait_share": sums.data_wait.as_secs_f64() / seconds,
         "skipped_files": sums.skipped,
@@ -233,7 +330,8 @@ fn report_epoch(
     }
     append_line(&run_dir.join("log.txt"), &line)?;
     eprintln!("{line}");
-    plot(&read_step_metrics(&run_dir.join("metrics.jsonl")), cfg.out_dim, &run_dir.join("training.png"))
+    let knn_points = read_knn_points(&run_dir.join("log.txt"));
+    plot(&read_step_metrics(&run_dir.join("metrics.jsonl")), &knn_points, cfg.out_dim, &run_dir.join("training.png"))
 }
 
 #[derive(Default)]
