@@ -36,6 +36,7 @@ fn head_config(c: &serde_json::Value) -> DinoHeadConfig {
         hidden_dim: c["hidden_dim"].as_u64().unwrap() as usize,
         bottleneck_dim: c["bottleneck_dim"].as_u64().unwrap() as usize,
         nlayers: c["nlayers"].as_u64().unwrap() as usize,
+        use_bn: c["use_bn"].as_bool().unwrap_or(false),
         ..DinoHeadConfig::new(c["in_dim"].as_u64().unwrap() as usize, c["out_dim"].as_u64().unwrap() as usize)
     }
 }
@@ -66,6 +67,27 @@ fn head_output_matches_pytorch() {
     let head = head_config(&fx.config["head"]).init(&mut StdRng::seed_from_u64(1), &dev);
     let head = weights::import(head, &fx.tensors, "weights.").unwrap();
     assert_tensor_close("head", head.forward(fx.tensor("input", &dev)), fx.host("output"), TOL);
+}
+
+/// A head with BatchNorm normalises each batch with its own statistics and folds them into the
+/// running ones, as PyTorch's train mode does, also on the plain (non-autodiff) device the
+/// teacher runs on: two batches, outputs and running statistics against PyTorch.
+#[test]
+fn batchnorm_head_uses_batch_statistics_for_the_teacher_too() {
+    let fx = Fixture::load("head_bn.safetensors");
+    let dev = device();
+    let head = head_config(&fx.config["head"]).init(&mut StdRng::seed_from_u64(1), &dev);
+    let head = weights::import(head, &fx.tensors, "weights.").unwrap();
+    for i in 0..2 {
+        assert_tensor_close(&format!("output {i}"), head.forward(fx.tensor(&format!("input{i}"), &dev)), fx.host(&format!("output{i}")), TOL);
+    }
+    let after: std::collections::HashMap<String, HostTensor> = weights::export(&head).into_iter().collect();
+    let mut checked = 0;
+    for (name, expected) in fx.tensors.iter().filter_map(|(k, v)| Some((k.strip_prefix("after.")?, v))) {
+        assert_close(name, &after[name], expected, TOL);
+        checked += 1;
+    }
+    assert_eq!(checked, 4, "two BatchNorms, mean and variance each");
 }
 
 #[test]

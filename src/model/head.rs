@@ -2,12 +2,13 @@
 //! linear layer to `out_dim` prototypes whose softmax is the distribution the loss compares.
 
 use burn::module::{Module, Param};
-use burn::nn::{BatchNorm, BatchNormConfig, Linear};
+use burn::nn::Linear;
 use burn::tensor::activation::gelu;
 use burn::tensor::{Device, Tensor};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 
+use super::batch_norm::{BatchNorm, Stats};
 use super::init::uniform;
 use super::linear;
 
@@ -39,7 +40,7 @@ impl DinoHeadConfig {
         dims.push(self.bottleneck_dim);
         let mlp = dims.windows(2).map(|w| linear(w[0], w[1], true, rng, device)).collect();
         let bn = if self.use_bn {
-            (0..self.nlayers - 1).map(|_| BatchNormConfig::new(self.hidden_dim).with_epsilon(1e-5).init(device)).collect()
+            (0..self.nlayers - 1).map(|_| BatchNorm::new(self.hidden_dim, device)).collect()
         } else {
             Vec::new()
         };
@@ -78,6 +79,9 @@ pub struct DinoHead {
 }
 
 impl DinoHead {
+    /// The head's output. Its BatchNorm (with `use_bn`) always normalises with the batch's
+    /// statistics: the head only runs in training, where the reference keeps student and
+    /// teacher in train mode.
     pub fn forward(&self, x: Tensor<2>) -> Tensor<2> {
         let last = self.mlp.len() - 1;
         let mut x = x;
@@ -85,7 +89,7 @@ impl DinoHead {
             x = layer.forward(x);
             if i < last {
                 if let Some(bn) = self.bn.get(i) {
-                    x = bn.forward(x);
+                    x = bn.forward(x, Stats::Batch);
                 }
                 x = gelu(x);
             }

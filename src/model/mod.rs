@@ -1,6 +1,7 @@
 //! The networks: the backbones (ViT, ResNet), the DINO projection head, and the
 //! student/teacher pair that puts a multi-crop batch through both.
 
+pub mod batch_norm;
 pub mod head;
 pub mod init;
 pub mod interpolate;

@@ -8,19 +8,15 @@
 use std::collections::{HashMap, HashSet};
 
 use anyhow::{Result, bail};
-use burn::module::{Module, Param, RunningState};
-use burn::tensor::module::{batch_norm_train, conv2d, max_pool2d};
+use burn::module::{Module, Param};
+use burn::tensor::module::{conv2d, max_pool2d};
 use burn::tensor::ops::{ConvOptions, MaxPoolOptions};
 use burn::tensor::{Device, Tensor, TensorData};
 use rand::Rng;
 
+use super::batch_norm::{BatchNorm, Stats};
 use super::init::normal;
 use crate::weights::HostTensor;
-
-/// torchvision's BatchNorm2d epsilon.
-const BN_EPS: f64 = 1e-5;
-/// PyTorch's BatchNorm momentum: running = (1 - m) * running + m * batch statistic.
-const BN_MOMENTUM: f64 = 0.1;
 
 /// Shape of a bottleneck ResNet: blocks per stage and the first stage's width (each stage
 /// doubles it; a block's output is 4x its width).
@@ -81,63 +77,6 @@ pub fn is_running_statistic(path: &str) -> bool {
     path.ends_with("running_mean") || path.ends_with("running_var")
 }
 
-/// Which statistics BatchNorm normalises with.
-#[derive(Debug, Clone, Copy, PartialEq)]
-enum Stats {
-    /// The stored running averages (evaluation).
-    Running,
-    /// The batch's own, also folded into the running averages (training).
-    Batch,
-}
-
-/// BatchNorm2d: y = (x - mean) / sqrt(var + eps) * weight + bias.
-#[derive(Module, Debug)]
-pub struct BatchNorm {
-    pub weight: Param<Tensor<1>>,
-    pub bias: Param<Tensor<1>>,
-    pub running_mean: RunningState<Tensor<1>>,
-    pub running_var: RunningState<Tensor<1>>,
-}
-
-impl BatchNorm {
-    /// Weight 1, bias 0, running mean 0 and variance 1 (PyTorch's init).
-    pub fn new(channels: usize, device: &Device) -> Self {
-        Self::from_values(Tensor::ones([channels], device), Tensor::zeros([channels], device), Tensor::zeros([channels], device), Tensor::ones([channels], device))
-    }
-
-    fn from_values(weight: Tensor<1>, bias: Tensor<1>, running_mean: Tensor<1>, running_var: Tensor<1>) -> Self {
-        Self {
-            weight: Param::from_tensor(weight),
-            bias: Param::from_tensor(bias),
-            running_mean: RunningState::new(running_mean),
-            running_var: RunningState::new(running_var),
-        }
-    }
-
-    fn forward(&self, x: Tensor<4>, stats: Stats) -> Tensor<4> {
-        let c = self.weight.dims()[0];
-        if stats == Stats::Running {
-            let scale = self.weight.val() / self.running_var.value().add_scalar(BN_EPS).sqrt();
-            let shift = self.bias.val() - self.running_mean.value() * scale.clone();
-            return x * scale.reshape([1, c, 1, 1]) + shift.reshape([1, c, 1, 1]);
-        }
-        let [b, _, h, w] = x.dims();
-        let n = (b * h * w) as f64;
-        let out = batch_norm_train(x, self.weight.val(), self.bias.val(), BN_EPS);
-        // The running variance is the unbiased one (PyTorch's), the normalisation the biased.
-        let unbiased = out.variance.detach().mul_scalar(n / (n - 1.0).max(1.0));
-        let blend = |state: &RunningState<Tensor<1>>, batch: Tensor<1>| {
-            state.update(state.value().mul_scalar(1.0 - BN_MOMENTUM) + batch.mul_scalar(BN_MOMENTUM));
-            // Folds this thread's update in now, so the next read (a forward, a checkpoint,
-            // an export) sees it.
-            state.value_sync();
-        };
-        blend(&self.running_mean, out.mean.detach());
-        blend(&self.running_var, unbiased);
-        out.output
-    }
-}
-
 /// A bias-free convolution with square kernel, stride and padding.
 #[derive(Module, Debug)]
 pub struct Conv {
@@ -152,6 +91,7 @@ impl Conv {
         conv2d(x, self.weight.val(), None, ConvOptions::new([s, s], [self.padding; 2], [1, 1], 1))
     }
 }
+
 
 /// The 1x1 convolution + BatchNorm on a block's shortcut when its shape changes.
 #[derive(Module, Debug)]
