@@ -12,7 +12,7 @@ fn main() {
     let out = std::path::Path::new(&args[2]);
     let global = args.get(3).map_or(28, |s| s.parse().unwrap());
     let local = args.get(4).map_or(12, |s| s.parse().unwrap());
-    let cfg = MultiCropConfig { global_size: global, local_size: local, local_crops_number: 4, global_crops_scale: (0.4, 1.0), local_crops_scale: (0.05, 0.4) };
+    let cfg = MultiCropConfig { global_size: global, local_size: local, local_crops_number: 4, global_crops_scale: (0.4, 1.0), local_crops_scale: (0.05, 0.4), blur_sigma: (0.1, 2.0) };
     let (mean, std) = ([0.485f32, 0.456, 0.406], [0.229f32, 0.224, 0.225]);
     for i in 0..4 {
         data.load(i).unwrap().save(out.join(format!("img{i}.png"))).unwrap();

@@ -20,6 +20,8 @@ pub struct MultiCropConfig {
     pub local_crops_number: usize,
     pub global_crops_scale: (f64, f64),
     pub local_crops_scale: (f64, f64),
+    /// Range of the Gaussian blur's sigma, in pixels of the crop.
+    pub blur_sigma: (f64, f64),
 }
 
 impl MultiCropConfig {
@@ -62,15 +64,15 @@ pub struct View {
 /// All views of one image: 2 global, then the local ones.
 pub fn multi_crop(img: &RgbImage, cfg: &MultiCropConfig, rng: &mut impl Rng) -> Vec<View> {
     let mut views = Vec::with_capacity(cfg.ncrops());
-    views.push(view(img, cfg.global_size, cfg.global_crops_scale, GLOBAL_1, rng));
-    views.push(view(img, cfg.global_size, cfg.global_crops_scale, GLOBAL_2, rng));
+    views.push(view(img, cfg.global_size, cfg.global_crops_scale, cfg.blur_sigma, GLOBAL_1, rng));
+    views.push(view(img, cfg.global_size, cfg.global_crops_scale, cfg.blur_sigma, GLOBAL_2, rng));
     for _ in 0..cfg.local_crops_number {
-        views.push(view(img, cfg.local_size, cfg.local_crops_scale, LOCAL, rng));
+        views.push(view(img, cfg.local_size, cfg.local_crops_scale, cfg.blur_sigma, LOCAL, rng));
     }
     views
 }
 
-fn view(img: &RgbImage, size: usize, scale: (f64, f64), recipe: ViewRecipe, rng: &mut impl Rng) -> View {
+fn view(img: &RgbImage, size: usize, scale: (f64, f64), blur_sigma: (f64, f64), recipe: ViewRecipe, rng: &mut impl Rng) -> View {
     let mut record = ViewRecord { crop: random_resized_crop_box(img.width(), img.height(), scale, rng), ..Default::default() };
     let (x, y, w, h) = record.crop;
     let mut px = resize_crop(img, (x as f64, y as f64, w as f64, h as f64), size);
@@ -100,7 +102,7 @@ fn view(img: &RgbImage, size: usize, scale: (f64, f64), recipe: ViewRecipe, rng:
         adjust_saturation(&mut px, 0.0);
     }
     if rng.random::<f64>() < recipe.blur {
-        let sigma = rng.random_range(0.1..2.0) as f32;
+        let sigma = rng.random_range(blur_sigma.0..=blur_sigma.1) as f32;
         gaussian_blur(&mut px, size, sigma);
         record.blur_sigma = Some(sigma);
     }
@@ -278,7 +280,7 @@ mod tests {
     }
 
     fn config() -> MultiCropConfig {
-        MultiCropConfig { global_size: 16, local_size: 8, local_crops_number: 3, global_crops_scale: (0.4, 1.0), local_crops_scale: (0.05, 0.4) }
+        MultiCropConfig { global_size: 16, local_size: 8, local_crops_number: 3, global_crops_scale: (0.4, 1.0), local_crops_scale: (0.05, 0.4), blur_sigma: (0.1, 2.0) }
     }
 
     /// |count - n p| within 3 sigma of a binomial.
@@ -315,6 +317,15 @@ mod tests {
     }
 
     #[test]
+    fn blur_sigma_stays_in_its_configured_range() {
+        let cfg = MultiCropConfig { blur_sigma: (0.3, 0.4), ..config() };
+        let mut rng = StdRng::seed_from_u64(3);
+        let sigmas: Vec<f32> = (0..50).flat_map(|_| multi_crop(&test_image(), &cfg, &mut rng)).filter_map(|v| v.record.blur_sigma).collect();
+        // The first global view is always blurred: at least 50 draws, all within range.
+        assert!(sigmas.len() >= 50 && sigmas.iter().all(|s| (0.3..=0.4).contains(s)), "{sigmas:?}");
+    }
+
+    #[test]
     fn random_choices_happen_at_their_probabilities() {
         let img = test_image();
         let cfg = config();
@@ -332,7 +343,7 @@ mod tests {
                     counts[k][slot] += hit as usize;
                 }
                 if let Some(s) = r.blur_sigma {
-                    assert!((0.1..2.0).contains(&s));
+                    assert!((0.1..=2.0).contains(&s));
                 }
             }
         }
