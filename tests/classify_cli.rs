@@ -88,10 +88,20 @@ fn extract_then_knn_from_the_files_equals_knn_on_images() {
     assert_eq!(features.shape, vec![1000, 64]);
     let labels = read_npy(&train_dir.join("labels.npy"));
     assert_eq!(labels.shape, vec![1000]);
-    // The first Fashion-MNIST training labels are 9 0 0 3 0 2 7 2 5 5.
-    assert_eq!(labels.values[..10], [9.0, 0.0, 0.0, 3.0, 0.0, 2.0, 7.0, 2.0, 5.0, 5.0]);
+    // --subset draws per class: Fashion-MNIST's 60000 training images are 6000 of each of 10
+    // classes, so 1000 of them are exactly 100 of each, listed in file order.
+    let mut per_class = [0; 10];
+    labels.values.iter().for_each(|&l| per_class[l as usize] += 1);
+    assert_eq!(per_class, [100; 10]);
     let files = std::fs::read_to_string(train_dir.join("files.txt")).unwrap();
-    assert_eq!(files.lines().count(), 1000);
+    let records: Vec<usize> = files.lines().map(|l| l.strip_prefix("IDX record ").expect("an IDX record").parse().unwrap()).collect();
+    assert_eq!(records.len(), 1000);
+    assert!(records.windows(2).all(|w| w[0] < w[1]) && records[999] < 60000, "{:?}", &records[..10]);
+    // Each drawn record keeps its own label.
+    let full = dino::data::dataset::Dataset::open(Path::new(FASHION_MNIST), dino::data::dataset::IdxSplit::Train).unwrap();
+    for (k, &record) in records.iter().enumerate() {
+        assert_eq!(labels.values[k], full.label(record).unwrap() as f64, "record {record}");
+    }
 
     let (ok, from_files, err) =
         dino(&["knn", "--train_features", train_dir.to_str().unwrap(), "--test_features", test_dir.to_str().unwrap(), "--nb_knn", "10", "20"]);

@@ -30,7 +30,9 @@ pub enum IdxSplit {
 #[derive(Debug)]
 pub enum Dataset {
     Folder { files: Vec<PathBuf>, labels: Vec<Option<usize>>, classes: Vec<String> },
-    Idx { pixels: Vec<u8>, rows: usize, cols: usize, labels: Vec<usize> },
+    /// `records` are the images' record numbers in the files (they differ from the indices
+    /// after `keep_subset`).
+    Idx { pixels: Vec<u8>, rows: usize, cols: usize, labels: Vec<usize>, records: Vec<usize> },
 }
 
 impl Dataset {
@@ -77,7 +79,7 @@ impl Dataset {
         let bytes = read_maybe_gz(&images)?;
         let (dims, data) = parse_idx(&bytes, 3).with_context(|| format!("{}: not an IDX image file", images.display()))?;
         let (n, rows, cols) = (dims[0], dims[1], dims[2]);
-        let labels = match find_idx(dir, split, "labels") {
+        let labels: Vec<usize> = match find_idx(dir, split, "labels") {
             Some(path) => {
                 let bytes = read_maybe_gz(&path)?;
                 let (ldims, ldata) = parse_idx(&bytes, 1).with_context(|| format!("{}: not an IDX label file", path.display()))?;
@@ -88,7 +90,8 @@ impl Dataset {
             }
             None => bail!("{}: no IDX label file next to {}", dir.display(), images.display()),
         };
-        Ok(Self::Idx { pixels: data.to_vec(), rows, cols, labels })
+        let records = (0..labels.len()).collect();
+        Ok(Self::Idx { pixels: data.to_vec(), rows, cols, labels, records })
     }
 
     /// Keeps `n` images (all when `n` is 0 or at least the size), drawn per class in proportion
@@ -105,10 +108,11 @@ impl Dataset {
                 *files = keep.iter().map(|&i| files[i].clone()).collect();
                 *labels = keep.iter().map(|&i| labels[i]).collect();
             }
-            Self::Idx { pixels, rows, cols, labels } => {
+            Self::Idx { pixels, rows, cols, labels, records } => {
                 let size = *rows * *cols;
                 *pixels = keep.iter().flat_map(|&i| pixels[i * size..(i + 1) * size].iter().copied()).collect();
                 *labels = keep.iter().map(|&i| labels[i]).collect();
+                *records = keep.iter().map(|&i| records[i]).collect();
             }
         }
     }
@@ -144,7 +148,7 @@ impl Dataset {
     pub fn describe(&self, index: usize) -> String {
         match self {
             Self::Folder { files, .. } => files[index].display().to_string(),
-            Self::Idx { .. } => format!("IDX record {index}"),
+            Self::Idx { records, .. } => format!("IDX record {}", records[index]),
         }
     }
 
@@ -316,13 +320,14 @@ mod tests {
     fn idx_subset_moves_pixels_with_labels() {
         let labels: Vec<usize> = (0..40).map(|i| i % 4).collect();
         let pixels: Vec<u8> = (0..40).flat_map(|i| [i as u8, 100 + i as u8]).collect();
-        let mut d = Dataset::Idx { pixels, rows: 1, cols: 2, labels };
+        let mut d = Dataset::Idx { pixels, rows: 1, cols: 2, labels, records: (0..40).collect() };
         d.keep_subset(8, 3);
         assert_eq!(d.len(), 8);
         let Dataset::Idx { pixels, labels, .. } = &d else { unreachable!() };
         for (k, &label) in labels.iter().enumerate() {
             let original = pixels[2 * k] as usize;
             assert_eq!((original % 4, pixels[2 * k + 1] as usize), (label, 100 + original));
+            assert_eq!(d.describe(k), format!("IDX record {original}"), "messages name the record in the file");
         }
         let mut per_class = [0; 4];
         labels.iter().for_each(|&l| per_class[l] += 1);

@@ -122,7 +122,7 @@ mod tests {
     #[test]
     fn batches_do_not_depend_on_the_number_of_workers() {
         let pixels: Vec<u8> = (0..12 * 20 * 20).map(|i| (i * 37 % 251) as u8).collect();
-        let dataset = Arc::new(Dataset::Idx { pixels, rows: 20, cols: 20, labels: vec![0; 12] });
+        let dataset = Arc::new(Dataset::Idx { pixels, rows: 20, cols: 20, labels: vec![0; 12], records: (0..12).collect() });
         let crops = MultiCropConfig { global_size: 12, local_size: 6, local_crops_number: 2, global_crops_scale: (0.4, 1.0), local_crops_scale: (0.05, 0.4), blur_sigma: (0.1, 2.0) };
         let collect = |workers: usize, first_step: usize| -> Vec<(usize, Vec<f32>, Vec<f32>)> {
             let pool = Arc::new(rayon::ThreadPoolBuilder::new().num_threads(workers).build().unwrap());

@@ -24,7 +24,7 @@ pub enum Preset {
     /// Small images in minutes on a CPU, with --max_minutes (the quickstart's recipe, chosen
     /// by 5-minute runs on Fashion-MNIST; BENCHMARKS.md): 28/14-px crops, ViT-Micro/7,
     /// 2 local crops, head 512/128 to 1024 prototypes without a fixed last-layer norm, no drop
-    /// path, batch 64, lr 0.002, teacher momentum 0.97.
+    /// path, batch 32, lr 0.002, teacher momentum 0.97.
     Quick,
 }
 
@@ -54,7 +54,7 @@ impl Preset {
                 ("head_bottleneck_dim", json!(128)),
                 ("norm_last_layer", json!(false)),
                 ("drop_path_rate", json!(0.0)),
-                ("batch_size_per_gpu", json!(64)),
+                ("batch_size_per_gpu", json!(32)),
                 ("lr", json!(0.002)),
                 ("momentum_teacher", json!(0.97)),
             ],
@@ -434,7 +434,7 @@ mod tests {
         assert_eq!(c.out_dim, 1000, "a flag beats the preset");
         let c = resolve(&["dino", "train", "--preset", "quick"]).unwrap();
         assert_eq!((c.arch.as_str(), c.patch_size, c.local_crop_size, c.head_hidden_dim, c.norm_last_layer), ("vit_micro", 7, 14, 512, false));
-        assert_eq!((c.batch_size_per_gpu, c.lr, c.momentum_teacher), (64, 0.002, 0.97));
+        assert_eq!((c.batch_size_per_gpu, c.lr, c.momentum_teacher), (32, 0.002, 0.97));
 
         let dir = std::env::temp_dir().join(format!("dino-config-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();

@@ -111,7 +111,7 @@ pub fn train(cfg: &TrainConfig) -> Result<Outcome> {
         (None, None) => Some(Schedules::new(cfg, Plan::epochs(cfg.epochs, steps))),
         (None, Some(_)) => None,
     };
-    let mut calibration = Calibration::new(state.progress.global_step, budget);
+    let mut calibration = Calibration::new(budget);
     let (g, l) = (crops.global_size, crops.local_size);
 
     loop {
@@ -228,7 +228,6 @@ pub fn train(cfg: &TrainConfig) -> Result<Outcome> {
 /// until `CALIBRATION_SECONDS` of the budget (at most `CALIBRATION_BUDGET_SHARE` of it) or
 /// `CALIBRATION_MAX_STEPS` steps have passed.
 struct Calibration {
-    first_step: usize,
     budget: Option<Duration>,
     timer: Option<(Instant, usize)>,
     step_seconds: f64,
@@ -240,8 +239,8 @@ const CALIBRATION_MIN_STEPS: usize = 2;
 const CALIBRATION_MAX_STEPS: usize = 20;
 
 impl Calibration {
-    fn new(first_step: usize, budget: Option<Duration>) -> Self {
-        Self { first_step, budget, timer: None, step_seconds: 0.0 }
+    fn new(budget: Option<Duration>) -> Self {
+        Self { budget, timer: None, step_seconds: 0.0 }
     }
 
     /// Called after each step with the next step's index and the time since the run started;
@@ -252,7 +251,6 @@ impl Calibration {
             self.timer = Some((Instant::now(), next_step));
             return None;
         };
-        debug_assert!(from_step > self.first_step);
         let timed = next_step - from_step;
         let seconds = since.elapsed().as_secs_f64();
         let long_enough = seconds >= CALIBRATION_SECONDS.min(CALIBRATION_BUDGET_SHARE * budget);
