@@ -137,11 +137,12 @@ fn value_range(points: &[(f64, f64)], bound: Option<f64>) -> (f64, f64) {
     (lo - pad, hi + pad)
 }
 
-/// The (global step, k-NN top-1) points of the epoch lines in log.txt that carry one.
+/// The (step, k-NN top-1) points of the epoch lines in log.txt that carry one; the step is the
+/// last one run before the evaluation (the line's `global_step` counts the steps run).
 pub fn read_knn_points(path: &Path) -> Vec<(usize, f64)> {
     let Ok(text) = std::fs::read_to_string(path) else { return Vec::new() };
     text.lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter_map(|v| Some((v["global_step"].as_u64()? as usize, v["knn_top1"].as_f64()?)))
+        .filter_map(|v| Some(((v["global_step"].as_u64()? as usize).saturating_sub(1), v["knn_top1"].as_f64()?)))
         .collect()
 }

@@ -180,7 +180,7 @@ pub fn train(cfg: &TrainConfig) -> Result<Outcome> {
             }
             let over_budget = !plan_done && budget.is_some_and(|b| started.elapsed() >= b);
             let periodic = cfg.saveckp_steps > 0 && state.progress.global_step % cfg.saveckp_steps == 0;
-            // (the ends of epochs and of the plan save below)
+            // Checkpoints inside an epoch here; the ends of epochs and of the plan save below.
             if over_budget || (periodic && !plan_done && state.progress.step_in_epoch < steps) {
                 checkpoint::save(&ckpt_path, &state, &loss_fn.center, cfg)?;
             }
