@@ -105,8 +105,8 @@ fn loss_and_center_match_pytorch_over_three_steps() {
     for (temp, expected) in temps.iter().zip(c["temperatures"].as_array().unwrap()) {
         assert!((temp - expected.as_f64().unwrap()).abs() < 1e-7);
     }
-    for epoch in 0..3 {
-        let out = loss.forward(fx.tensor(&format!("step{epoch}.student"), &dev), fx.tensor(&format!("step{epoch}.teacher"), &dev), temps[epoch]);
+    for (epoch, &temp) in temps.iter().enumerate().take(3) {
+        let out = loss.forward(fx.tensor(&format!("step{epoch}.student"), &dev), fx.tensor(&format!("step{epoch}.teacher"), &dev), temp);
         assert_tensor_close(&format!("loss {epoch}"), out.loss, fx.host(&format!("step{epoch}.loss")), TOL);
         assert_tensor_close(&format!("entropy {epoch}"), out.teacher_entropy, fx.host(&format!("step{epoch}.entropy")), TOL);
         assert_tensor_close(&format!("kl {epoch}"), out.kl, fx.host(&format!("step{epoch}.kl")), 1e-4);

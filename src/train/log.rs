@@ -129,7 +129,7 @@ pub fn plot(metrics: &[StepMetrics], knn: &[(usize, f64)], out_dim: usize, path:
 fn value_range(points: &[(f64, f64)], bound: Option<f64>) -> (f64, f64) {
     let finite = points.iter().map(|p| p.1).chain(bound).filter(|v| v.is_finite());
     let (lo, hi) = finite.fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| (lo.min(v), hi.max(v)));
-    if !(hi > lo) {
+    if hi.partial_cmp(&lo) != Some(std::cmp::Ordering::Greater) {
         let mid = if lo.is_finite() { lo } else { 0.0 };
         return (mid - 0.5, mid + 0.5);
     }
