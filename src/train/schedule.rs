@@ -54,7 +54,7 @@ impl Plan {
     }
 
     /// `epochs` epochs of the plan in whole steps.
-    fn steps_for(&self, epochs: usize) -> usize {
+    pub fn steps_for(&self, epochs: usize) -> usize {
         ((epochs as f64 * self.epoch_steps()).round() as usize).min(self.scheduled_steps)
     }
 }

@@ -165,9 +165,9 @@ pub fn train(cfg: &TrainConfig) -> Result<Outcome> {
             state.progress.step_in_epoch += 1;
             state.progress.global_step += 1;
             if schedules.is_none()
-                && let Some(plan) = calibration.after_step(state.progress.global_step, started.elapsed(), cfg.epochs, steps)
+                && let Some((plan, step_seconds)) = calibration.after_step(state.progress.global_step, started.elapsed(), cfg.epochs, steps)
             {
-                bar.suspend(|| announce_plan(run_dir, cfg, &plan, calibration.step_seconds(), dataset.len()))?;
+                bar.suspend(|| announce_plan(run_dir, cfg, &plan, step_seconds, dataset.len()))?;
                 state.progress.plan = Some(plan);
                 schedules = Some(Schedules::new(cfg, plan));
             }
@@ -230,7 +230,6 @@ pub fn train(cfg: &TrainConfig) -> Result<Outcome> {
 struct Calibration {
     budget: Option<Duration>,
     timer: Option<(Instant, usize)>,
-    step_seconds: f64,
 }
 
 const CALIBRATION_SECONDS: f64 = 30.0;
@@ -240,12 +239,12 @@ const CALIBRATION_MAX_STEPS: usize = 20;
 
 impl Calibration {
     fn new(budget: Option<Duration>) -> Self {
-        Self { budget, timer: None, step_seconds: 0.0 }
+        Self { budget, timer: None }
     }
 
     /// Called after each step with the next step's index and the time since the run started;
-    /// returns the plan once the rate is known.
-    fn after_step(&mut self, next_step: usize, elapsed: Duration, epochs: usize, steps_per_epoch: usize) -> Option<Plan> {
+    /// returns the plan and the measured seconds per step once the rate is known.
+    fn after_step(&mut self, next_step: usize, elapsed: Duration, epochs: usize, steps_per_epoch: usize) -> Option<(Plan, f64)> {
         let budget = self.budget?.as_secs_f64();
         let Some((since, from_step)) = self.timer else {
             self.timer = Some((Instant::now(), next_step));
@@ -257,23 +256,19 @@ impl Calibration {
         if timed < CALIBRATION_MIN_STEPS || !(long_enough || timed >= CALIBRATION_MAX_STEPS) {
             return None;
         }
-        self.step_seconds = seconds / timed as f64;
-        Some(Plan::for_budget(next_step, budget - elapsed.as_secs_f64(), self.step_seconds, epochs, steps_per_epoch))
-    }
-
-    fn step_seconds(&self) -> f64 {
-        self.step_seconds
+        let step_seconds = seconds / timed as f64;
+        Some((Plan::for_budget(next_step, budget - elapsed.as_secs_f64(), step_seconds, epochs, steps_per_epoch), step_seconds))
     }
 }
 
 /// Says the plan once it is fixed: on the terminal and as a line of log.txt.
 fn announce_plan(run_dir: &std::path::Path, cfg: &TrainConfig, plan: &Plan, step_seconds: f64, dataset_len: usize) -> Result<()> {
-    let warmup = (cfg.warmup_epochs as f64 * plan.epoch_steps()).round() as usize;
+    let warmup = plan.steps_for(cfg.warmup_epochs);
     let line = json!({
         "plan": plan,
         "total_steps": plan.total_steps(),
         "data_epochs": plan.total_steps() as f64 * cfg.batch_size_per_gpu as f64 / dataset_len as f64,
-        "warmup_steps": warmup.min(plan.scheduled_steps),
+        "warmup_steps": warmup,
         "step_seconds": step_seconds,
     });
     append_line(&run_dir.join("log.txt"), &line)?;
@@ -284,7 +279,7 @@ fn announce_plan(run_dir: &std::path::Path, cfg: &TrainConfig, plan: &Plan, step
         plan.calibration_steps,
         step_seconds,
         plan.scheduled_steps,
-        warmup.min(plan.scheduled_steps),
+        warmup,
         plan.epoch_steps()
     );
     Ok(())
