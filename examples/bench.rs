@@ -7,6 +7,11 @@
 //!     cargo run --release --example bench -- --mode step --arch vit_tiny --patch 16 --batch 8 --out_dim 65536
 //!     cargo run --release --example bench -- --mode step --arch vit_tiny --patch 16 --batch 8 --out_dim 65536 --precision bf16
 //!     cargo run --release --example bench -- --mode extract --arch vit_small --batch 64 --precision bf16
+//!     DINO_ENGINE_PATH=avx2 cargo run --release --example bench -- --mode products --arch vit_small --batch 64
+//!
+//! `--mode products` times the bf16 engine's matrix products alone, on the selected engine path,
+//! at the shapes of one ViT block's forward pass (rows = batch · tokens at `--global_size`),
+//! and prints GFLOP/s per shape.
 
 use std::time::Instant;
 
@@ -52,6 +57,10 @@ fn main() {
     let backbone = vit.init(&mut rng, &dev);
     let mut times = Vec::new();
     let mut parts: Vec<[f64; 3]> = Vec::new();
+    if mode == "products" {
+        products(&vit, batch, steps);
+        return;
+    }
     if mode == "extract" {
         let network = Network::Vit(backbone);
         let network = FeatureNetwork::new(&network, precision).expect("--precision available here");
@@ -96,6 +105,36 @@ fn main() {
         for (i, name) in names.iter().enumerate() {
             line[name] = serde_json::json!(median(parts[warmup..].iter().map(|p| p[i]).collect()));
         }
+    }
+    println!("{line}");
+}
+
+/// GFLOP/s of the bf16 engine's products at one ViT block's shapes (qkv, proj, fc1, fc2).
+fn products(vit: &VitConfig, batch: usize, repeats: usize) {
+    use dino::bf16::matmul::{BfMatrix, PackedB, matmul, to_bf16};
+    let (d, hidden) = (vit.embed_dim, vit.embed_dim * vit.mlp_ratio);
+    let rows = batch * (1 + (vit.img_size / vit.patch_size).pow(2));
+    let mut rng = StdRng::seed_from_u64(0);
+    let path = dino::bf16::cpu::Cpu::selected().expect("DINO_ENGINE_PATH names a path this CPU runs").path();
+    let mut line = serde_json::json!({ "impl": format!("dino bf16 products ({})", path.name()), "rows": rows });
+    for (name, k, n) in [("qkv", d, 3 * d), ("proj", d, d), ("fc1", d, hidden), ("fc2", hidden, d)] {
+        let mut values = |count: usize| -> Vec<f32> { (0..count).map(|_| rand::Rng::random_range(&mut rng, -1.0f32..1.0)).collect() };
+        let (a_values, b_values) = (values(rows * k), values(k * n));
+        let mut a = BfMatrix::zeros(rows, k);
+        for (i, src) in a_values.chunks(k).enumerate() {
+            for (dst, &v) in a.row_mut(i).iter_mut().zip(src) {
+                *dst = to_bf16(v);
+            }
+        }
+        let b = PackedB::pack(k, n, |i| &b_values[i * n..(i + 1) * n]);
+        let mut out = vec![0f32; rows * n];
+        let mut times = Vec::new();
+        for _ in 0..repeats + 1 {
+            let t0 = Instant::now();
+            matmul(a.view(), &b, &mut out, n, |dst, v, _, _| dst.copy_from_slice(v));
+            times.push(t0.elapsed().as_secs_f64());
+        }
+        line[name] = serde_json::json!((2 * rows * k * n) as f64 / median(times[1..].to_vec()) / 1e9);
     }
     println!("{line}");
 }

@@ -171,33 +171,44 @@ fn min_row_cosine(a: &dino::npy::Array, b: &dino::npy::Array) -> f64 {
 #[test]
 fn bf16_features_match_f32_and_keep_knn_accuracy() {
     let model = ["--random_init", "--arch", "vit_micro", "--patch_size", "7", "--image_size", "28", "--center_crop", "1"];
-    if !dino::bf16::amx::available() {
+    let has_bf16_hardware = dino::bf16::cpu::Cpu::supported()[0].has_bf16_hardware();
+    if !has_bf16_hardware {
         let (ok, _, err) = dino(&[&["knn", "--precision", "bf16"], &model[..]].concat());
-        assert!(!ok && err.contains("--precision bf16") && err.contains("AMX"), "{err}");
-        eprintln!("skipped the comparison: no AMX-BF16 on this CPU");
-        return;
+        assert!(!ok && err.contains("--precision bf16") && err.contains("AVX512-BF16"), "{err}");
     }
+    let (ok, _, err) = common::run_dino_with(&[&["knn", "--precision", "bf16"], &model[..]].concat(), &[("DINO_ENGINE_PATH", "sse9")]);
+    assert!(!ok && err.trim().lines().count() == 1 && err.contains("DINO_ENGINE_PATH=sse9"), "{err}");
+
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("precision");
     let _ = std::fs::remove_dir_all(&dir);
-    let mut features = Vec::new();
-    for precision in ["f32", "bf16"] {
-        let out = dir.join(precision);
+    let extract = |precision: &str, engine: Option<&str>| {
+        let out = dir.join(format!("{precision}-{}", engine.unwrap_or("default")));
         let args = [
             &["extract", "--data", FASHION_MNIST, "--subset", "300", "--n_last_blocks", "2", "--avgpool_patchtokens"][..],
             &["--precision", precision, "--output_dir", out.to_str().unwrap()],
             &model[..],
         ]
         .concat();
-        let (ok, _, err) = dino(&args);
+        let env: Vec<_> = engine.map(|path| ("DINO_ENGINE_PATH", path)).into_iter().collect();
+        let (ok, _, err) = common::run_dino_with(&args, &env);
         assert!(ok, "{err}");
-        features.push(read_npy(&out.join("features.npy")));
+        read_npy(&out.join("features.npy"))
+    };
+    let reference = extract("f32", None);
+    assert_eq!(reference.shape, vec![300, 192]);
+    let paths = common::engine_paths("bf16 extraction");
+    for &path in &paths {
+        let bf16 = extract("bf16", Some(path));
+        assert_eq!(reference.shape, bf16.shape);
+        assert_ne!(reference.values, bf16.values, "bf16 must take its own path");
+        let cosine = min_row_cosine(&reference, &bf16);
+        eprintln!("{path}: min cosine to f32 {cosine:.6}");
+        assert!(cosine > 0.999, "bf16 features on the {path} path drift from f32: cosine {cosine}");
     }
-    assert_eq!(features[0].shape, vec![300, 192]);
-    assert_eq!(features[0].shape, features[1].shape);
-    assert_ne!(features[0].values, features[1].values, "bf16 must take its own path");
-    let cosine = min_row_cosine(&features[0], &features[1]);
-    assert!(cosine > 0.999, "bf16 features drift from f32: cosine {cosine}");
 
+    // The rest on the best path (forced, so that it also runs where bf16 is emulated).
+    let best = [("DINO_ENGINE_PATH", paths[0])];
+    let dino = |args: &[&str]| common::run_dino_with(args, &best);
     let mut top1 = Vec::new();
     for precision in ["f32", "bf16"] {
         let (ok, out, err) = dino(&[&["knn", "--nb_knn", "20", "--precision", precision], &model[..], &SUBSETS[..]].concat());

@@ -1,10 +1,12 @@
-//! bf16 compute on Intel AMX, our own code where burn has no AMX path: a ViT inference engine
-//! for features (`--precision bf16` on `extract`, `knn`, `linear`) and the student ViT's
-//! forward and backward pass for training (`dino train --precision bf16`). Both are the
-//! networks of `model::vit` with tile matrix products and fused, threaded element-wise passes
-//! instead of burn's general tensor ops, checked against the f32 burn path.
+//! The bf16 engine, our own code where burn has no bf16 CPU path: a ViT inference engine for
+//! features (`--precision bf16` on `extract`, `knn`, `linear`) and the student ViT's forward
+//! and backward pass for training (`dino train --precision bf16`). Both are the networks of
+//! `model::vit` with bf16 matrix products (f32 accumulation) and fused, threaded element-wise
+//! passes instead of burn's general tensor ops, checked against the f32 burn path. The
+//! products run on AMX tiles or AVX512-BF16, whichever the CPU has (`cpu.rs`).
 
-pub mod amx;
+pub mod cpu;
+pub mod matmul;
 mod rows;
 pub mod student;
 pub mod vit;
@@ -19,15 +21,17 @@ pub enum Precision {
     /// f32 throughout: the reference's numbers.
     #[default]
     F32,
-    /// bf16 matrix products with f32 accumulation on Intel AMX (ViT only).
+    /// bf16 matrix products with f32 accumulation on AMX or AVX512-BF16 (ViT only).
     Bf16,
 }
 
-/// An error naming `flag` unless this CPU can run the bf16 engines.
+/// An error naming `flag` unless the engine can run here: the CPU multiplies bf16 in hardware
+/// (AMX or AVX512-BF16), or `DINO_ENGINE_PATH` forced a path explicitly.
 pub fn check_available(flag: &str) -> anyhow::Result<()> {
+    let cpu = cpu::Cpu::selected().map_err(anyhow::Error::msg)?;
     anyhow::ensure!(
-        amx::available(),
-        "{flag} bf16 needs a CPU with AMX-BF16 (Intel Xeon Sapphire Rapids or newer); this one has none, use {flag} f32"
+        cpu.path().has_bf16_hardware() || cpu::Cpu::forced(),
+        "{flag} bf16 needs a CPU with AMX-BF16 or AVX512-BF16 (Intel Xeon Sapphire Rapids or Cooper Lake, AMD Zen 4 or newer); this one has neither, use {flag} f32"
     );
     Ok(())
 }

@@ -1,24 +1,12 @@
 //! The engines' element-wise passes, one row at a time: LayerNorm, softmax, bias + exact GELU,
 //! bias + residual, each writing its result in the precision the next matrix product reads,
 //! and the backward passes of LayerNorm, softmax and GELU for training.
-//! They are compiled for AVX-512 and only reached once `amx::available()` has confirmed it
-//! (every AMX CPU has AVX-512), so the rest of the crate stays portable.
+//! Each is compiled for AVX-512, AVX2+FMA and plain code (`cpu::row_kernel!`) and runs at the
+//! level of the engine's path.
 
-use super::amx::{from_bf16, to_bf16};
+use super::matmul::{from_bf16, to_bf16};
 
-/// Features the row kernels are compiled for.
-macro_rules! avx512 {
-    ($(#[$doc:meta])* pub fn $name:ident($($arg:ident: $ty:ty),*) $(-> $ret:ty)? $body:block) => {
-        $(#[$doc])*
-        pub fn $name($($arg: $ty),*) $(-> $ret)? {
-            #[cfg_attr(target_arch = "x86_64", target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,fma"))]
-            unsafe fn kernel($($arg: $ty),*) $(-> $ret)? $body
-            debug_assert!(super::amx::available());
-            // Safety: the engine only runs after `amx::available()`, which checks these features.
-            unsafe { kernel($($arg),*) }
-        }
-    };
-}
+use super::cpu::row_kernel;
 
 /// e^x for the whole f32 range, written so that it vectorises: x = n·ln2 + r with |r| ≤ ln2/2,
 /// e^r by its degree-6 Taylor polynomial (relative error below 2e-7), 2^n through the exponent
@@ -68,7 +56,7 @@ fn gelu_slope(x: f32) -> f32 {
     0.5 * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2)) + x * INV_SQRT_2PI * exp(-0.5 * x * x)
 }
 
-avx512! {
+row_kernel! {
     /// dst = bf16(gelu(h)) for bf16 pre-activations h.
     pub fn gelu_to_bf16(dst: &mut [u16], h: &[u16]) {
         for (d, &x) in dst.iter_mut().zip(h) {
@@ -77,7 +65,7 @@ avx512! {
     }
 }
 
-avx512! {
+row_kernel! {
     /// dst = bf16(dg · gelu'(h)): the gradient through GELU at the bf16 pre-activations h.
     pub fn gelu_backward_to_bf16(dst: &mut [u16], dg: &[f32], h: &[u16]) {
         for ((d, &g), &x) in dst.iter_mut().zip(dg).zip(h) {
@@ -86,7 +74,7 @@ avx512! {
     }
 }
 
-avx512! {
+row_kernel! {
     /// dst = bf16(v · scale).
     pub fn scale_to_bf16(dst: &mut [u16], v: &[f32], scale: f32) {
         for (d, &x) in dst.iter_mut().zip(v) {
@@ -95,7 +83,7 @@ avx512! {
     }
 }
 
-avx512! {
+row_kernel! {
     /// dst = bf16(gelu(v + bias)).
     pub fn bias_gelu_to_bf16(dst: &mut [u16], v: &[f32], bias: &[f32]) {
         for ((d, &x), &b) in dst.iter_mut().zip(v).zip(bias) {
@@ -104,7 +92,7 @@ avx512! {
     }
 }
 
-avx512! {
+row_kernel! {
     /// dst = v + bias.
     pub fn bias_add(dst: &mut [f32], v: &[f32], bias: &[f32]) {
         for ((d, &x), &b) in dst.iter_mut().zip(v).zip(bias) {
@@ -113,7 +101,7 @@ avx512! {
     }
 }
 
-avx512! {
+row_kernel! {
     /// dst += v + bias (a residual branch landing on the stream).
     pub fn bias_accumulate(dst: &mut [f32], v: &[f32], bias: &[f32]) {
         for ((d, &x), &b) in dst.iter_mut().zip(v).zip(bias) {
@@ -122,7 +110,7 @@ avx512! {
     }
 }
 
-avx512! {
+row_kernel! {
     /// dst += scale · (v + bias): a residual branch under stochastic depth (scale 0 for a
     /// dropped sample, 1 / keep-rate otherwise).
     pub fn bias_accumulate_scaled(dst: &mut [f32], v: &[f32], bias: &[f32], scale: f32) {
@@ -132,7 +120,7 @@ avx512! {
     }
 }
 
-avx512! {
+row_kernel! {
     /// dst = bf16(v + bias).
     pub fn bias_to_bf16(dst: &mut [u16], v: &[f32], bias: &[f32]) {
         for ((d, &x), &b) in dst.iter_mut().zip(v).zip(bias) {
@@ -141,7 +129,7 @@ avx512! {
     }
 }
 
-avx512! {
+row_kernel! {
     /// dst = bf16((v + bias) · scale), column by column.
     pub fn bias_scale_to_bf16(dst: &mut [u16], v: &[f32], bias: &[f32], scale: &[f32]) {
         for (((d, &x), &b), &s) in dst.iter_mut().zip(v).zip(bias).zip(scale) {
@@ -150,7 +138,7 @@ avx512! {
     }
 }
 
-avx512! {
+row_kernel! {
     /// dst = bf16(v).
     pub fn to_bf16_row(dst: &mut [u16], v: &[f32]) {
         for (d, &x) in dst.iter_mut().zip(v) {
@@ -186,7 +174,7 @@ fn normalise(x: &[f32], weight: &[f32], bias: &[f32], eps: f32, mut store: impl 
     }
 }
 
-avx512! {
+row_kernel! {
     /// The standardised row x̂ = (x - mean) / sqrt(var + eps) (LayerNorm without its affine
     /// part, kept for the backward pass); returns 1 / sqrt(var + eps).
     pub fn standardize(xhat: &mut [f32], x: &[f32], eps: f32) -> f32 {
@@ -201,7 +189,7 @@ avx512! {
     }
 }
 
-avx512! {
+row_kernel! {
     /// dst = bf16(x̂·weight + bias): the affine part of LayerNorm.
     pub fn affine_to_bf16(dst: &mut [u16], xhat: &[f32], weight: &[f32], bias: &[f32]) {
         for (((d, &v), &w), &b) in dst.iter_mut().zip(xhat).zip(weight).zip(bias) {
@@ -210,7 +198,7 @@ avx512! {
     }
 }
 
-avx512! {
+row_kernel! {
     /// LayerNorm's input gradient for one row, added to `dx`: with g = dn·weight,
     /// dx += inv · (g - mean(g) - x̂·mean(g·x̂)).
     pub fn layer_norm_backward(dx: &mut [f32], dn: &[f32], xhat: &[f32], weight: &[f32], inv: f32) {
@@ -229,7 +217,7 @@ avx512! {
     }
 }
 
-avx512! {
+row_kernel! {
     /// Softmax's input gradient for one row: dst = bf16(p · (dp - Σ dp·p)) for bf16 weights p.
     pub fn softmax_backward_to_bf16(dst: &mut [u16], dp: &[f32], p: &[u16]) {
         let mut lanes = [0f32; 16];
@@ -243,21 +231,21 @@ avx512! {
     }
 }
 
-avx512! {
+row_kernel! {
     /// LayerNorm of a row into bf16 (the next matrix product's input).
     pub fn layer_norm_to_bf16(dst: &mut [u16], x: &[f32], weight: &[f32], bias: &[f32], eps: f32) {
         normalise(x, weight, bias, eps, |i, v| dst[i] = to_bf16(v));
     }
 }
 
-avx512! {
+row_kernel! {
     /// LayerNorm of a row in f32 (the network's outputs).
     pub fn layer_norm(dst: &mut [f32], x: &[f32], weight: &[f32], bias: &[f32], eps: f32) {
         normalise(x, weight, bias, eps, |i, v| dst[i] = v);
     }
 }
 
-avx512! {
+row_kernel! {
     /// Softmax of a row of scores into bf16 attention weights.
     pub fn softmax_to_bf16(dst: &mut [u16], scores: &mut [f32]) {
         let mut lanes = [f32::NEG_INFINITY; 16];

@@ -1,6 +1,6 @@
-//! The student ViT's forward and backward pass in bf16 on AMX, for `dino train --precision
+//! The student ViT's forward and backward pass in bf16, for `dino train --precision
 //! bf16`: the network, stochastic depth and position-embedding resize of `model::vit`, with
-//! every matrix product — forward, input gradients and weight gradients — on tiles (bf16
+//! every matrix product — forward, input gradients and weight gradients — in bf16 (bf16
 //! inputs, f32 accumulation), while the residual stream, the LayerNorm and softmax statistics
 //! and the gradient sums stay in f32. The forward keeps what the backward needs in a [`Tape`].
 //!
@@ -11,7 +11,7 @@ use burn::tensor::Tensor;
 use rand::rngs::StdRng;
 use rayon::prelude::*;
 
-use super::amx::{self, BLOCK, BfMatrix, BfView, PackedB};
+use super::matmul::{self, BLOCK, BfMatrix, BfView, PackedB};
 use super::rows;
 use super::vit::{Dense, HeadScratch, HeadShape, Norm, PackedBlock, Stem, head_attention, host, patch_rows, tokens};
 use crate::model::VisionTransformer;
@@ -284,7 +284,7 @@ fn weight_gradient(inputs_t: &BfMatrix, dy: &BfMatrix, rows: usize, packed: &mut
         packed.repack_bf16(depth, out, |i| &data[(first + i) * stride..][..out]);
         // Past `rows` the transposed input's columns are zero padding.
         let a = BfView::new(&inputs[first..], inputs_t.rows(), depth.div_ceil(BLOCK) * BLOCK, inputs_stride);
-        amx::matmul(a, packed, grad, out, |dst, v, _, _| add(dst, v));
+        matmul::matmul(a, packed, grad, out, |dst, v, _, _| add(dst, v));
     }
 }
 
@@ -297,7 +297,7 @@ fn add_column_sums(m: &BfMatrix, rows: usize, sums: &mut [f32]) {
             let mut acc = zeros(cols);
             for row in chunk.chunks(stride) {
                 for (a, &v) in acc.iter_mut().zip(&row[..cols]) {
-                    *a += amx::from_bf16(v);
+                    *a += matmul::from_bf16(v);
                 }
             }
             acc
@@ -349,8 +349,8 @@ struct AttentionScratch {
 }
 
 impl StudentVit {
-    /// Packs the ViT's current weights; an error when AMX is not available or the heads are
-    /// not a whole number of 32-wide tile slices.
+    /// Packs the ViT's current weights; an error when the engine's path cannot run or the
+    /// heads are not a whole number of 32-wide tile slices.
     pub fn new(vit: &VisionTransformer) -> anyhow::Result<Self> {
         let Stem { patch, num_heads, qkv_scale } = Stem::new(vit, "bf16 training")?;
         Ok(Self {
@@ -414,7 +414,7 @@ impl StudentVit {
             let norm1 = block.norm1.standardize_to_bf16(&x, &mut normed);
             let mut qkv = BfMatrix::zeros(rows + BLOCK, 3 * dim);
             let qkv_stride = qkv.stride();
-            amx::matmul(normed.view(), &block.qkv.weight, qkv.data_mut(), qkv_stride, |dst, v, _, c| {
+            matmul::matmul(normed.view(), &block.qkv.weight, qkv.data_mut(), qkv_stride, |dst, v, _, c| {
                 rows::bias_scale_to_bf16(dst, v, &block.qkv.bias[c..], &self.qkv_scale[c..]);
             });
             let mut weights: Vec<BfMatrix> = (0..images * heads).map(|_| BfMatrix::zeros(tokens_per_image, tokens_per_image)).collect();
@@ -429,19 +429,19 @@ impl StudentVit {
                         head_attention(&qkv, shape, (image, head), scratch, weights, &mut out[head * shape.head_dim..], stride);
                     }
                 });
-            amx::matmul(mixed.view(), &block.proj.weight, &mut x, dim, |dst, v, r, c| {
+            matmul::matmul(mixed.view(), &block.proj.weight, &mut x, dim, |dst, v, r, c| {
                 rows::bias_accumulate_scaled(dst, v, &block.proj.bias[c..], keep(&keep_attn, r));
             });
 
             let norm2 = block.norm2.standardize_to_bf16(&x, &mut normed);
             let mut hidden = BfMatrix::zeros(rows, block.fc1.out_dim());
             let hidden_stride = hidden.stride();
-            amx::matmul(normed.view(), &block.fc1.weight, hidden.data_mut(), hidden_stride, |dst, v, _, c| {
+            matmul::matmul(normed.view(), &block.fc1.weight, hidden.data_mut(), hidden_stride, |dst, v, _, c| {
                 rows::bias_to_bf16(dst, v, &block.fc1.bias[c..]);
             });
             let mut activated = BfMatrix::zeros(rows, block.fc1.out_dim());
             activated.data_mut().par_chunks_mut(hidden_stride).zip(hidden.view_data().par_chunks(hidden_stride)).for_each(|(dst, h)| rows::gelu_to_bf16(dst, h));
-            amx::matmul(activated.view(), &block.fc2.weight, &mut x, dim, |dst, v, r, c| {
+            matmul::matmul(activated.view(), &block.fc2.weight, &mut x, dim, |dst, v, r, c| {
                 rows::bias_accumulate_scaled(dst, v, &block.fc2.bias[c..], keep(&keep_mlp, r));
             });
             blocks.push(BlockTape { keep_attn, keep_mlp, norm1, qkv, weights, mixed, norm2, hidden, activated });
@@ -494,13 +494,13 @@ impl StudentVit {
             transpose_into(&mut ws.hidden_t, rows, |r, c0, segment| segment.copy_from_slice(&activated[r * hidden_stride + c0..][..segment.len()]));
             weight_gradient(&ws.hidden_t, &ws.dy, rows, &mut ws.packed, &mut g.fc2.weight);
             let hidden = saved.hidden.view_data();
-            amx::matmul(ws.dy.view(), transposed_weight(&layers.fc2), ws.d_hidden.data_mut(), hidden_stride, |dst, v, r, c| {
+            matmul::matmul(ws.dy.view(), transposed_weight(&layers.fc2), ws.d_hidden.data_mut(), hidden_stride, |dst, v, r, c| {
                 rows::gelu_backward_to_bf16(dst, v, &hidden[r * hidden_stride + c..]);
             });
             add_column_sums(&ws.d_hidden, rows, &mut g.fc1.bias);
             layers.norm2.output_transposed(&saved.norm2, &mut ws.inputs_t);
             weight_gradient(&ws.inputs_t, &ws.d_hidden, rows, &mut ws.packed, &mut g.fc1.weight);
-            amx::matmul(ws.d_hidden.view(), transposed_weight(&layers.fc1), &mut ws.dn, dim, |dst, v, _, _| dst.copy_from_slice(v));
+            matmul::matmul(ws.d_hidden.view(), transposed_weight(&layers.fc1), &mut ws.dn, dim, |dst, v, _, _| dst.copy_from_slice(v));
             layers.norm2.backward(&saved.norm2, &ws.dn, &mut dx, &mut g.norm2);
 
             // Attention branch: x += keep · (attention(n1·Wqkv + bqkv)·Wp + bp).
@@ -508,12 +508,12 @@ impl StudentVit {
             let (mixed, mixed_stride) = (saved.mixed.view_data(), saved.mixed.stride());
             transpose_into(&mut ws.inputs_t, rows, |r, c0, segment| segment.copy_from_slice(&mixed[r * mixed_stride + c0..][..segment.len()]));
             weight_gradient(&ws.inputs_t, &ws.dy, rows, &mut ws.packed, &mut g.proj.weight);
-            amx::matmul(ws.dy.view(), transposed_weight(&layers.proj), ws.d_mixed.data_mut(), mixed_stride, |dst, v, _, _| rows::to_bf16_row(dst, v));
+            matmul::matmul(ws.dy.view(), transposed_weight(&layers.proj), ws.d_mixed.data_mut(), mixed_stride, |dst, v, _, _| rows::to_bf16_row(dst, v));
             self.attention_backward(saved, &ws.d_mixed, images, tokens_per_image, &mut ws.d_qkv);
             add_column_sums(&ws.d_qkv, rows, &mut g.qkv.bias);
             layers.norm1.output_transposed(&saved.norm1, &mut ws.inputs_t);
             weight_gradient(&ws.inputs_t, &ws.d_qkv, rows, &mut ws.packed, &mut g.qkv.weight);
-            amx::matmul(ws.d_qkv.view(), transposed_weight(&layers.qkv), &mut ws.dn, dim, |dst, v, _, _| dst.copy_from_slice(v));
+            matmul::matmul(ws.d_qkv.view(), transposed_weight(&layers.qkv), &mut ws.dn, dim, |dst, v, _, _| dst.copy_from_slice(v));
             layers.norm1.backward(&saved.norm1, &ws.dn, &mut dx, &mut g.norm1);
         }
         self.embedding_backward(tape, &dx, grads);
@@ -546,7 +546,7 @@ impl StudentVit {
                     let d_head_row = |t: usize| &d_out[first + t * d_stride..][..head_dim];
 
                     s.packed.repack_bf16_transposed(head_dim, tokens, |t| row(2, t));
-                    amx::matmul_serial(d_head, &s.packed, &mut s.d_weights, tokens, |dst, v, _, _| dst.copy_from_slice(v));
+                    matmul::matmul_serial(d_head, &s.packed, &mut s.d_weights, tokens, |dst, v, _, _| dst.copy_from_slice(v));
                     for t in 0..tokens {
                         rows::softmax_backward_to_bf16(s.d_scores.row_mut(t), &s.d_weights[t * tokens..][..tokens], weights.row(t));
                     }
@@ -554,15 +554,15 @@ impl StudentVit {
                     transpose_square(weights, &mut s.transposed, tokens);
                     s.packed.repack_bf16(tokens, head_dim, d_head_row);
                     let v_at = 2 * dim + head * head_dim;
-                    amx::matmul_serial(s.transposed.view(), &s.packed, &mut out[v_at..], out_stride, |dst, v, _, _| rows::to_bf16_row(dst, v));
+                    matmul::matmul_serial(s.transposed.view(), &s.packed, &mut out[v_at..], out_stride, |dst, v, _, _| rows::to_bf16_row(dst, v));
 
                     s.packed.repack_bf16(tokens, head_dim, |t| row(1, t));
-                    amx::matmul_serial(s.d_scores.view(), &s.packed, &mut out[head * head_dim..], out_stride, |dst, v, _, _| rows::scale_to_bf16(dst, v, scale));
+                    matmul::matmul_serial(s.d_scores.view(), &s.packed, &mut out[head * head_dim..], out_stride, |dst, v, _, _| rows::scale_to_bf16(dst, v, scale));
 
                     transpose_square(&s.d_scores, &mut s.transposed, tokens);
                     s.packed.repack_bf16(tokens, head_dim, |t| row(0, t));
                     let k_at = dim + head * head_dim;
-                    amx::matmul_serial(s.transposed.view(), &s.packed, &mut out[k_at..], out_stride, |dst, v, _, _| rows::to_bf16_row(dst, v));
+                    matmul::matmul_serial(s.transposed.view(), &s.packed, &mut out[k_at..], out_stride, |dst, v, _, _| rows::to_bf16_row(dst, v));
                 }
             },
         );
@@ -623,7 +623,7 @@ impl StudentVit {
         let (data, stride) = (tape.patches.view_data(), tape.patches.stride());
         let mut packed = PackedB::default();
         packed.repack_bf16(images * patches, k, |i| &data[i * stride..][..k]);
-        amx::matmul(d_patches_t.view(), &packed, &mut grads.patch.weight, k, |dst, v, _, _| add(dst, v));
+        matmul::matmul(d_patches_t.view(), &packed, &mut grads.patch.weight, k, |dst, v, _, _| add(dst, v));
     }
 }
 
@@ -656,10 +656,7 @@ mod tests {
     /// random feature gradient. Every parameter's gradient agrees up to bf16 rounding.
     #[test]
     fn gradients_match_burn_autodiff_up_to_bf16_rounding() {
-        if !amx::available() {
-            eprintln!("skipped: no AMX-BF16 on this CPU");
-            return;
-        }
+        eprintln!("engine path: {}", super::super::cpu::Cpu::current().path().name());
         let plain = Device::flex();
         let device = plain.clone().autodiff();
         let config = VitConfig { img_size: 48, patch_size: 8, embed_dim: 64, depth: 3, num_heads: 2, mlp_ratio: 4, drop_path_rate: 0.3 };

@@ -1,4 +1,4 @@
-//! The ViT forward pass of `model::vit` in bf16 on AMX, for feature extraction: weights packed
+//! The ViT forward pass of `model::vit` in bf16, for feature extraction: weights packed
 //! once, the residual stream kept in f32, every matrix product's input rounded to bf16 with f32
 //! accumulation, and each product's bias, GELU or residual add fused into its store.
 
@@ -8,7 +8,8 @@ use std::sync::{Arc, Mutex};
 use burn::tensor::{Tensor, TensorData};
 use rayon::prelude::*;
 
-use super::amx::{self, BfMatrix, BfView, PackedB};
+use super::cpu::Cpu;
+use super::matmul::{self, BfMatrix, BfView, PackedB};
 use super::rows;
 use crate::model::vit::{Block, position_embedding};
 use crate::model::{LayerNorm, VisionTransformer};
@@ -35,7 +36,7 @@ impl Norm {
     }
 }
 
-/// A Linear layer packed for AMX: W for the forward product and, for training, Wᵀ for the
+/// A Linear layer packed for the bf16 products: W for the forward product and, for training, Wᵀ for the
 /// input gradient.
 pub(super) struct Dense {
     pub weight: PackedB,
@@ -68,7 +69,7 @@ impl Dense {
     }
 }
 
-/// A transformer block packed for AMX.
+/// A transformer block packed for the bf16 products.
 pub(super) struct PackedBlock {
     pub norm1: Norm,
     pub qkv: Dense,
@@ -106,9 +107,10 @@ pub(super) struct Stem {
 }
 
 impl Stem {
-    /// An error naming `what` when AMX is missing or the heads do not fit the tiles.
+    /// An error naming `what` when `DINO_ENGINE_PATH` names a path this CPU cannot run, or
+    /// the heads do not fit the tiles.
     pub fn new(vit: &VisionTransformer, what: &str) -> anyhow::Result<Self> {
-        anyhow::ensure!(amx::available(), "{what} needs a CPU with AMX-BF16");
+        Cpu::selected().map_err(|e| anyhow::anyhow!("{what}: {e}"))?;
         let dim = vit.embed_dim();
         let conv = host(vit.patch_embed.weight.val());
         let k = conv.len() / dim;
@@ -129,8 +131,8 @@ impl Stem {
 /// Host position embeddings [1 + patches, D] by input (height, width).
 type PositionCache = HashMap<(usize, usize), Arc<Vec<f32>>>;
 
-/// A ViT ready for bf16 inference. Build it with [`Bf16Vit::new`] after checking
-/// [`amx::available`].
+/// A ViT ready for bf16 inference. Build it with [`Bf16Vit::new`] after
+/// [`super::check_available`].
 pub struct Bf16Vit {
     patch_size: usize,
     dim: usize,
@@ -152,8 +154,8 @@ pub(super) fn host<const D: usize>(t: Tensor<D>) -> Vec<f32> {
 }
 
 impl Bf16Vit {
-    /// Packs a ViT's weights; an error when AMX is not available or the heads are not a
-    /// whole number of 32-wide tile slices.
+    /// Packs a ViT's weights; an error when the engine's path cannot run or the heads are
+    /// not a whole number of 32-wide tile slices.
     pub fn new(vit: &VisionTransformer) -> anyhow::Result<Self> {
         let Stem { patch, num_heads, qkv_scale } = Stem::new(vit, "bf16 inference")?;
         Ok(Self {
@@ -216,23 +218,23 @@ impl Bf16Vit {
         let mut x = self.embed(pixels, batch, (h, w));
         let mut normed = BfMatrix::zeros(rows, dim);
         // One spare block of rows: each image's heads are read in whole 32-row blocks.
-        let mut qkv = BfMatrix::zeros(rows + amx::BLOCK, 3 * dim);
+        let mut qkv = BfMatrix::zeros(rows + matmul::BLOCK, 3 * dim);
         let mut mixed = BfMatrix::zeros(rows, dim);
         let mut hidden = BfMatrix::zeros(rows, self.blocks.first().map_or(1, |b| b.fc1.out_dim()));
         let mut outputs = Vec::new();
         for (i, block) in self.blocks.iter().enumerate() {
             block.norm1.to_bf16(&x, &mut normed);
             let scale = &self.qkv_scale;
-            amx::matmul(normed.view(), &block.qkv.weight, qkv.data_mut(), 3 * dim, |dst, v, _, c| {
+            matmul::matmul(normed.view(), &block.qkv.weight, qkv.data_mut(), 3 * dim, |dst, v, _, c| {
                 rows::bias_scale_to_bf16(dst, v, &block.qkv.bias[c..], &scale[c..]);
             });
             self.attention(&qkv, batch, tokens, &mut mixed);
-            amx::matmul(mixed.view(), &block.proj.weight, &mut x, dim, |dst, v, _, c| rows::bias_accumulate(dst, v, &block.proj.bias[c..]));
+            matmul::matmul(mixed.view(), &block.proj.weight, &mut x, dim, |dst, v, _, c| rows::bias_accumulate(dst, v, &block.proj.bias[c..]));
             block.norm2.to_bf16(&x, &mut normed);
             let stride = hidden.stride();
             let hidden_rows = &mut hidden.data_mut()[..rows * stride];
-            amx::matmul(normed.view(), &block.fc1.weight, hidden_rows, stride, |dst, v, _, c| rows::bias_gelu_to_bf16(dst, v, &block.fc1.bias[c..]));
-            amx::matmul(hidden.view(), &block.fc2.weight, &mut x, dim, |dst, v, _, c| rows::bias_accumulate(dst, v, &block.fc2.bias[c..]));
+            matmul::matmul(normed.view(), &block.fc1.weight, hidden_rows, stride, |dst, v, _, c| rows::bias_gelu_to_bf16(dst, v, &block.fc1.bias[c..]));
+            matmul::matmul(hidden.view(), &block.fc2.weight, &mut x, dim, |dst, v, _, c| rows::bias_accumulate(dst, v, &block.fc2.bias[c..]));
             if self.blocks.len() - i <= n {
                 outputs.push(x.clone());
             }
@@ -296,7 +298,7 @@ pub(super) fn tokens(flat: &BfMatrix, patch: &Dense, cls_token: &[f32], pos: &[f
     let dim = patch.out_dim();
     let patches = pos.len() / dim - 1;
     let mut projected = vec![0f32; batch * patches * dim];
-    amx::matmul(flat.view(), &patch.weight, &mut projected, dim, |dst, v, _, c| rows::bias_add(dst, v, &patch.bias[c..]));
+    matmul::matmul(flat.view(), &patch.weight, &mut projected, dim, |dst, v, _, c| rows::bias_add(dst, v, &patch.bias[c..]));
     let mut x = vec![0f32; batch * (patches + 1) * dim];
     x.par_chunks_mut((patches + 1) * dim).zip(projected.par_chunks(patches * dim)).for_each(|(image, patch_rows)| {
         let (cls, rest) = image.split_at_mut(dim);
@@ -337,12 +339,12 @@ pub(super) fn head_attention(qkv: &BfMatrix, shape: HeadShape, (image, head): (u
     let queries = BfView::new(&data[part(0)..], tokens, head_dim, qkv_stride);
     scratch.scores.resize(tokens * tokens, 0.0);
     scratch.packed.repack_bf16_transposed(head_dim, tokens, |t| row(1, t));
-    amx::matmul_serial(queries, &scratch.packed, &mut scratch.scores, tokens, |dst, v, _, _| dst.copy_from_slice(v));
+    matmul::matmul_serial(queries, &scratch.packed, &mut scratch.scores, tokens, |dst, v, _, _| dst.copy_from_slice(v));
     for (t, scores_row) in scratch.scores.chunks_mut(tokens).enumerate() {
         rows::softmax_to_bf16(weights.row_mut(t), scores_row);
     }
     scratch.packed.repack_bf16(tokens, head_dim, |t| row(2, t));
-    amx::matmul_serial(weights.view(), &scratch.packed, out, out_stride, |dst, v, _, _| rows::to_bf16_row(dst, v));
+    matmul::matmul_serial(weights.view(), &scratch.packed, out, out_stride, |dst, v, _, _| rows::to_bf16_row(dst, v));
 }
 
 #[cfg(test)]
@@ -375,10 +377,7 @@ mod tests {
     /// inputs, odd token counts): the same network up to bf16 rounding of the products' inputs.
     #[test]
     fn matches_the_f32_path_up_to_bf16_rounding() {
-        if !amx::available() {
-            eprintln!("skipped: no AMX-BF16 on this CPU");
-            return;
-        }
+        eprintln!("engine path: {}", Cpu::current().path().name());
         let device = Device::flex();
         let config = VitConfig { img_size: 48, patch_size: 8, embed_dim: 96, depth: 3, num_heads: 3, mlp_ratio: 4, drop_path_rate: 0.0 };
         let vit = config.init(&mut StdRng::seed_from_u64(0), &device);

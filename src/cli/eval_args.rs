@@ -48,8 +48,9 @@ pub fn eval_transform(size: usize, center_crop: f64) -> Result<EvalTransform> {
 #[command(rename_all = "snake_case")]
 pub struct PrecisionArgs {
     /// Arithmetic of the backbone's forward pass: f32 (the reference's numbers) or bf16
-    /// (ViT matrix products on Intel AMX, Xeon Sapphire Rapids and newer: about 3x faster
-    /// here, features within about 1e-2 of f32, same k-NN accuracy; see BENCHMARKS.md).
+    /// (ViT matrix products on AMX or AVX512-BF16 — Intel Xeon Sapphire Rapids or Cooper
+    /// Lake, AMD Zen 4 and newer — features within about 1e-2 of f32, same k-NN accuracy;
+    /// see BENCHMARKS.md).
     #[arg(long, value_enum, default_value = "f32")]
     pub precision: Precision,
 }

@@ -44,6 +44,12 @@ pub enum Command {
     VideoSeg(video::VideoArgs),
     /// Write a backbone (from any weights file) as safetensors under the official key names.
     Export(export::ExportArgs),
+    /// Print the bf16 engine's paths on this CPU (best first) and which one runs.
+    CpuInfo {
+        /// Only the names of the paths this CPU runs, one per line (for scripts).
+        #[arg(long)]
+        paths: bool,
+    },
     /// Print the size of a backbone and its DINO head.
     ModelInfo {
         /// vit_micro, vit_tiny, vit_small, vit_base, resnet50 or resnet_micro.
@@ -78,6 +84,7 @@ pub fn run(cli: Cli, matches: &ArgMatches) -> Result<()> {
         Command::Attention(args) => attention::run(args),
         Command::VideoSeg(args) => video::run(args),
         Command::Export(args) => export::run(args),
+        Command::CpuInfo { paths } => cpu_info(paths),
         Command::ModelInfo { arch, patch_size, img_size, out_dim } => {
             let device = Device::flex();
             let mut rng = StdRng::seed_from_u64(0);
@@ -104,4 +111,27 @@ pub fn run(cli: Cli, matches: &ArgMatches) -> Result<()> {
             Ok(())
         }
     }
+}
+
+fn cpu_info(names_only: bool) -> Result<()> {
+    use crate::bf16::cpu::{Cpu, PATH_VARIABLE, Path};
+    let supported = Cpu::supported();
+    if names_only {
+        supported.iter().for_each(|p| println!("{}", p.name()));
+        return Ok(());
+    }
+    let selected = Cpu::selected().map_err(anyhow::Error::msg)?.path();
+    for path in Path::ALL {
+        let state = if path == selected {
+            "runs here (selected)"
+        } else if supported.contains(&path) {
+            "runs here"
+        } else {
+            "not on this CPU"
+        };
+        println!("{:<11} {state}", path.name());
+    }
+    let bf16 = if selected.has_bf16_hardware() { "bf16 products in hardware" } else { "refused: no AMX-BF16 or AVX512-BF16" };
+    println!("--precision bf16: {bf16}; {PATH_VARIABLE}=<path> forces a path");
+    Ok(())
 }

@@ -45,7 +45,7 @@ impl EvalTransform {
 pub enum FeatureKind<'a> {
     /// ViT features, see [`backbone_features`].
     Backbone(&'a VisionTransformer, FeatureLayout),
-    /// The same ViT features from the bf16 AMX engine.
+    /// The same ViT features from the bf16 engine.
     Bf16(&'a Bf16Vit, FeatureLayout),
     /// A ResNet's pooled output.
     ResNet(&'a ResNet),
@@ -122,7 +122,7 @@ pub struct FeatureNetwork<'a> {
 }
 
 impl<'a> FeatureNetwork<'a> {
-    /// An error naming --precision when bf16 is asked of a ResNet or of a CPU without AMX.
+    /// An error naming --precision when bf16 is asked of a ResNet or of a CPU without bf16 products.
     pub fn new(network: &'a Network, precision: Precision) -> anyhow::Result<Self> {
         let bf16 = match precision {
             Precision::F32 => None,

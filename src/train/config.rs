@@ -225,7 +225,8 @@ pub struct TrainConfig {
     #[arg(long, value_enum, default_value = "cpu")]
     pub device: DeviceKind,
     /// Arithmetic of the backbones: f32 (the reference's numbers) or bf16 (ViT on a CPU with
-    /// Intel AMX, Xeon Sapphire Rapids and newer: the teacher's and student's backbone
+    /// AMX or AVX512-BF16 — Intel Xeon Sapphire Rapids or Cooper Lake, AMD Zen 4 and newer —
+    /// where the teacher's and student's backbone
     /// matrix products in bf16 with f32 accumulation; weights, optimiser, heads and loss stay
     /// f32; see BENCHMARKS.md).
     #[arg(long, value_enum, default_value = "f32")]

@@ -1,6 +1,6 @@
 //! The models' part of one training iteration: teacher forward on the global crops, student
 //! forward on all crops, DINO loss and backward. At `--precision f32` all of it goes through
-//! burn's autodiff; at bf16 both ViT backbones run on the AMX engines (`src/bf16/`) and only the
+//! burn's autodiff; at bf16 both ViT backbones run on the bf16 engines (`src/bf16/`) and only the
 //! heads and the loss go through burn, the student's features entering burn's graph as a leaf
 //! whose gradient the bf16 backbone's backward pass takes from there.
 

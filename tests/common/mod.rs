@@ -74,6 +74,22 @@ pub fn grad_of_linear(p: &burn::module::Param<Tensor<2>>, grads: &burn::tensor::
 
 /// Runs the `dino` binary: (success, stdout, stderr).
 pub fn run_dino(args: &[&str]) -> (bool, String, String) {
-    let o = Command::new(env!("CARGO_BIN_EXE_dino")).args(args).output().expect("the dino binary runs");
+    run_dino_with(args, &[])
+}
+
+/// Runs the `dino` binary with extra environment variables: (success, stdout, stderr).
+pub fn run_dino_with(args: &[&str], env: &[(&str, &str)]) -> (bool, String, String) {
+    let o = Command::new(env!("CARGO_BIN_EXE_dino")).args(args).envs(env.iter().copied()).output().expect("the dino binary runs");
     (o.status.success(), String::from_utf8_lossy(&o.stdout).into(), String::from_utf8_lossy(&o.stderr).into())
+}
+
+/// The bf16 engine's paths this CPU runs and the ones it cannot, printed so that a test's
+/// output says which paths it checked (a path missing here was not tested, not passed).
+pub fn engine_paths(test: &str) -> Vec<&'static str> {
+    use dino::bf16::cpu::{Cpu, Path};
+    let supported = Cpu::supported();
+    let (ran, skipped): (Vec<Path>, Vec<Path>) = Path::ALL.into_iter().partition(|p| supported.contains(p));
+    let names = |paths: &[Path]| paths.iter().map(|p| p.name()).collect::<Vec<_>>().join(", ");
+    eprintln!("{test}: engine paths tested: {}; not on this CPU, untested: {}", names(&ran), if skipped.is_empty() { "none".into() } else { names(&skipped) });
+    ran.into_iter().map(Path::name).collect()
 }

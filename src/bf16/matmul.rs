@@ -1,48 +1,17 @@
-//! bf16 matrix products on Intel AMX tiles (Sapphire Rapids and later): C = A·B with bf16
-//! inputs and f32 accumulation, the way `tdpbf16ps` computes it. A is a row-major bf16 matrix
-//! padded to whole 32×32 blocks; B is packed once into the tile layout the instruction reads
-//! (pairs of k interleaved per column); results come out 32×32 f32 blocks at a time through a
-//! caller's closure, so bias, activation and residual passes fuse into the store.
-
-#[cfg(target_arch = "x86_64")]
-use std::arch::asm;
-use std::sync::OnceLock;
+//! bf16 matrix products: C = A·B with bf16 inputs and f32 accumulation, the way AMX's
+//! `tdpbf16ps` and AVX512-BF16's `vdpbf16ps` compute it. A is a row-major bf16 matrix padded to
+//! whole 32×32 blocks; B is packed once into the layout both instructions read (pairs of k
+//! interleaved per column, in 16×16 tiles); results come out 32×32 f32 blocks at a time
+//! through a caller's closure, so bias, activation and residual passes fuse into the store.
+//! The blocks themselves are computed by the selected path's kernel in `cpu.rs`.
 
 use rayon::prelude::*;
 
-/// Rows and columns of one kernel block: a 2×2 arrangement of 16×16 f32 result tiles.
-pub const BLOCK: usize = 32;
-/// bf16 values along k in one tile row (64 bytes).
-const K_STEP: usize = 32;
-/// k-pairs in one packed B tile: 16 rows of 16.
-const TILE_PAIRS: usize = 16 * 16;
+pub use super::cpu::BLOCK;
+use super::cpu::{Cpu, K_STEP, Products, TILE_PAIRS};
+
 /// Matrices of at least this many values are packed on several threads.
 const PARALLEL_PACK_MIN: usize = 1 << 16;
-
-/// Whether this CPU and kernel let the process use AMX-BF16 (asked once: Linux grants the
-/// large tile state only on request).
-pub fn available() -> bool {
-    static AVAILABLE: OnceLock<bool> = OnceLock::new();
-    *AVAILABLE.get_or_init(|| {
-        #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
-        {
-            // CPUID leaf 7: EDX bit 22 AMX-BF16, bit 24 AMX-TILE; and the AVX-512 subsets and FMA
-            // that the row kernels (`rows.rs`) are compiled for.
-            let leaf7 = std::arch::x86_64::__cpuid_count(7, 0);
-            let amx = leaf7.edx & (1 << 22) != 0 && leaf7.edx & (1 << 24) != 0;
-            let avx512 = std::arch::is_x86_feature_detected!("avx512f")
-                && std::arch::is_x86_feature_detected!("avx512bw")
-                && std::arch::is_x86_feature_detected!("avx512vl")
-                && std::arch::is_x86_feature_detected!("avx512dq")
-                && std::arch::is_x86_feature_detected!("fma");
-            const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
-            const XFEATURE_XTILEDATA: libc::c_long = 18;
-            amx && avx512 && unsafe { libc::syscall(libc::SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) } == 0
-        }
-        #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
-        false
-    })
-}
 
 /// f32 to bf16 with round-to-nearest-even (NaN stays NaN).
 #[inline(always)]
@@ -242,113 +211,31 @@ impl PackedB {
     }
 }
 
-/// The tile configuration: palette 1, all eight tiles 16 rows of 64 bytes.
-#[cfg(target_arch = "x86_64")]
-#[repr(C, align(64))]
-struct TileConfig([u8; 64]);
-
-#[cfg(target_arch = "x86_64")]
-const TILE_CONFIG: TileConfig = {
-    let mut c = [0u8; 64];
-    c[0] = 1;
-    let mut t = 0;
-    while t < 8 {
-        c[16 + 2 * t] = 64;
-        c[48 + t] = 16;
-        t += 1;
-    }
-    TileConfig(c)
-};
-
 /// Computes rows `row0..row0 + 32` of A·B one 32-column block at a time, handing each block
 /// (row-major, 32 wide) to `emit(col0, block)`.
-///
-/// Safety: AMX must be `available()`, and `a` must have at least `row0 + 32` padded rows.
-#[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables, unused_mut))]
-unsafe fn row_block(a: BfView, row0: usize, b: &PackedB, block: &mut [f32; BLOCK * BLOCK], mut emit: impl FnMut(usize, &[f32; BLOCK * BLOCK])) {
-    #[cfg(not(target_arch = "x86_64"))]
-    unreachable!("AMX exists only on x86-64");
-    #[cfg(target_arch = "x86_64")]
-    {
-        let a_stride = a.stride * 2;
-        let a0 = a.data[row0 * a.stride..].as_ptr();
-        let a1 = a.data[(row0 + 16) * a.stride..].as_ptr();
-        let strip_len = b.k_tiles * TILE_PAIRS;
-        let out = block.as_mut_ptr();
-        for pair in 0..b.n_strips / 2 {
-            let b0 = b.pairs[2 * pair * strip_len..].as_ptr();
-            let b1 = b.pairs[(2 * pair + 1) * strip_len..].as_ptr();
-            unsafe {
-                asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3", options(nostack));
-                for kt in 0..b.k_tiles {
-                    asm!(
-                        "tileloadd tmm4, [{a0} + {sa}*1]",
-                        "tileloadd tmm5, [{a1} + {sa}*1]",
-                        "tileloadd tmm6, [{b0} + {sb}*1]",
-                        "tileloadd tmm7, [{b1} + {sb}*1]",
-                        "tdpbf16ps tmm0, tmm4, tmm6",
-                        "tdpbf16ps tmm1, tmm4, tmm7",
-                        "tdpbf16ps tmm2, tmm5, tmm6",
-                        "tdpbf16ps tmm3, tmm5, tmm7",
-                        a0 = in(reg) a0.add(kt * K_STEP),
-                        a1 = in(reg) a1.add(kt * K_STEP),
-                        b0 = in(reg) b0.add(kt * TILE_PAIRS),
-                        b1 = in(reg) b1.add(kt * TILE_PAIRS),
-                        sa = in(reg) a_stride,
-                        sb = in(reg) 64usize,
-                        options(nostack, readonly),
-                    );
-                }
-                asm!(
-                    "tilestored [{o0} + {s}*1], tmm0",
-                    "tilestored [{o1} + {s}*1], tmm1",
-                    "tilestored [{o2} + {s}*1], tmm2",
-                    "tilestored [{o3} + {s}*1], tmm3",
-                    o0 = in(reg) out,
-                    o1 = in(reg) out.add(16),
-                    o2 = in(reg) out.add(16 * BLOCK),
-                    o3 = in(reg) out.add(16 * BLOCK + 16),
-                    s = in(reg) BLOCK * 4,
-                    options(nostack),
-                );
-            }
-            emit(pair * BLOCK, block);
-        }
+fn row_block(products: &Products, a: BfView, row0: usize, b: &PackedB, block: &mut [f32; BLOCK * BLOCK], mut emit: impl FnMut(usize, &[f32; BLOCK * BLOCK])) {
+    let strip_len = b.k_tiles * TILE_PAIRS;
+    let rows = &a.data[row0 * a.stride..];
+    for pair in 0..b.n_strips / 2 {
+        let strips = &b.pairs[2 * pair * strip_len..];
+        products.block(rows, a.stride, &strips[..strip_len], &strips[strip_len..2 * strip_len], b.k_tiles * 16, block);
+        emit(pair * BLOCK, block);
     }
-}
-
-/// Runs `f` with the tile registers configured, releasing them after (so context switches
-/// need not save them).
-fn with_tiles<R>(f: impl FnOnce() -> R) -> R {
-    assert!(available(), "AMX-BF16 is not available on this CPU");
-    #[cfg(target_arch = "x86_64")]
-    unsafe {
-        asm!("ldtilecfg [{0}]", in(reg) TILE_CONFIG.0.as_ptr(), options(nostack, readonly))
-    };
-    let r = f();
-    #[cfg(target_arch = "x86_64")]
-    unsafe {
-        asm!("tilerelease", options(nostack, nomem))
-    };
-    r
 }
 
 /// Hands `rows` rows of A·B from `first_row` on to `emit(dst, values, row, col0)`, one destination
 /// row segment at a time.
-fn product_rows<T>(a: BfView, b: &PackedB, (first_row, rows): (usize, usize), out: &mut [T], out_stride: usize, emit: &impl Fn(&mut [T], &[f32], usize, usize)) {
+fn product_rows<T>(products: &Products, a: BfView, b: &PackedB, (first_row, rows): (usize, usize), out: &mut [T], out_stride: usize, emit: &impl Fn(&mut [T], &[f32], usize, usize)) {
     let mut block = [0f32; BLOCK * BLOCK];
     for local0 in (0..rows).step_by(BLOCK) {
         let valid_rows = (rows - local0).min(BLOCK);
-        // Safety: AMX is configured by `with_tiles`; A is padded to whole 32-row blocks.
-        unsafe {
-            row_block(a, first_row + local0, b, &mut block, |col0, values| {
-                let cols = (b.n - col0).min(BLOCK);
-                for r in 0..valid_rows {
-                    let at = (local0 + r) * out_stride + col0;
-                    emit(&mut out[at..at + cols], &values[r * BLOCK..r * BLOCK + cols], first_row + local0 + r, col0);
-                }
-            })
-        };
+        row_block(products, a, first_row + local0, b, &mut block, |col0, values| {
+            let cols = (b.n - col0).min(BLOCK);
+            for r in 0..valid_rows {
+                let at = (local0 + r) * out_stride + col0;
+                emit(&mut out[at..at + cols], &values[r * BLOCK..r * BLOCK + cols], first_row + local0 + r, col0);
+            }
+        });
     }
 }
 
@@ -364,6 +251,7 @@ fn check_shapes<T>(a: BfView, b: &PackedB, out: &[T], out_stride: usize) {
 /// `out` may end right after the last row's n values.
 pub fn matmul<T: Send>(a: BfView, b: &PackedB, out: &mut [T], out_stride: usize, emit: impl Fn(&mut [T], &[f32], usize, usize) + Sync) {
     check_shapes(a, b, out, out_stride);
+    let cpu = Cpu::current();
     // Up to four blocks per task (few tile reconfigurations), fewer when that would leave
     // less than two tasks per thread (the short products of weight gradients).
     let blocks = a.rows.div_ceil(BLOCK);
@@ -373,7 +261,7 @@ pub fn matmul<T: Send>(a: BfView, b: &PackedB, out: &mut [T], out_stride: usize,
         .for_each(|(task, chunk)| {
             let first = task * rows_per_task;
             if first < a.rows {
-                with_tiles(|| product_rows(a, b, (first, (a.rows - first).min(rows_per_task)), chunk, out_stride, &emit));
+                cpu.with_products(|products| product_rows(&products, a, b, (first, (a.rows - first).min(rows_per_task)), chunk, out_stride, &emit));
             }
         });
 }
@@ -381,7 +269,7 @@ pub fn matmul<T: Send>(a: BfView, b: &PackedB, out: &mut [T], out_stride: usize,
 /// As `matmul` on the calling thread only (for callers already running one task per thread).
 pub fn matmul_serial<T>(a: BfView, b: &PackedB, out: &mut [T], out_stride: usize, emit: impl Fn(&mut [T], &[f32], usize, usize)) {
     check_shapes(a, b, out, out_stride);
-    with_tiles(|| product_rows(a, b, (0, a.rows), out, out_stride, &emit));
+    Cpu::current().with_products(|products| product_rows(&products, a, b, (0, a.rows), out, out_stride, &emit));
 }
 
 #[cfg(test)]
@@ -409,10 +297,7 @@ mod tests {
     /// of the bf16-rounded inputs: only the summation order differs.
     #[test]
     fn matmul_matches_a_plain_product_of_the_rounded_inputs() {
-        if !available() {
-            eprintln!("skipped: no AMX-BF16 on this CPU");
-            return;
-        }
+        eprintln!("engine path: {}", Cpu::current().path().name());
         let (m, k, n) = (70, 45, 37);
         let mut rng = StdRng::seed_from_u64(0);
         let a_vals: Vec<f32> = (0..m * k).map(|_| rng.random_range(-1.0..1.0)).collect();

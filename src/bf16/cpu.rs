@@ -1,0 +1,388 @@
+//! The engine's only contact with the instruction set: CPU detection, the [`Cpu`] token that
+//! only detection can create, and every kernel that needs a CPU feature — the 32×32 block of a
+//! bf16 matrix product (AMX tiles, AVX512-BF16 dot products, or plain code) and the
+//! compilations of the row kernels (`rows.rs`) for AVX-512, AVX2+FMA and plain code.
+//!
+//! All `unsafe` of the engine is here. A kernel compiled for a feature is only called through
+//! a token whose path detection granted, which is what makes those calls sound.
+//!
+//! `DINO_ENGINE_PATH` (amx, avx512bf16, avx2, portable) forces a path the CPU supports, so one
+//! machine can test the lower paths; without it the best path is used.
+
+use std::sync::OnceLock;
+
+/// Environment variable that forces an engine path.
+pub const PATH_VARIABLE: &str = "DINO_ENGINE_PATH";
+
+/// bf16 values along k in one packed B tile row, and the k-pairs of one packed tile.
+pub(super) const K_STEP: usize = 32;
+pub(super) const TILE_PAIRS: usize = 16 * 16;
+/// Rows and columns of one product block.
+pub const BLOCK: usize = 32;
+
+/// How the engine computes, best first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Path {
+    /// AMX tiles (Intel Sapphire Rapids and newer) for products, AVX-512 rows.
+    Amx,
+    /// AVX512-BF16 dot products (AMD Zen 4 and newer, Intel Cooper Lake) and AVX-512 rows.
+    Avx512Bf16,
+    /// Products and rows in f32 arithmetic on AVX2 and FMA: bf16 numbers without bf16
+    /// hardware, for testing on any x86-64 of the last decade.
+    Avx2,
+    /// Plain code, correct on every target.
+    Portable,
+}
+
+impl Path {
+    pub const ALL: [Path; 4] = [Path::Amx, Path::Avx512Bf16, Path::Avx2, Path::Portable];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Path::Amx => "amx",
+            Path::Avx512Bf16 => "avx512bf16",
+            Path::Avx2 => "avx2",
+            Path::Portable => "portable",
+        }
+    }
+
+    /// Whether the CPU multiplies bf16 in hardware on this path.
+    pub fn has_bf16_hardware(self) -> bool {
+        matches!(self, Path::Amx | Path::Avx512Bf16)
+    }
+
+    /// Whether this CPU can run the path (and, for AMX, the kernel lets the process use tiles).
+    fn supported(self) -> bool {
+        match self {
+            Path::Portable => true,
+            #[cfg(target_arch = "x86_64")]
+            Path::Avx2 => std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma"),
+            #[cfg(target_arch = "x86_64")]
+            Path::Avx512Bf16 => avx512_rows() && std::arch::is_x86_feature_detected!("avx512bf16"),
+            #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+            Path::Amx => avx512_rows() && amx_granted(),
+            #[allow(unreachable_patterns)]
+            _ => false,
+        }
+    }
+}
+
+/// The AVX-512 subsets and FMA that the AVX-512 compilation of the row kernels uses.
+#[cfg(target_arch = "x86_64")]
+fn avx512_rows() -> bool {
+    std::arch::is_x86_feature_detected!("avx512f")
+        && std::arch::is_x86_feature_detected!("avx512bw")
+        && std::arch::is_x86_feature_detected!("avx512vl")
+        && std::arch::is_x86_feature_detected!("avx512dq")
+        && std::arch::is_x86_feature_detected!("fma")
+}
+
+/// AMX-BF16 and AMX-TILE present, and the large tile state granted (Linux gives it only on
+/// request); asked once.
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+fn amx_granted() -> bool {
+    static GRANTED: OnceLock<bool> = OnceLock::new();
+    *GRANTED.get_or_init(|| {
+        // CPUID leaf 7: EDX bit 22 AMX-BF16, bit 24 AMX-TILE.
+        let leaf7 = std::arch::x86_64::__cpuid_count(7, 0);
+        let amx = leaf7.edx & (1 << 22) != 0 && leaf7.edx & (1 << 24) != 0;
+        const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+        const XFEATURE_XTILEDATA: libc::c_long = 18;
+        // SAFETY: arch_prctl(ARCH_REQ_XCOMP_PERM) takes two integers and touches no memory of
+        // ours; it fails cleanly on kernels or CPUs without AMX.
+        amx && unsafe { libc::syscall(libc::SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) } == 0
+    })
+}
+
+/// Proof that CPU detection granted a path: the only way to reach the kernels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cpu {
+    path: Path,
+}
+
+/// How wide the row kernels run.
+#[derive(Clone, Copy)]
+pub(super) enum RowLevel {
+    Avx512,
+    Avx2,
+    Portable,
+}
+
+impl Cpu {
+    /// The paths this CPU can run, best first (the portable one always).
+    pub fn supported() -> Vec<Path> {
+        Path::ALL.into_iter().filter(|p| p.supported()).collect()
+    }
+
+    /// The path the engine uses: `DINO_ENGINE_PATH` when set, else the best this CPU has.
+    /// An error names the variable when it asks for an unknown or unsupported path.
+    pub fn selected() -> Result<Cpu, String> {
+        static SELECTED: OnceLock<Result<Cpu, String>> = OnceLock::new();
+        SELECTED.get_or_init(|| Self::select(std::env::var(PATH_VARIABLE).ok().as_deref())).clone()
+    }
+
+    /// Whether the selected path was forced by `DINO_ENGINE_PATH`.
+    pub fn forced() -> bool {
+        std::env::var_os(PATH_VARIABLE).is_some()
+    }
+
+    fn select(forced: Option<&str>) -> Result<Cpu, String> {
+        let supported = Self::supported();
+        let names = || supported.iter().map(|p| p.name()).collect::<Vec<_>>().join(", ");
+        let path = match forced {
+            None => supported[0],
+            Some(name) => {
+                let path = Path::ALL.into_iter().find(|p| p.name() == name).ok_or_else(|| {
+                    let all = Path::ALL.map(Path::name).join(", ");
+                    format!("{PATH_VARIABLE}={name} is not an engine path (one of: {all})")
+                })?;
+                if !supported.contains(&path) {
+                    return Err(format!("{PATH_VARIABLE}={name}: this CPU cannot run that path (it can run: {})", names()));
+                }
+                path
+            }
+        };
+        Ok(Cpu { path })
+    }
+
+    /// The selected path's token for kernels already behind a successful [`Cpu::selected`].
+    pub(super) fn current() -> Cpu {
+        Self::selected().expect("the engine is built only after its path was selected")
+    }
+
+    pub fn path(self) -> Path {
+        self.path
+    }
+
+    pub(super) fn rows(self) -> RowLevel {
+        match self.path {
+            Path::Amx | Path::Avx512Bf16 => RowLevel::Avx512,
+            Path::Avx2 => RowLevel::Avx2,
+            Path::Portable => RowLevel::Portable,
+        }
+    }
+
+    /// Runs `f` with the products' per-thread state set up (AMX: the tile configuration,
+    /// released after so context switches need not save it).
+    pub(super) fn with_products<R>(self, f: impl FnOnce(Products) -> R) -> R {
+        match self.path {
+            #[cfg(target_arch = "x86_64")]
+            Path::Amx => {
+                // SAFETY: the token's path is AMX, so the process may use the tiles; the
+                // configuration is a valid palette-1 layout in a 64-byte aligned static.
+                unsafe { std::arch::asm!("ldtilecfg [{0}]", in(reg) TILE_CONFIG.0.as_ptr(), options(nostack, readonly)) };
+                let r = f(Products { cpu: self });
+                // SAFETY: releasing the tile state is always allowed once it is configured.
+                unsafe { std::arch::asm!("tilerelease", options(nostack, nomem)) };
+                r
+            }
+            _ => f(Products { cpu: self }),
+        }
+    }
+}
+
+/// The tile configuration: palette 1, all eight tiles 16 rows of 64 bytes.
+#[cfg(target_arch = "x86_64")]
+#[repr(C, align(64))]
+struct TileConfig([u8; 64]);
+
+#[cfg(target_arch = "x86_64")]
+const TILE_CONFIG: TileConfig = {
+    let mut c = [0u8; 64];
+    c[0] = 1;
+    let mut t = 0;
+    while t < 8 {
+        c[16 + 2 * t] = 64;
+        c[48 + t] = 16;
+        t += 1;
+    }
+    TileConfig(c)
+};
+
+/// A thread's handle on the product kernels, alive while their state is set up.
+pub(super) struct Products {
+    cpu: Cpu,
+}
+
+impl Products {
+    /// One 32×32 block of A·B into `out` (row-major, 32 wide): `a` holds A's 32 rows from
+    /// the block's first, `a_stride` bf16 values apart, each at least `2 · pairs` wide; `b0`
+    /// and `b1` are two 16-column strips of packed B (k-pairs interleaved, 16 per row, whole
+    /// 16-row tiles), `pairs` k-pairs deep (a multiple of 16).
+    pub fn block(&self, a: &[u16], a_stride: usize, b0: &[u32], b1: &[u32], pairs: usize, out: &mut [f32; BLOCK * BLOCK]) {
+        assert!(pairs.is_multiple_of(16) && pairs > 0, "k-pairs come in whole tiles");
+        assert!(a.len() >= (BLOCK - 1) * a_stride + 2 * pairs && a_stride >= 2 * pairs, "A's block is out of bounds");
+        assert!(b0.len() >= 16 * pairs && b1.len() >= 16 * pairs, "B's strips are out of bounds");
+        match self.cpu.path {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: the token's path is AMX and `with_products` configured the tiles; the
+            // asserts above keep every tile load inside `a`, `b0` and `b1`.
+            Path::Amx => unsafe { block_amx(a.as_ptr(), a_stride, b0.as_ptr(), b1.as_ptr(), pairs, out) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: the token's path was granted only where AVX512-BF16 was detected; the
+            // asserts above keep every load inside `a`, `b0` and `b1`.
+            Path::Avx512Bf16 => unsafe { block_avx512bf16(a.as_ptr(), a_stride, b0.as_ptr(), b1.as_ptr(), pairs, out) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: the token's path was granted only where AVX2 and FMA were detected.
+            Path::Avx2 => unsafe { block_avx2(a, a_stride, b0, b1, pairs, out) },
+            _ => block_plain::<false>(a, a_stride, b0, b1, pairs, out),
+        }
+    }
+}
+
+/// The block on AMX: four 16×16 result tiles, A's two 16-row halves against the two strips.
+///
+/// Safety: tiles configured by [`Cpu::with_products`]; `a` readable for 32 rows of `a_stride`
+/// bf16 from its start, 2·`pairs` wide; `b0`, `b1` readable for 16·`pairs` u32.
+#[cfg(target_arch = "x86_64")]
+unsafe fn block_amx(a: *const u16, a_stride: usize, b0: *const u32, b1: *const u32, pairs: usize, out: &mut [f32; BLOCK * BLOCK]) {
+    let out = out.as_mut_ptr();
+    // SAFETY: the caller's bounds cover each 16-row by 64-byte tile read here, and `out`
+    // holds four 16×16 f32 tiles at the offsets written.
+    unsafe {
+        let a1 = a.add(16 * a_stride);
+        std::arch::asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3", options(nostack));
+        for kt in 0..pairs / 16 {
+            std::arch::asm!(
+                "tileloadd tmm4, [{a0} + {sa}*1]",
+                "tileloadd tmm5, [{a1} + {sa}*1]",
+                "tileloadd tmm6, [{b0} + {sb}*1]",
+                "tileloadd tmm7, [{b1} + {sb}*1]",
+                "tdpbf16ps tmm0, tmm4, tmm6",
+                "tdpbf16ps tmm1, tmm4, tmm7",
+                "tdpbf16ps tmm2, tmm5, tmm6",
+                "tdpbf16ps tmm3, tmm5, tmm7",
+                a0 = in(reg) a.add(kt * K_STEP),
+                a1 = in(reg) a1.add(kt * K_STEP),
+                b0 = in(reg) b0.add(kt * TILE_PAIRS),
+                b1 = in(reg) b1.add(kt * TILE_PAIRS),
+                sa = in(reg) a_stride * 2,
+                sb = in(reg) 64usize,
+                options(nostack, readonly),
+            );
+        }
+        std::arch::asm!(
+            "tilestored [{o0} + {s}*1], tmm0",
+            "tilestored [{o1} + {s}*1], tmm1",
+            "tilestored [{o2} + {s}*1], tmm2",
+            "tilestored [{o3} + {s}*1], tmm3",
+            o0 = in(reg) out,
+            o1 = in(reg) out.add(16),
+            o2 = in(reg) out.add(16 * BLOCK),
+            o3 = in(reg) out.add(16 * BLOCK + 16),
+            s = in(reg) BLOCK * 4,
+            options(nostack),
+        );
+    }
+}
+
+/// The block with AVX512-BF16: eight rows at a time in sixteen 16-lane accumulators; each
+/// k-pair of a row is broadcast and dotted with the strips' pairs (`vdpbf16ps`).
+///
+/// Safety: AVX512-BF16 and AVX512F present; bounds as [`block_amx`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn block_avx512bf16(a: *const u16, a_stride: usize, b0: *const u32, b1: *const u32, pairs: usize, out: &mut [f32; BLOCK * BLOCK]) {
+    use std::arch::x86_64::*;
+    const ROWS: usize = 8;
+    for group in 0..BLOCK / ROWS {
+        let mut acc = [[_mm512_setzero_ps(); 2]; ROWS];
+        // SAFETY: `a` is readable for 32 rows, 2·`pairs` wide; B's strips for 16·`pairs` u32.
+        unsafe {
+            let rows = a.add(group * ROWS * a_stride);
+            for r in 0..pairs {
+                let w0: __m512bh = std::mem::transmute(_mm512_loadu_si512(b0.add(16 * r).cast()));
+                let w1: __m512bh = std::mem::transmute(_mm512_loadu_si512(b1.add(16 * r).cast()));
+                for (i, acc) in acc.iter_mut().enumerate() {
+                    let pair = rows.add(i * a_stride + 2 * r).cast::<i32>().read_unaligned();
+                    let x: __m512bh = std::mem::transmute(_mm512_set1_epi32(pair));
+                    acc[0] = _mm512_dpbf16_ps(acc[0], x, w0);
+                    acc[1] = _mm512_dpbf16_ps(acc[1], x, w1);
+                }
+            }
+        }
+        for (i, acc) in acc.iter().enumerate() {
+            let row = &mut out[(group * ROWS + i) * BLOCK..][..BLOCK];
+            // SAFETY: `row` holds 32 f32, two unaligned 16-lane stores.
+            unsafe {
+                _mm512_storeu_ps(row.as_mut_ptr(), acc[0]);
+                _mm512_storeu_ps(row.as_mut_ptr().add(16), acc[1]);
+            }
+        }
+    }
+}
+
+/// The plain block compiled for AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn block_avx2(a: &[u16], a_stride: usize, b0: &[u32], b1: &[u32], pairs: usize, out: &mut [f32; BLOCK * BLOCK]) {
+    block_plain::<true>(a, a_stride, b0, b1, pairs, out);
+}
+
+/// The block in plain code: each product of two bf16 is exact in f32, summed pair by pair
+/// (with fused multiply-adds where `FUSED`).
+#[inline(always)]
+fn block_plain<const FUSED: bool>(a: &[u16], a_stride: usize, b0: &[u32], b1: &[u32], pairs: usize, out: &mut [f32; BLOCK * BLOCK]) {
+    let madd = |x: f32, y: f32, acc: f32| if FUSED { x.mul_add(y, acc) } else { x * y + acc };
+    let (lo, hi) = (|p: u32| f32::from_bits(p << 16), |p: u32| f32::from_bits(p & 0xffff_0000));
+    for (i, out_row) in out.chunks_exact_mut(BLOCK).enumerate() {
+        let row = &a[i * a_stride..][..2 * pairs];
+        let mut acc = [0f32; BLOCK];
+        for (r, x) in row.chunks_exact(2).enumerate() {
+            let (x0, x1) = (f32::from_bits((x[0] as u32) << 16), f32::from_bits((x[1] as u32) << 16));
+            let (w0, w1) = (&b0[16 * r..][..16], &b1[16 * r..][..16]);
+            for (c, (&p, &q)) in w0.iter().zip(w1).enumerate() {
+                acc[c] = madd(x1, hi(p), madd(x0, lo(p), acc[c]));
+                acc[16 + c] = madd(x1, hi(q), madd(x0, lo(q), acc[16 + c]));
+            }
+        }
+        out_row.copy_from_slice(&acc);
+    }
+}
+
+/// Defines a row kernel of `rows.rs`: one body compiled for AVX-512, for AVX2+FMA and plain,
+/// called at the level of the selected path.
+macro_rules! row_kernel {
+    ($(#[$doc:meta])* pub fn $name:ident($($arg:ident: $ty:ty),*) $(-> $ret:ty)? $body:block) => {
+        $(#[$doc])*
+        pub fn $name($($arg: $ty),*) $(-> $ret)? {
+            #[inline(always)]
+            fn body($($arg: $ty),*) $(-> $ret)? $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,fma")]
+                fn avx512($($arg: $ty),*) $(-> $ret)? { body($($arg),*) }
+                #[target_feature(enable = "avx2,fma")]
+                fn avx2($($arg: $ty),*) $(-> $ret)? { body($($arg),*) }
+                match super::cpu::Cpu::current().rows() {
+                    // SAFETY: the token's row level is AVX-512 only where detection found these
+                    // AVX-512 subsets and FMA.
+                    super::cpu::RowLevel::Avx512 => return unsafe { avx512($($arg),*) },
+                    // SAFETY: the token's row level is AVX2 only where detection found AVX2
+                    // and FMA.
+                    super::cpu::RowLevel::Avx2 => return unsafe { avx2($($arg),*) },
+                    super::cpu::RowLevel::Portable => {}
+                }
+            }
+            body($($arg),*)
+        }
+    };
+}
+pub(super) use row_kernel;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unknown_or_unsupported_forced_path_is_refused_by_name() {
+        let err = Cpu::select(Some("sse9")).unwrap_err();
+        assert!(err.contains("DINO_ENGINE_PATH=sse9") && err.contains("portable"), "{err}");
+        assert_eq!(Cpu::select(Some("portable")).unwrap().path(), Path::Portable);
+        assert_eq!(Cpu::select(None).unwrap().path(), Cpu::supported()[0]);
+        for path in Path::ALL.into_iter().filter(|p| !Cpu::supported().contains(p)) {
+            let err = Cpu::select(Some(path.name())).unwrap_err();
+            assert!(err.contains("cannot run"), "{err}");
+        }
+    }
+}
