@@ -7,11 +7,11 @@
 //!     cargo run --release --example bench -- --mode step --arch vit_tiny --patch 16 --batch 8 --out_dim 65536
 //!     cargo run --release --example bench -- --mode step --arch vit_tiny --patch 16 --batch 8 --out_dim 65536 --precision bf16
 //!     cargo run --release --example bench -- --mode extract --arch vit_small --batch 64 --precision bf16
-//!     DINO_ENGINE_PATH=avx2 cargo run --release --example bench -- --mode products --arch vit_small --batch 64
+//!     DINO_ENGINE_PATH=avx2 cargo run --release --example bench -- --mode products --arch vit_small --batch 64 --precision f32
 //!
-//! `--mode products` times the bf16 engine's matrix products alone, on the selected engine path,
-//! at the shapes of one ViT block's forward pass (rows = batch · tokens at `--global_size`),
-//! and prints GFLOP/s per shape.
+//! `--mode products` times the engine's matrix products alone (f32 or bf16 inputs), on the
+//! selected engine path, at the shapes of one ViT block's forward pass (rows = batch · tokens
+//! at `--global_size`), and prints GFLOP/s per shape.
 
 use std::time::Instant;
 
@@ -58,7 +58,10 @@ fn main() {
     let mut times = Vec::new();
     let mut parts: Vec<[f64; 3]> = Vec::new();
     if mode == "products" {
-        products(&vit, batch, steps);
+        match precision {
+            Precision::F32 => products::<f32>(&vit, batch, steps),
+            Precision::Bf16 => products::<u16>(&vit, batch, steps),
+        }
         return;
     }
     if mode == "extract" {
@@ -109,24 +112,24 @@ fn main() {
     println!("{line}");
 }
 
-/// GFLOP/s of the bf16 engine's products at one ViT block's shapes (qkv, proj, fc1, fc2).
-fn products(vit: &VitConfig, batch: usize, repeats: usize) {
-    use dino::bf16::matmul::{BfMatrix, PackedB, matmul, to_bf16};
+/// GFLOP/s of the engine's products at one ViT block's shapes (qkv, proj, fc1, fc2).
+fn products<E: dino::bf16::matmul::Element>(vit: &VitConfig, batch: usize, repeats: usize) {
+    use dino::bf16::matmul::{Matrix, Packed, matmul};
     let (d, hidden) = (vit.embed_dim, vit.embed_dim * vit.mlp_ratio);
     let rows = batch * (1 + (vit.img_size / vit.patch_size).pow(2));
     let mut rng = StdRng::seed_from_u64(0);
     let path = dino::bf16::cpu::Cpu::selected().expect("DINO_ENGINE_PATH names a path this CPU runs").path();
-    let mut line = serde_json::json!({ "impl": format!("dino bf16 products ({})", path.name()), "rows": rows });
+    let mut line = serde_json::json!({ "impl": format!("dino {} products ({})", std::any::type_name::<E>(), path.name()), "rows": rows });
     for (name, k, n) in [("qkv", d, 3 * d), ("proj", d, d), ("fc1", d, hidden), ("fc2", hidden, d)] {
         let mut values = |count: usize| -> Vec<f32> { (0..count).map(|_| rand::Rng::random_range(&mut rng, -1.0f32..1.0)).collect() };
         let (a_values, b_values) = (values(rows * k), values(k * n));
-        let mut a = BfMatrix::zeros(rows, k);
+        let mut a = Matrix::<E>::zeros(rows, k);
         for (i, src) in a_values.chunks(k).enumerate() {
             for (dst, &v) in a.row_mut(i).iter_mut().zip(src) {
-                *dst = to_bf16(v);
+                *dst = E::from_f32(v);
             }
         }
-        let b = PackedB::pack(k, n, |i| &b_values[i * n..(i + 1) * n]);
+        let b = Packed::<E>::pack(k, n, |i| &b_values[i * n..(i + 1) * n]);
         let mut out = vec![0f32; rows * n];
         let mut times = Vec::new();
         for _ in 0..repeats + 1 {

@@ -200,16 +200,16 @@ const TILE_CONFIG: TileConfig = {
 };
 
 /// A thread's handle on the product kernels, alive while their state is set up.
-pub(super) struct Products {
+pub struct Products {
     cpu: Cpu,
 }
 
 impl Products {
-    /// One 32×32 block of A·B into `out` (row-major, 32 wide): `a` holds A's 32 rows from
-    /// the block's first, `a_stride` bf16 values apart, each at least `2 · pairs` wide; `b0`
-    /// and `b1` are two 16-column strips of packed B (k-pairs interleaved, 16 per row, whole
-    /// 16-row tiles), `pairs` k-pairs deep (a multiple of 16).
-    pub fn block(&self, a: &[u16], a_stride: usize, b0: &[u32], b1: &[u32], pairs: usize, out: &mut [f32; BLOCK * BLOCK]) {
+    /// One 32×32 block of A·B into `out` (row-major, 32 wide) from bf16 inputs: `a` holds A's
+    /// 32 rows from the block's first, `a_stride` bf16 values apart, each at least `2 · pairs`
+    /// wide; `b0` and `b1` are two 16-column strips of packed B (k-pairs interleaved, 16 per
+    /// row, whole 16-row tiles), `pairs` k-pairs deep (a multiple of 16).
+    pub fn block_bf16(&self, a: &[u16], a_stride: usize, b0: &[u32], b1: &[u32], pairs: usize, out: &mut [f32; BLOCK * BLOCK]) {
         assert!(pairs.is_multiple_of(16) && pairs > 0, "k-pairs come in whole tiles");
         assert!(a.len() >= (BLOCK - 1) * a_stride + 2 * pairs && a_stride >= 2 * pairs, "A's block is out of bounds");
         assert!(b0.len() >= 16 * pairs && b1.len() >= 16 * pairs, "B's strips are out of bounds");
@@ -227,6 +227,125 @@ impl Products {
             Path::Avx2 => unsafe { block_avx2(a, a_stride, b0, b1, pairs, out) },
             _ => block_plain::<false>(a, a_stride, b0, b1, pairs, out),
         }
+    }
+
+    /// One 32×32 block of A·B into `out` from f32 inputs: as [`Products::block_bf16`] with
+    /// one k value per entry, `depth` deep (a multiple of 32). AMX and AVX512-BF16 machines
+    /// use their AVX-512 units.
+    pub fn block_f32(&self, a: &[f32], a_stride: usize, b0: &[f32], b1: &[f32], depth: usize, out: &mut [f32; BLOCK * BLOCK]) {
+        assert!(depth.is_multiple_of(16) && depth > 0, "k comes in whole slices");
+        assert!(a.len() >= (BLOCK - 1) * a_stride + depth && a_stride >= depth, "A's block is out of bounds");
+        assert!(b0.len() >= 16 * depth && b1.len() >= 16 * depth, "B's strips are out of bounds");
+        match self.cpu.path {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: AMX and AVX512-BF16 paths are granted only where AVX512F was detected;
+            // the asserts above keep every load inside `a`, `b0` and `b1`.
+            Path::Amx | Path::Avx512Bf16 => unsafe { block_f32_avx512(a.as_ptr(), a_stride, b0.as_ptr(), b1.as_ptr(), depth, out) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: the AVX2 path is granted only where AVX2 and FMA were detected; the
+            // asserts above keep every load inside `a`, `b0` and `b1`.
+            Path::Avx2 => unsafe { block_f32_avx2(a.as_ptr(), a_stride, [b0.as_ptr(), b1.as_ptr()], depth, out) },
+            _ => block_f32_plain(a, a_stride, b0, b1, depth, out),
+        }
+    }
+}
+
+/// The f32 block with AVX-512: eight rows at a time in sixteen 16-lane accumulators, each A
+/// value broadcast against the two strips' 16 columns.
+///
+/// Safety: AVX512F present; `a` readable for 32 rows of `a_stride` f32, `depth` wide; `b0`,
+/// `b1` readable for 16·`depth` f32.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn block_f32_avx512(a: *const f32, a_stride: usize, b0: *const f32, b1: *const f32, depth: usize, out: &mut [f32; BLOCK * BLOCK]) {
+    use std::arch::x86_64::*;
+    const ROWS: usize = 8;
+    for group in 0..BLOCK / ROWS {
+        let mut acc = [[_mm512_setzero_ps(); 2]; ROWS];
+        // SAFETY: the caller's bounds cover every A value and B strip entry read here.
+        unsafe {
+            let rows = a.add(group * ROWS * a_stride);
+            for r in 0..depth {
+                let w0 = _mm512_loadu_ps(b0.add(16 * r));
+                let w1 = _mm512_loadu_ps(b1.add(16 * r));
+                for (i, acc) in acc.iter_mut().enumerate() {
+                    let x = _mm512_set1_ps(*rows.add(i * a_stride + r));
+                    acc[0] = _mm512_fmadd_ps(x, w0, acc[0]);
+                    acc[1] = _mm512_fmadd_ps(x, w1, acc[1]);
+                }
+            }
+        }
+        for (i, acc) in acc.iter().enumerate() {
+            let row = &mut out[(group * ROWS + i) * BLOCK..][..BLOCK];
+            // SAFETY: `row` holds 32 f32, two unaligned 16-lane stores.
+            unsafe {
+                _mm512_storeu_ps(row.as_mut_ptr(), acc[0]);
+                _mm512_storeu_ps(row.as_mut_ptr().add(16), acc[1]);
+            }
+        }
+    }
+}
+
+/// The f32 block with AVX2: strip by strip, six rows at a time in twelve 8-lane
+/// accumulators (the register file holds those, the strip's two vectors and a broadcast).
+///
+/// Safety: AVX2 and FMA present; bounds as [`block_f32_avx512`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn block_f32_avx2(a: *const f32, a_stride: usize, strips: [*const f32; 2], depth: usize, out: &mut [f32; BLOCK * BLOCK]) {
+    for (s, &strip) in strips.iter().enumerate() {
+        for first in (0..30).step_by(6) {
+            // SAFETY: rows first..first + 6 and this strip are within the caller's bounds.
+            unsafe { rows_f32_avx2::<6>(a.add(first * a_stride), a_stride, strip, depth, &mut out[first * BLOCK + 16 * s..]) };
+        }
+        // SAFETY: rows 30 and 31 are within the caller's bounds.
+        unsafe { rows_f32_avx2::<2>(a.add(30 * a_stride), a_stride, strip, depth, &mut out[30 * BLOCK + 16 * s..]) };
+    }
+}
+
+/// `R` rows of one 16-column strip: out[i · 32 + c] for i < R, c < 16.
+///
+/// Safety: AVX2 and FMA present; `a` readable for `R` rows of `a_stride`, `depth` wide;
+/// `strip` for 16·`depth` f32; `out` at least (R - 1)·32 + 16 long.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn rows_f32_avx2<const R: usize>(a: *const f32, a_stride: usize, strip: *const f32, depth: usize, out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    assert!(out.len() >= (R - 1) * BLOCK + 16);
+    let mut acc = [[_mm256_setzero_ps(); 2]; R];
+    // SAFETY: the caller's bounds cover every A value and strip entry read here.
+    unsafe {
+        for r in 0..depth {
+            let w0 = _mm256_loadu_ps(strip.add(16 * r));
+            let w1 = _mm256_loadu_ps(strip.add(16 * r + 8));
+            for (i, acc) in acc.iter_mut().enumerate() {
+                let x = _mm256_broadcast_ss(&*a.add(i * a_stride + r));
+                acc[0] = _mm256_fmadd_ps(x, w0, acc[0]);
+                acc[1] = _mm256_fmadd_ps(x, w1, acc[1]);
+            }
+        }
+    }
+    for (i, acc) in acc.iter().enumerate() {
+        let row = &mut out[i * BLOCK..][..16];
+        // SAFETY: `row` holds 16 f32, two unaligned 8-lane stores.
+        unsafe {
+            _mm256_storeu_ps(row.as_mut_ptr(), acc[0]);
+            _mm256_storeu_ps(row.as_mut_ptr().add(8), acc[1]);
+        }
+    }
+}
+
+/// The f32 block in plain code.
+fn block_f32_plain(a: &[f32], a_stride: usize, b0: &[f32], b1: &[f32], depth: usize, out: &mut [f32; BLOCK * BLOCK]) {
+    for (i, out_row) in out.chunks_exact_mut(BLOCK).enumerate() {
+        let mut acc = [0f32; BLOCK];
+        for (r, &x) in a[i * a_stride..][..depth].iter().enumerate() {
+            for (c, (&p, &q)) in b0[16 * r..][..16].iter().zip(&b1[16 * r..][..16]).enumerate() {
+                acc[c] += x * p;
+                acc[16 + c] += x * q;
+            }
+        }
+        out_row.copy_from_slice(&acc);
     }
 }
 
@@ -343,17 +462,17 @@ fn block_plain<const FUSED: bool>(a: &[u16], a_stride: usize, b0: &[u32], b1: &[
 /// Defines a row kernel of `rows.rs`: one body compiled for AVX-512, for AVX2+FMA and plain,
 /// called at the level of the selected path.
 macro_rules! row_kernel {
-    ($(#[$doc:meta])* pub fn $name:ident($($arg:ident: $ty:ty),*) $(-> $ret:ty)? $body:block) => {
+    ($(#[$doc:meta])* pub fn $name:ident $(<$g:ident: $bound:ident>)? ($($arg:ident: $ty:ty),*) $(-> $ret:ty)? $body:block) => {
         $(#[$doc])*
-        pub fn $name($($arg: $ty),*) $(-> $ret)? {
+        pub fn $name $(<$g: $bound>)? ($($arg: $ty),*) $(-> $ret)? {
             #[inline(always)]
-            fn body($($arg: $ty),*) $(-> $ret)? $body
+            fn body $(<$g: $bound>)? ($($arg: $ty),*) $(-> $ret)? $body
             #[cfg(target_arch = "x86_64")]
             {
                 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,fma")]
-                fn avx512($($arg: $ty),*) $(-> $ret)? { body($($arg),*) }
+                fn avx512 $(<$g: $bound>)? ($($arg: $ty),*) $(-> $ret)? { body($($arg),*) }
                 #[target_feature(enable = "avx2,fma")]
-                fn avx2($($arg: $ty),*) $(-> $ret)? { body($($arg),*) }
+                fn avx2 $(<$g: $bound>)? ($($arg: $ty),*) $(-> $ret)? { body($($arg),*) }
                 match super::cpu::Cpu::current().rows() {
                     // SAFETY: the token's row level is AVX-512 only where detection found these
                     // AVX-512 subsets and FMA.

@@ -1,14 +1,15 @@
-//! bf16 matrix products: C = A·B with bf16 inputs and f32 accumulation, the way AMX's
-//! `tdpbf16ps` and AVX512-BF16's `vdpbf16ps` compute it. A is a row-major bf16 matrix padded to
-//! whole 32×32 blocks; B is packed once into the layout both instructions read (pairs of k
-//! interleaved per column, in 16×16 tiles); results come out 32×32 f32 blocks at a time
-//! through a caller's closure, so bias, activation and residual passes fuse into the store.
-//! The blocks themselves are computed by the selected path's kernel in `cpu.rs`.
+//! The engine's matrix products: C = A·B with f32 accumulation, on bf16 inputs (the way AMX's
+//! `tdpbf16ps` and AVX512-BF16's `vdpbf16ps` compute it) or on f32 inputs. A is a row-major
+//! matrix padded to whole 32×32 blocks; B is packed once into 16-column strips (for bf16, the
+//! pairs of k interleaved in 16×16 tiles as both instructions read them); results come out
+//! 32×32 f32 blocks at a time through a caller's closure, so bias, activation and residual
+//! passes fuse into the store. The blocks themselves are computed by the selected path's
+//! kernel in `cpu.rs`.
 
 use rayon::prelude::*;
 
 pub use super::cpu::BLOCK;
-use super::cpu::{Cpu, K_STEP, Products, TILE_PAIRS};
+use super::cpu::{Cpu, K_STEP, Products};
 
 /// Matrices of at least this many values are packed on several threads.
 const PARALLEL_PACK_MIN: usize = 1 << 16;
@@ -29,22 +30,82 @@ pub fn from_bf16(x: u16) -> f32 {
     f32::from_bits((x as u32) << 16)
 }
 
+/// A number type the products take as input: bf16 (its bits, `u16`) or `f32`.
+pub trait Element: Copy + Default + PartialEq + Send + Sync + std::fmt::Debug + 'static {
+    /// One packed entry of B: a k-pair of bf16 in a `u32`, or one `f32`.
+    type Packed: Copy + Default + PartialEq + Send + Sync + std::fmt::Debug;
+    /// k values per packed entry.
+    const DEPTH: usize;
+    fn from_f32(x: f32) -> Self;
+    fn to_f32(self) -> f32;
+    /// The packed entry of `DEPTH` consecutive k values.
+    fn pack(values: [Self; 2]) -> Self::Packed;
+    /// One 32×32 block of A·B on the selected path (see [`Products`]); `entries` packed
+    /// entries deep.
+    fn block(products: &Products, a: &[Self], a_stride: usize, b0: &[Self::Packed], b1: &[Self::Packed], entries: usize, out: &mut [f32; BLOCK * BLOCK]);
+}
+
+impl Element for u16 {
+    type Packed = u32;
+    const DEPTH: usize = 2;
+    #[inline(always)]
+    fn from_f32(x: f32) -> Self {
+        to_bf16(x)
+    }
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        from_bf16(self)
+    }
+    #[inline(always)]
+    fn pack([lo, hi]: [Self; 2]) -> u32 {
+        lo as u32 | (hi as u32) << 16
+    }
+    fn block(products: &Products, a: &[u16], a_stride: usize, b0: &[u32], b1: &[u32], entries: usize, out: &mut [f32; BLOCK * BLOCK]) {
+        products.block_bf16(a, a_stride, b0, b1, entries, out);
+    }
+}
+
+impl Element for f32 {
+    type Packed = f32;
+    const DEPTH: usize = 1;
+    #[inline(always)]
+    fn from_f32(x: f32) -> Self {
+        x
+    }
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
+    }
+    #[inline(always)]
+    fn pack([value, _]: [Self; 2]) -> f32 {
+        value
+    }
+    fn block(products: &Products, a: &[f32], a_stride: usize, b0: &[f32], b1: &[f32], entries: usize, out: &mut [f32; BLOCK * BLOCK]) {
+        products.block_f32(a, a_stride, b0, b1, entries, out);
+    }
+}
+
 fn round_up(x: usize, to: usize) -> usize {
     x.div_ceil(to) * to
 }
 
-/// A row-major bf16 matrix, zero-padded to whole 32×32 blocks (tile loads read whole blocks).
-pub struct BfMatrix {
+/// A row-major matrix, zero-padded to whole 32×32 blocks (the kernels read whole blocks).
+pub struct Matrix<E> {
     rows: usize,
     cols: usize,
     stride: usize,
-    data: Vec<u16>,
+    data: Vec<E>,
 }
 
-impl BfMatrix {
+/// The bf16 matrices of the training engine.
+pub type BfMatrix = Matrix<u16>;
+pub type BfView<'a> = View<'a, u16>;
+pub type PackedB = Packed<u16>;
+
+impl<E: Element> Matrix<E> {
     pub fn zeros(rows: usize, cols: usize) -> Self {
         let stride = round_up(cols.max(1), K_STEP);
-        Self { rows, cols, stride, data: vec![0; round_up(rows.max(1), BLOCK) * stride] }
+        Self { rows, cols, stride, data: vec![E::default(); round_up(rows.max(1), BLOCK) * stride] }
     }
 
     pub fn rows(&self) -> usize {
@@ -61,44 +122,51 @@ impl BfMatrix {
     }
 
     /// All rows, padding included, for callers that fill rows in parallel.
-    pub fn data_mut(&mut self) -> &mut [u16] {
+    pub fn data_mut(&mut self) -> &mut [E] {
         &mut self.data
     }
 
-    pub fn row(&self, r: usize) -> &[u16] {
+    pub fn row(&self, r: usize) -> &[E] {
         &self.data[r * self.stride..r * self.stride + self.cols]
     }
 
-    pub fn row_mut(&mut self, r: usize) -> &mut [u16] {
+    pub fn row_mut(&mut self, r: usize) -> &mut [E] {
         &mut self.data[r * self.stride..r * self.stride + self.cols]
     }
 
     /// All values, padding included, for building views.
-    pub fn view_data(&self) -> &[u16] {
+    pub fn view_data(&self) -> &[E] {
         &self.data
     }
 
     /// The whole matrix as a left-hand operand.
-    pub fn view(&self) -> BfView<'_> {
-        BfView { data: &self.data, rows: self.rows, cols: self.cols, stride: self.stride }
+    pub fn view(&self) -> View<'_, E> {
+        View { data: &self.data, rows: self.rows, cols: self.cols, stride: self.stride }
     }
 }
 
-/// A left-hand operand: `rows` rows of `cols` bf16 values, `stride` apart, in a slice that
-/// holds every whole 32×32 block they touch (tile loads read whole blocks; rows past `rows`
-/// only feed results that are never stored).
-#[derive(Clone, Copy)]
-pub struct BfView<'a> {
-    data: &'a [u16],
+/// A left-hand operand: `rows` rows of `cols` values, `stride` apart, in a slice that holds
+/// every whole 32×32 block they touch (kernels read whole blocks; rows past `rows` only feed
+/// results that are never stored).
+pub struct View<'a, E> {
+    data: &'a [E],
     rows: usize,
     cols: usize,
     stride: usize,
 }
 
-impl<'a> BfView<'a> {
-    /// A window into a larger row-major bf16 matrix, such as one head's columns. `cols` must
-    /// be a multiple of 32, as the columns past it would enter the product.
-    pub fn new(data: &'a [u16], rows: usize, cols: usize, stride: usize) -> Self {
+impl<E> Clone for View<'_, E> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<E> Copy for View<'_, E> {}
+
+impl<'a, E> View<'a, E> {
+    /// A window into a larger row-major matrix, such as one head's columns. `cols` must be a
+    /// multiple of 32, as the columns past it would enter the product.
+    pub fn new(data: &'a [E], rows: usize, cols: usize, stride: usize) -> Self {
         assert!(cols.is_multiple_of(K_STEP) && cols > 0 && stride >= cols, "a view needs whole 32-column slices within its stride");
         let needed = (round_up(rows.max(1), BLOCK) - 1) * stride + cols;
         assert!(data.len() >= needed, "a view of {rows} rows (stride {stride}) needs {needed} values, has {}", data.len());
@@ -106,46 +174,55 @@ impl<'a> BfView<'a> {
     }
 }
 
-/// The right-hand operand, packed into tdpbf16ps's layout: for each 16-column strip and each
-/// 32-deep k slice, a tile of 16 rows by 16 columns whose entries are k-pairs: row r, column c
-/// holds (B[2r][c], B[2r+1][c]) as two bf16 in one u32. The pair (2r, 2r+1) of column j is at
-/// ((j / 16) · k_tiles + r / 16) · 256 + (r % 16) · 16 + j % 16: each strip is one contiguous
-/// run of tiles.
-#[derive(Default)]
-pub struct PackedB {
+/// The right-hand operand, packed in 16-column strips, each strip one contiguous run of its
+/// k rows: entry r of column j holds k values r·DEPTH.. (for bf16 the pair (B[2r][j],
+/// B[2r+1][j]) in one u32, the 16×16 tile layout of `tdpbf16ps`) and sits at
+/// (j / 16) · strip_len + r · 16 + j % 16. Depth is padded with zeros to whole 32-deep slices.
+pub struct Packed<E: Element> {
     k: usize,
     n: usize,
     k_tiles: usize,
     n_strips: usize,
-    pairs: Vec<u32>,
+    entries: Vec<E::Packed>,
 }
 
-/// Rows of f32 as rows of bf16, on rayon's threads.
-fn rows_to_bf16<'a>(count: usize, len: usize, row: impl Fn(usize) -> &'a [f32] + Sync) -> Vec<u16> {
-    let mut out = vec![0u16; count * len];
+impl<E: Element> Default for Packed<E> {
+    fn default() -> Self {
+        Self { k: 0, n: 0, k_tiles: 0, n_strips: 0, entries: Vec::new() }
+    }
+}
+
+/// Rows of f32 as rows of `E`, on rayon's threads.
+fn rows_as<'a, E: Element>(count: usize, len: usize, row: impl Fn(usize) -> &'a [f32] + Sync) -> Vec<E> {
+    let mut out = vec![E::default(); count * len];
     out.par_chunks_mut(len.max(1)).enumerate().for_each(|(i, dst)| {
         for (d, &v) in dst.iter_mut().zip(&row(i)[..len]) {
-            *d = to_bf16(v);
+            *d = E::from_f32(v);
         }
     });
     out
 }
 
-impl PackedB {
+impl<E: Element> Packed<E> {
     /// Packs the k×n matrix B whose row i is `row(i)` (n values).
     pub fn pack<'a>(k: usize, n: usize, row: impl Fn(usize) -> &'a [f32] + Sync) -> Self {
-        let values = rows_to_bf16(k, n, row);
+        let values = rows_as::<E>(k, n, row);
         let mut packed = Self::default();
-        packed.repack_bf16(k, n, |i| &values[i * n..(i + 1) * n]);
+        packed.repack(k, n, |i| &values[i * n..(i + 1) * n]);
         packed
     }
 
     /// Packs B = Mᵀ for the n×k matrix M whose row j is `row(j)` (k values).
     pub fn pack_transposed<'a>(k: usize, n: usize, row: impl Fn(usize) -> &'a [f32] + Sync) -> Self {
-        let values = rows_to_bf16(n, k, row);
+        let values = rows_as::<E>(n, k, row);
         let mut packed = Self::default();
-        packed.repack_bf16_transposed(k, n, |j| &values[j * k..(j + 1) * k]);
+        packed.repack_transposed(k, n, |j| &values[j * k..(j + 1) * k]);
         packed
+    }
+
+    /// Entries in one strip.
+    fn strip_len(&self) -> usize {
+        self.k_tiles * K_STEP / E::DEPTH * 16
     }
 
     fn reset(&mut self, k: usize, n: usize) {
@@ -153,56 +230,56 @@ impl PackedB {
         self.n = n;
         self.k_tiles = k.div_ceil(K_STEP).max(1);
         self.n_strips = round_up(n.max(1), BLOCK) / 16;
-        self.pairs.clear();
-        self.pairs.resize(self.n_strips * self.k_tiles * TILE_PAIRS, 0);
+        self.entries.clear();
+        self.entries.resize(self.n_strips * self.strip_len(), E::Packed::default());
     }
 
-    /// Packs the k×n bf16 matrix whose row i is `row(i)`, reusing this allocation: rows two at
-    /// a time, interleaved into 16 contiguous pairs per strip. Large matrices are packed
-    /// strip by strip on rayon's threads (each strip is one contiguous run of tiles).
-    pub fn repack_bf16<'a>(&mut self, k: usize, n: usize, row: impl Fn(usize) -> &'a [u16] + Sync) {
+    /// Packs the k×n matrix whose row i is `row(i)`, reusing this allocation: `DEPTH` rows at
+    /// a time into 16 contiguous entries per strip. Large matrices are packed strip by strip
+    /// on rayon's threads.
+    pub fn repack<'a>(&mut self, k: usize, n: usize, row: impl Fn(usize) -> &'a [E] + Sync) {
         self.reset(k, n);
-        let tile_rows = self.k_tiles * TILE_PAIRS;
-        let zeros = [0u16; 16];
-        let fill = |(strip, pairs): (usize, &mut [u32])| {
+        let zeros = [E::default(); 16];
+        let fill = |(strip, entries): (usize, &mut [E::Packed])| {
             let j0 = strip * 16;
             if j0 >= n {
                 return;
             }
             let width = (n - j0).min(16);
-            for r in 0..k.div_ceil(2) {
-                let lo = &row(2 * r)[j0..j0 + width];
-                let hi = if 2 * r + 1 < k { &row(2 * r + 1)[j0..j0 + width] } else { &zeros[..width] };
-                let at = (r / 16) * TILE_PAIRS + (r % 16) * 16;
-                for (dst, (&l, &h)) in pairs[at..at + width].iter_mut().zip(lo.iter().zip(hi)) {
-                    *dst = l as u32 | (h as u32) << 16;
+            for r in 0..k.div_ceil(E::DEPTH) {
+                let at = |d: usize| if E::DEPTH * r + d < k { &row(E::DEPTH * r + d)[j0..j0 + width] } else { &zeros[..width] };
+                let (lo, hi) = (at(0), at(E::DEPTH - 1));
+                for (c, dst) in entries[16 * r..16 * r + width].iter_mut().enumerate() {
+                    *dst = E::pack([lo[c], hi[c]]);
                 }
             }
         };
         if k * n >= PARALLEL_PACK_MIN {
-            self.pairs.par_chunks_mut(tile_rows).enumerate().for_each(fill);
+            let strip_len = self.strip_len();
+            self.entries.par_chunks_mut(strip_len).enumerate().for_each(fill);
         } else {
-            self.pairs.chunks_mut(tile_rows).enumerate().for_each(fill);
+            let strip_len = self.strip_len();
+            self.entries.chunks_mut(strip_len).enumerate().for_each(fill);
         }
     }
 
-    /// Packs Mᵀ for the n×k bf16 matrix M whose row j is `row(j)`, reusing this allocation: a
-    /// row's consecutive pairs are already the u32 entries, so this is a transpose of pairs.
-    /// Large matrices are packed strip by strip on rayon's threads.
-    pub fn repack_bf16_transposed<'a>(&mut self, k: usize, n: usize, row: impl Fn(usize) -> &'a [u16] + Sync) {
+    /// Packs Mᵀ for the n×k matrix M whose row j is `row(j)`, reusing this allocation: a row's
+    /// consecutive k values are already one entry, so this is a transpose of entries. Large
+    /// matrices are packed strip by strip on rayon's threads.
+    pub fn repack_transposed<'a>(&mut self, k: usize, n: usize, row: impl Fn(usize) -> &'a [E] + Sync) {
         self.reset(k, n);
-        let tile_rows = self.k_tiles * TILE_PAIRS;
-        let fill = |(strip, pairs): (usize, &mut [u32])| {
+        let fill = |(strip, entries): (usize, &mut [E::Packed])| {
             for j in strip * 16..(strip * 16 + 16).min(n) {
-                for (r, two) in row(j)[..k].chunks(2).enumerate() {
-                    pairs[(r / 16) * TILE_PAIRS + (r % 16) * 16 + j % 16] = two[0] as u32 | (two.get(1).copied().unwrap_or(0) as u32) << 16;
+                for (r, values) in row(j)[..k].chunks(E::DEPTH).enumerate() {
+                    entries[16 * r + j % 16] = E::pack([values[0], values.get(1).copied().unwrap_or_default()]);
                 }
             }
         };
+        let strip_len = self.strip_len();
         if k * n >= PARALLEL_PACK_MIN {
-            self.pairs.par_chunks_mut(tile_rows).enumerate().for_each(fill);
+            self.entries.par_chunks_mut(strip_len).enumerate().for_each(fill);
         } else {
-            self.pairs.chunks_mut(tile_rows).enumerate().for_each(fill);
+            self.entries.chunks_mut(strip_len).enumerate().for_each(fill);
         }
     }
 
@@ -213,19 +290,19 @@ impl PackedB {
 
 /// Computes rows `row0..row0 + 32` of A·B one 32-column block at a time, handing each block
 /// (row-major, 32 wide) to `emit(col0, block)`.
-fn row_block(products: &Products, a: BfView, row0: usize, b: &PackedB, block: &mut [f32; BLOCK * BLOCK], mut emit: impl FnMut(usize, &[f32; BLOCK * BLOCK])) {
-    let strip_len = b.k_tiles * TILE_PAIRS;
+fn row_block<E: Element>(products: &Products, a: View<E>, row0: usize, b: &Packed<E>, block: &mut [f32; BLOCK * BLOCK], mut emit: impl FnMut(usize, &[f32; BLOCK * BLOCK])) {
+    let strip_len = b.strip_len();
     let rows = &a.data[row0 * a.stride..];
     for pair in 0..b.n_strips / 2 {
-        let strips = &b.pairs[2 * pair * strip_len..];
-        products.block(rows, a.stride, &strips[..strip_len], &strips[strip_len..2 * strip_len], b.k_tiles * 16, block);
+        let strips = &b.entries[2 * pair * strip_len..];
+        E::block(products, rows, a.stride, &strips[..strip_len], &strips[strip_len..2 * strip_len], strip_len / 16, block);
         emit(pair * BLOCK, block);
     }
 }
 
 /// Hands `rows` rows of A·B from `first_row` on to `emit(dst, values, row, col0)`, one destination
 /// row segment at a time.
-fn product_rows<T>(products: &Products, a: BfView, b: &PackedB, (first_row, rows): (usize, usize), out: &mut [T], out_stride: usize, emit: &impl Fn(&mut [T], &[f32], usize, usize)) {
+fn product_rows<E: Element, T>(products: &Products, a: View<E>, b: &Packed<E>, (first_row, rows): (usize, usize), out: &mut [T], out_stride: usize, emit: &impl Fn(&mut [T], &[f32], usize, usize)) {
     let mut block = [0f32; BLOCK * BLOCK];
     for local0 in (0..rows).step_by(BLOCK) {
         let valid_rows = (rows - local0).min(BLOCK);
@@ -239,7 +316,7 @@ fn product_rows<T>(products: &Products, a: BfView, b: &PackedB, (first_row, rows
     }
 }
 
-fn check_shapes<T>(a: BfView, b: &PackedB, out: &[T], out_stride: usize) {
+fn check_shapes<E: Element, T>(a: View<E>, b: &Packed<E>, out: &[T], out_stride: usize) {
     assert_eq!(round_up(a.cols, K_STEP), b.k_tiles * K_STEP, "A's width {} does not match B's depth {}", a.cols, b.k);
     let needed = a.rows.saturating_sub(1) * out_stride + b.n;
     assert!(out_stride >= b.n && out.len() >= needed, "output holds {} values, {} rows of stride {out_stride} need {needed}", out.len(), a.rows);
@@ -249,7 +326,7 @@ fn check_shapes<T>(a: BfView, b: &PackedB, out: &[T], out_stride: usize) {
 /// through `emit(dst, values, i, col0)` where `dst` is `out[i * out_stride + col0..]` (as long
 /// as `values`), so the caller decides what storing means (add a bias, apply GELU, accumulate).
 /// `out` may end right after the last row's n values.
-pub fn matmul<T: Send>(a: BfView, b: &PackedB, out: &mut [T], out_stride: usize, emit: impl Fn(&mut [T], &[f32], usize, usize) + Sync) {
+pub fn matmul<E: Element, T: Send>(a: View<E>, b: &Packed<E>, out: &mut [T], out_stride: usize, emit: impl Fn(&mut [T], &[f32], usize, usize) + Sync) {
     check_shapes(a, b, out, out_stride);
     let cpu = Cpu::current();
     // Up to four blocks per task (few tile reconfigurations), fewer when that would leave
@@ -267,7 +344,7 @@ pub fn matmul<T: Send>(a: BfView, b: &PackedB, out: &mut [T], out_stride: usize,
 }
 
 /// As `matmul` on the calling thread only (for callers already running one task per thread).
-pub fn matmul_serial<T>(a: BfView, b: &PackedB, out: &mut [T], out_stride: usize, emit: impl Fn(&mut [T], &[f32], usize, usize)) {
+pub fn matmul_serial<E: Element, T>(a: View<E>, b: &Packed<E>, out: &mut [T], out_stride: usize, emit: impl Fn(&mut [T], &[f32], usize, usize)) {
     check_shapes(a, b, out, out_stride);
     Cpu::current().with_products(|products| product_rows(&products, a, b, (0, a.rows), out, out_stride, &emit));
 }
@@ -277,10 +354,6 @@ mod tests {
     use super::*;
     use rand::rngs::StdRng;
     use rand::{Rng, SeedableRng};
-
-    fn bf16_round(x: f32) -> f32 {
-        from_bf16(to_bf16(x))
-    }
 
     #[test]
     fn bf16_rounds_to_nearest_even() {
@@ -294,24 +367,24 @@ mod tests {
     }
 
     /// Odd sizes (not multiples of 16 or 32) in every dimension, against a plain f64 product
-    /// of the bf16-rounded inputs: only the summation order differs.
-    #[test]
-    fn matmul_matches_a_plain_product_of_the_rounded_inputs() {
-        eprintln!("engine path: {}", Cpu::current().path().name());
+    /// of the inputs as `E` holds them: only the summation order differs.
+    fn check_product<E: Element>() {
+        eprintln!("engine path: {}, inputs {}", Cpu::current().path().name(), std::any::type_name::<E>());
         let (m, k, n) = (70, 45, 37);
         let mut rng = StdRng::seed_from_u64(0);
         let a_vals: Vec<f32> = (0..m * k).map(|_| rng.random_range(-1.0..1.0)).collect();
         let b_vals: Vec<f32> = (0..k * n).map(|_| rng.random_range(-1.0..1.0)).collect();
-        let mut a = BfMatrix::zeros(m, k);
+        let round = |x: f32| E::from_f32(x).to_f32() as f64;
+        let mut a = Matrix::<E>::zeros(m, k);
         for i in 0..m {
             for (dst, &v) in a.row_mut(i).iter_mut().zip(&a_vals[i * k..(i + 1) * k]) {
-                *dst = to_bf16(v);
+                *dst = E::from_f32(v);
             }
         }
-        let b = PackedB::pack(k, n, |i| &b_vals[i * n..(i + 1) * n]);
+        let b = Packed::<E>::pack(k, n, |i| &b_vals[i * n..(i + 1) * n]);
         let b_cols: Vec<Vec<f32>> = (0..n).map(|j| (0..k).map(|i| b_vals[i * n + j]).collect()).collect();
-        let b_transposed = PackedB::pack_transposed(k, n, |j| &b_cols[j]);
-        assert_eq!(b.pairs, b_transposed.pairs, "the two packings differ");
+        let b_transposed = Packed::<E>::pack_transposed(k, n, |j| &b_cols[j]);
+        assert_eq!(b.entries, b_transposed.entries, "the two packings differ");
         let stride = n + 3;
         let mut parallel = vec![f32::NAN; m * stride];
         matmul(a.view(), &b, &mut parallel, stride, |dst, v, _, _| dst.copy_from_slice(v));
@@ -319,12 +392,22 @@ mod tests {
         matmul_serial(a.view(), &b, &mut serial, stride, |dst, v, _, _| dst.copy_from_slice(v));
         for i in 0..m {
             for j in 0..n {
-                let want: f64 = (0..k).map(|t| bf16_round(a_vals[i * k + t]) as f64 * bf16_round(b_vals[t * n + j]) as f64).sum();
+                let want: f64 = (0..k).map(|t| round(a_vals[i * k + t]) * round(b_vals[t * n + j])).sum();
                 let got = parallel[i * stride + j];
                 assert!((got as f64 - want).abs() < 1e-5, "({i}, {j}): {got} vs {want}");
                 assert_eq!(got.to_bits(), serial[i * stride + j].to_bits());
             }
             assert!(parallel[i * stride + n..(i + 1) * stride].iter().all(|v| v.is_nan()), "wrote past column {n}");
         }
+    }
+
+    #[test]
+    fn bf16_products_match_a_plain_product_of_the_rounded_inputs() {
+        check_product::<u16>();
+    }
+
+    #[test]
+    fn f32_products_match_a_plain_product() {
+        check_product::<f32>();
     }
 }

@@ -12,7 +12,7 @@ pub mod student;
 pub mod vit;
 
 pub use student::StudentVit;
-pub use vit::Bf16Vit;
+pub use vit::{EngineVit, InferenceVit};
 
 /// Arithmetic of a ViT backbone's matrix products.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Serialize, serde::Deserialize)]

@@ -1,10 +1,11 @@
 //! The engines' element-wise passes, one row at a time: LayerNorm, softmax, bias + exact GELU,
-//! bias + residual, each writing its result in the precision the next matrix product reads,
+//! bias + residual, each writing its result in the element type `E` the next matrix product
+//! reads (bf16 or f32),
 //! and the backward passes of LayerNorm, softmax and GELU for training.
 //! Each is compiled for AVX-512, AVX2+FMA and plain code (`cpu::row_kernel!`) and runs at the
 //! level of the engine's path.
 
-use super::matmul::{from_bf16, to_bf16};
+use super::matmul::Element;
 
 use super::cpu::row_kernel;
 
@@ -57,37 +58,37 @@ fn gelu_slope(x: f32) -> f32 {
 }
 
 row_kernel! {
-    /// dst = bf16(gelu(h)) for bf16 pre-activations h.
-    pub fn gelu_to_bf16(dst: &mut [u16], h: &[u16]) {
+    /// dst = gelu(h) for pre-activations h.
+    pub fn gelu_to<E: Element>(dst: &mut [E], h: &[E]) {
         for (d, &x) in dst.iter_mut().zip(h) {
-            *d = to_bf16(gelu(from_bf16(x)));
+            *d = E::from_f32(gelu(x.to_f32()));
         }
     }
 }
 
 row_kernel! {
-    /// dst = bf16(dg · gelu'(h)): the gradient through GELU at the bf16 pre-activations h.
-    pub fn gelu_backward_to_bf16(dst: &mut [u16], dg: &[f32], h: &[u16]) {
+    /// dst = dg · gelu'(h): the gradient through GELU at the pre-activations h.
+    pub fn gelu_backward_to<E: Element>(dst: &mut [E], dg: &[f32], h: &[E]) {
         for ((d, &g), &x) in dst.iter_mut().zip(dg).zip(h) {
-            *d = to_bf16(g * gelu_slope(from_bf16(x)));
+            *d = E::from_f32(g * gelu_slope(x.to_f32()));
         }
     }
 }
 
 row_kernel! {
-    /// dst = bf16(v · scale).
-    pub fn scale_to_bf16(dst: &mut [u16], v: &[f32], scale: f32) {
+    /// dst = v · scale.
+    pub fn scale_to<E: Element>(dst: &mut [E], v: &[f32], scale: f32) {
         for (d, &x) in dst.iter_mut().zip(v) {
-            *d = to_bf16(x * scale);
+            *d = E::from_f32(x * scale);
         }
     }
 }
 
 row_kernel! {
-    /// dst = bf16(gelu(v + bias)).
-    pub fn bias_gelu_to_bf16(dst: &mut [u16], v: &[f32], bias: &[f32]) {
+    /// dst = gelu(v + bias).
+    pub fn bias_gelu_to<E: Element>(dst: &mut [E], v: &[f32], bias: &[f32]) {
         for ((d, &x), &b) in dst.iter_mut().zip(v).zip(bias) {
-            *d = to_bf16(gelu(x + b));
+            *d = E::from_f32(gelu(x + b));
         }
     }
 }
@@ -121,28 +122,28 @@ row_kernel! {
 }
 
 row_kernel! {
-    /// dst = bf16(v + bias).
-    pub fn bias_to_bf16(dst: &mut [u16], v: &[f32], bias: &[f32]) {
+    /// dst = v + bias.
+    pub fn bias_to<E: Element>(dst: &mut [E], v: &[f32], bias: &[f32]) {
         for ((d, &x), &b) in dst.iter_mut().zip(v).zip(bias) {
-            *d = to_bf16(x + b);
+            *d = E::from_f32(x + b);
         }
     }
 }
 
 row_kernel! {
-    /// dst = bf16((v + bias) · scale), column by column.
-    pub fn bias_scale_to_bf16(dst: &mut [u16], v: &[f32], bias: &[f32], scale: &[f32]) {
+    /// dst = (v + bias) · scale, column by column.
+    pub fn bias_scale_to<E: Element>(dst: &mut [E], v: &[f32], bias: &[f32], scale: &[f32]) {
         for (((d, &x), &b), &s) in dst.iter_mut().zip(v).zip(bias).zip(scale) {
-            *d = to_bf16((x + b) * s);
+            *d = E::from_f32((x + b) * s);
         }
     }
 }
 
 row_kernel! {
-    /// dst = bf16(v).
-    pub fn to_bf16_row(dst: &mut [u16], v: &[f32]) {
+    /// dst = v.
+    pub fn convert_row<E: Element>(dst: &mut [E], v: &[f32]) {
         for (d, &x) in dst.iter_mut().zip(v) {
-            *d = to_bf16(x);
+            *d = E::from_f32(x);
         }
     }
 }
@@ -190,10 +191,10 @@ row_kernel! {
 }
 
 row_kernel! {
-    /// dst = bf16(x̂·weight + bias): the affine part of LayerNorm.
-    pub fn affine_to_bf16(dst: &mut [u16], xhat: &[f32], weight: &[f32], bias: &[f32]) {
+    /// dst = x̂·weight + bias: the affine part of LayerNorm.
+    pub fn affine_to<E: Element>(dst: &mut [E], xhat: &[f32], weight: &[f32], bias: &[f32]) {
         for (((d, &v), &w), &b) in dst.iter_mut().zip(xhat).zip(weight).zip(bias) {
-            *d = to_bf16(v.mul_add(w, b));
+            *d = E::from_f32(v.mul_add(w, b));
         }
     }
 }
@@ -218,23 +219,23 @@ row_kernel! {
 }
 
 row_kernel! {
-    /// Softmax's input gradient for one row: dst = bf16(p · (dp - Σ dp·p)) for bf16 weights p.
-    pub fn softmax_backward_to_bf16(dst: &mut [u16], dp: &[f32], p: &[u16]) {
+    /// Softmax's input gradient for one row: dst = p · (dp - Σ dp·p) for weights p.
+    pub fn softmax_backward_to<E: Element>(dst: &mut [E], dp: &[f32], p: &[E]) {
         let mut lanes = [0f32; 16];
         for (i, (&d, &w)) in dp.iter().zip(p).enumerate() {
-            lanes[i % 16] += d * from_bf16(w);
+            lanes[i % 16] += d * w.to_f32();
         }
         let dot: f32 = lanes.iter().sum();
         for ((o, &d), &w) in dst.iter_mut().zip(dp).zip(p) {
-            *o = to_bf16(from_bf16(w) * (d - dot));
+            *o = E::from_f32(w.to_f32() * (d - dot));
         }
     }
 }
 
 row_kernel! {
-    /// LayerNorm of a row into bf16 (the next matrix product's input).
-    pub fn layer_norm_to_bf16(dst: &mut [u16], x: &[f32], weight: &[f32], bias: &[f32], eps: f32) {
-        normalise(x, weight, bias, eps, |i, v| dst[i] = to_bf16(v));
+    /// LayerNorm of a row as the next matrix product's input.
+    pub fn layer_norm_to<E: Element>(dst: &mut [E], x: &[f32], weight: &[f32], bias: &[f32], eps: f32) {
+        normalise(x, weight, bias, eps, |i, v| dst[i] = E::from_f32(v));
     }
 }
 
@@ -246,8 +247,8 @@ row_kernel! {
 }
 
 row_kernel! {
-    /// Softmax of a row of scores into bf16 attention weights.
-    pub fn softmax_to_bf16(dst: &mut [u16], scores: &mut [f32]) {
+    /// Softmax of a row of scores into attention weights.
+    pub fn softmax_to<E: Element>(dst: &mut [E], scores: &mut [f32]) {
         let mut lanes = [f32::NEG_INFINITY; 16];
         let chunks = scores.chunks_exact(16);
         let tail = chunks.remainder().iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
@@ -262,7 +263,7 @@ row_kernel! {
         }
         let inv = 1.0 / sum_by(scores, |s| s);
         for (d, &s) in dst.iter_mut().zip(scores.iter()) {
-            *d = to_bf16(s * inv);
+            *d = E::from_f32(s * inv);
         }
     }
 }

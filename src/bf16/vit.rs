@@ -9,7 +9,7 @@ use burn::tensor::{Tensor, TensorData};
 use rayon::prelude::*;
 
 use super::cpu::Cpu;
-use super::matmul::{self, BfMatrix, BfView, PackedB};
+use super::matmul::{self, Element, Matrix, Packed, View};
 use super::rows;
 use crate::model::vit::{Block, position_embedding};
 use crate::model::{LayerNorm, VisionTransformer};
@@ -27,24 +27,24 @@ impl Norm {
         Self { weight: host(norm.weight.val()), bias: host(norm.bias.val()), eps: norm.eps as f32 }
     }
 
-    /// Normalises every row of `x` (width `dim`) into the bf16 matrix `out`.
-    fn to_bf16(&self, x: &[f32], out: &mut BfMatrix) {
+    /// Normalises every row of `x` (width `dim`) into `out`, the next product's input.
+    fn normalize_into<E: Element>(&self, x: &[f32], out: &mut Matrix<E>) {
         let (dim, stride) = (out.cols(), out.stride());
         out.data_mut().par_chunks_mut(stride).zip(x.par_chunks(dim)).for_each(|(dst, row)| {
-            rows::layer_norm_to_bf16(&mut dst[..dim], row, &self.weight, &self.bias, self.eps);
+            rows::layer_norm_to(&mut dst[..dim], row, &self.weight, &self.bias, self.eps);
         });
     }
 }
 
 /// A Linear layer packed for the bf16 products: W for the forward product and, for training, Wᵀ for the
 /// input gradient.
-pub(super) struct Dense {
-    pub weight: PackedB,
-    pub transposed: Option<PackedB>,
+pub(super) struct Dense<E: Element> {
+    pub weight: Packed<E>,
+    pub transposed: Option<Packed<E>>,
     pub bias: Vec<f32>,
 }
 
-impl Dense {
+impl<E: Element> Dense<E> {
     pub fn new(linear: &burn::nn::Linear) -> Self {
         Self::packed(linear, false)
     }
@@ -60,8 +60,8 @@ impl Dense {
         let (k, n) = (weight.shape[0], weight.shape[1]);
         let row = |i: usize| &weight.values[i * n..(i + 1) * n];
         let bias = linear.bias.as_ref().map_or_else(|| vec![0.0; n], |b| host(b.val()));
-        let transposed = with_transposed.then(|| PackedB::pack_transposed(n, k, row));
-        Self { weight: PackedB::pack(k, n, row), transposed, bias }
+        let transposed = with_transposed.then(|| Packed::pack_transposed(n, k, row));
+        Self { weight: Packed::pack(k, n, row), transposed, bias }
     }
 
     pub fn out_dim(&self) -> usize {
@@ -70,17 +70,17 @@ impl Dense {
 }
 
 /// A transformer block packed for the bf16 products.
-pub(super) struct PackedBlock {
+pub(super) struct PackedBlock<E: Element> {
     pub norm1: Norm,
-    pub qkv: Dense,
-    pub proj: Dense,
+    pub qkv: Dense<E>,
+    pub proj: Dense<E>,
     pub norm2: Norm,
-    pub fc1: Dense,
-    pub fc2: Dense,
+    pub fc1: Dense<E>,
+    pub fc2: Dense<E>,
     pub drop_path: f64,
 }
 
-impl PackedBlock {
+impl<E: Element> PackedBlock<E> {
     /// `trainable` also packs each Wᵀ for the backward pass.
     pub fn new(b: &Block, trainable: bool) -> Self {
         let dense = |l| if trainable { Dense::trainable(l) } else { Dense::new(l) };
@@ -100,13 +100,13 @@ impl PackedBlock {
 /// straight out of the qkv rows in whole 32-wide tile slices, so their width is checked) the
 /// qkv product's column scales: head_dim^-0.5 on the queries (as the f32 path scales q before
 /// QKᵀ), 1 on keys and values.
-pub(super) struct Stem {
-    pub patch: Dense,
+pub(super) struct Stem<E: Element> {
+    pub patch: Dense<E>,
     pub num_heads: usize,
     pub qkv_scale: Vec<f32>,
 }
 
-impl Stem {
+impl<E: Element> Stem<E> {
     /// An error naming `what` when `DINO_ENGINE_PATH` names a path this CPU cannot run, or
     /// the heads do not fit the tiles.
     pub fn new(vit: &VisionTransformer, what: &str) -> anyhow::Result<Self> {
@@ -116,7 +116,7 @@ impl Stem {
         let k = conv.len() / dim;
         let patch = Dense {
             // The Conv2d weight [dim, 3, p, p] flattened is B's transpose.
-            weight: PackedB::pack_transposed(k, dim, |j| &conv[j * k..(j + 1) * k]),
+            weight: Packed::pack_transposed(k, dim, |j| &conv[j * k..(j + 1) * k]),
             transposed: None,
             bias: host(vit.patch_embed.bias.val()),
         };
@@ -131,18 +131,17 @@ impl Stem {
 /// Host position embeddings [1 + patches, D] by input (height, width).
 type PositionCache = HashMap<(usize, usize), Arc<Vec<f32>>>;
 
-/// A ViT ready for bf16 inference. Build it with [`Bf16Vit::new`] after
-/// [`super::check_available`].
-pub struct Bf16Vit {
+/// A ViT packed for inference with `E` (bf16 or f32) products.
+pub struct InferenceVit<E: Element> {
     patch_size: usize,
     dim: usize,
     num_heads: usize,
-    patch: Dense,
+    patch: Dense<E>,
     cls_token: Vec<f32>,
     pos_embed: Tensor<3>,
     /// Position embeddings already resized, by input height and width.
     resized_pos: Mutex<PositionCache>,
-    blocks: Vec<PackedBlock>,
+    blocks: Vec<PackedBlock<E>>,
     norm: Norm,
     /// Multiplies the query columns of the qkv product by head_dim^-0.5 (as the f32 path
     /// scales q before QKᵀ), the key and value columns by 1.
@@ -153,11 +152,59 @@ pub(super) fn host<const D: usize>(t: Tensor<D>) -> Vec<f32> {
     HostTensor::from_tensor(t).values
 }
 
-impl Bf16Vit {
+/// The inference engine at the precision asked for. Build it with [`EngineVit::new`] after
+/// [`super::check_available`] for bf16.
+pub enum EngineVit {
+    F32(InferenceVit<f32>),
+    Bf16(InferenceVit<u16>),
+}
+
+impl EngineVit {
+    /// Whether the engine can compute this ViT: its heads are whole 32-wide slices. (The
+    /// engine computes on the host, so it stands in for burn on the CPU device only.)
+    pub fn fits(vit: &VisionTransformer) -> bool {
+        let head_dim = vit.embed_dim() / vit.blocks.first().map_or(1, |b| b.attn.num_heads);
+        head_dim.is_multiple_of(32)
+    }
+
+    /// Packs a ViT's weights for `precision`; an error when the engine's path cannot run or
+    /// the heads are not a whole number of 32-wide slices.
+    pub fn new(vit: &VisionTransformer, precision: super::Precision) -> anyhow::Result<Self> {
+        Ok(match precision {
+            super::Precision::F32 => Self::F32(InferenceVit::new(vit)?),
+            super::Precision::Bf16 => Self::Bf16(InferenceVit::new(vit)?),
+        })
+    }
+
+    pub fn patch_size(&self) -> usize {
+        match self {
+            Self::F32(v) => v.patch_size,
+            Self::Bf16(v) => v.patch_size,
+        }
+    }
+
+    /// See [`InferenceVit::intermediate_layers`].
+    pub fn intermediate_layers(&self, images: Tensor<4>, n: usize) -> Vec<Tensor<3>> {
+        match self {
+            Self::F32(v) => v.intermediate_layers(images, n),
+            Self::Bf16(v) => v.intermediate_layers(images, n),
+        }
+    }
+
+    /// See [`InferenceVit::features`].
+    pub fn features(&self, pixels: &[f32], batch: usize, size: (usize, usize)) -> Vec<f32> {
+        match self {
+            Self::F32(v) => v.features(pixels, batch, size),
+            Self::Bf16(v) => v.features(pixels, batch, size),
+        }
+    }
+}
+
+impl<E: Element> InferenceVit<E> {
     /// Packs a ViT's weights; an error when the engine's path cannot run or the heads are
-    /// not a whole number of 32-wide tile slices.
+    /// not a whole number of 32-wide slices.
     pub fn new(vit: &VisionTransformer) -> anyhow::Result<Self> {
-        let Stem { patch, num_heads, qkv_scale } = Stem::new(vit, "bf16 inference")?;
+        let Stem { patch, num_heads, qkv_scale } = Stem::new(vit, "the inference engine")?;
         Ok(Self {
             patch_size: vit.patch_size(),
             dim: vit.embed_dim(),
@@ -170,10 +217,6 @@ impl Bf16Vit {
             norm: Norm::new(&vit.norm),
             qkv_scale,
         })
-    }
-
-    pub fn patch_size(&self) -> usize {
-        self.patch_size
     }
 
     /// As `VisionTransformer::intermediate_layers`: the normalised tokens [B, 1 + patches, D]
@@ -216,24 +259,24 @@ impl Bf16Vit {
         let tokens = 1 + (h / p) * (w / p);
         let rows = batch * tokens;
         let mut x = self.embed(pixels, batch, (h, w));
-        let mut normed = BfMatrix::zeros(rows, dim);
+        let mut normed = Matrix::<E>::zeros(rows, dim);
         // One spare block of rows: each image's heads are read in whole 32-row blocks.
-        let mut qkv = BfMatrix::zeros(rows + matmul::BLOCK, 3 * dim);
-        let mut mixed = BfMatrix::zeros(rows, dim);
-        let mut hidden = BfMatrix::zeros(rows, self.blocks.first().map_or(1, |b| b.fc1.out_dim()));
+        let mut qkv = Matrix::<E>::zeros(rows + matmul::BLOCK, 3 * dim);
+        let mut mixed = Matrix::<E>::zeros(rows, dim);
+        let mut hidden = Matrix::<E>::zeros(rows, self.blocks.first().map_or(1, |b| b.fc1.out_dim()));
         let mut outputs = Vec::new();
         for (i, block) in self.blocks.iter().enumerate() {
-            block.norm1.to_bf16(&x, &mut normed);
+            block.norm1.normalize_into(&x, &mut normed);
             let scale = &self.qkv_scale;
             matmul::matmul(normed.view(), &block.qkv.weight, qkv.data_mut(), 3 * dim, |dst, v, _, c| {
-                rows::bias_scale_to_bf16(dst, v, &block.qkv.bias[c..], &scale[c..]);
+                rows::bias_scale_to(dst, v, &block.qkv.bias[c..], &scale[c..]);
             });
             self.attention(&qkv, batch, tokens, &mut mixed);
             matmul::matmul(mixed.view(), &block.proj.weight, &mut x, dim, |dst, v, _, c| rows::bias_accumulate(dst, v, &block.proj.bias[c..]));
-            block.norm2.to_bf16(&x, &mut normed);
+            block.norm2.normalize_into(&x, &mut normed);
             let stride = hidden.stride();
             let hidden_rows = &mut hidden.data_mut()[..rows * stride];
-            matmul::matmul(normed.view(), &block.fc1.weight, hidden_rows, stride, |dst, v, _, c| rows::bias_gelu_to_bf16(dst, v, &block.fc1.bias[c..]));
+            matmul::matmul(normed.view(), &block.fc1.weight, hidden_rows, stride, |dst, v, _, c| rows::bias_gelu_to(dst, v, &block.fc1.bias[c..]));
             matmul::matmul(hidden.view(), &block.fc2.weight, &mut x, dim, |dst, v, _, c| rows::bias_accumulate(dst, v, &block.fc2.bias[c..]));
             if self.blocks.len() - i <= n {
                 outputs.push(x.clone());
@@ -254,13 +297,13 @@ impl Bf16Vit {
         cache.entry((h, w)).or_insert_with(|| Arc::new(host(position_embedding(self.pos_embed.clone(), self.patch_size, h, w)))).clone()
     }
 
-    /// Multi-head self-attention of each image (one image per task), from the bf16 qkv rows
+    /// Multi-head self-attention of each image (one image per task), from the qkv rows
     /// [B·N, 3D] (queries already scaled) into the heads' concatenated outputs.
-    fn attention(&self, qkv: &BfMatrix, images: usize, tokens: usize, mixed: &mut BfMatrix) {
+    fn attention(&self, qkv: &Matrix<E>, images: usize, tokens: usize, mixed: &mut Matrix<E>) {
         let shape = HeadShape { dim: self.dim, head_dim: self.dim / self.num_heads, tokens };
         let stride = mixed.stride();
         mixed.data_mut()[..images * tokens * stride].par_chunks_mut(tokens * stride).enumerate().for_each_init(
-            || (HeadScratch::default(), BfMatrix::zeros(tokens, tokens)),
+            || (HeadScratch::default(), Matrix::zeros(tokens, tokens)),
             |(scratch, weights), (image, out)| {
                 for head in 0..self.num_heads {
                     head_attention(qkv, shape, (image, head), scratch, weights, &mut out[head * shape.head_dim..], stride);
@@ -270,13 +313,13 @@ impl Bf16Vit {
     }
 }
 
-/// The patches of normalised images [B, 3, H, W] as bf16 rows [B·patches, 3·p·p] in the
+/// The patches of normalised images [B, 3, H, W] as rows [B·patches, 3·p·p] in the
 /// Conv2d weight's (channel, row, column) order. Pixels past the last whole patch are dropped,
 /// as in the f32 path.
-pub(super) fn patch_rows(pixels: &[f32], batch: usize, (h, w): (usize, usize), p: usize) -> BfMatrix {
+pub(super) fn patch_rows<E: Element>(pixels: &[f32], batch: usize, (h, w): (usize, usize), p: usize) -> Matrix<E> {
     let (gh, gw) = (h / p, w / p);
     let patches = gh * gw;
-    let mut flat = BfMatrix::zeros(batch * patches, 3 * p * p);
+    let mut flat = Matrix::zeros(batch * patches, 3 * p * p);
     let stride = flat.stride();
     flat.data_mut()[..batch * patches * stride].par_chunks_mut(patches * stride).zip(pixels.par_chunks(3 * h * w)).for_each(|(rows, image)| {
         for (patch, row) in rows.chunks_mut(stride).enumerate() {
@@ -284,7 +327,7 @@ pub(super) fn patch_rows(pixels: &[f32], batch: usize, (h, w): (usize, usize), p
             for c in 0..3 {
                 for py in 0..p {
                     let src = &image[(c * h + gy * p + py) * w + gx * p..][..p];
-                    rows::to_bf16_row(&mut row[(c * p + py) * p..][..p], src);
+                    rows::convert_row(&mut row[(c * p + py) * p..][..p], src);
                 }
             }
         }
@@ -294,7 +337,7 @@ pub(super) fn patch_rows(pixels: &[f32], batch: usize, (h, w): (usize, usize), p
 
 /// The token stream [B·(1 + patches), D]: each image's cls token then its projected patches
 /// (`flat`, from [`patch_rows`]), plus the position embedding `pos` [(1 + patches)·D].
-pub(super) fn tokens(flat: &BfMatrix, patch: &Dense, cls_token: &[f32], pos: &[f32], batch: usize) -> Vec<f32> {
+pub(super) fn tokens<E: Element>(flat: &Matrix<E>, patch: &Dense<E>, cls_token: &[f32], pos: &[f32], batch: usize) -> Vec<f32> {
     let dim = patch.out_dim();
     let patches = pos.len() / dim - 1;
     let mut projected = vec![0f32; batch * patches * dim];
@@ -321,30 +364,35 @@ pub(super) struct HeadShape {
 }
 
 /// Buffers one thread reuses across heads.
-#[derive(Default)]
-pub(super) struct HeadScratch {
+pub(super) struct HeadScratch<E: Element> {
     pub scores: Vec<f32>,
-    pub packed: PackedB,
+    pub packed: Packed<E>,
 }
 
-/// One head of one image: softmax(q·kᵀ) into `weights` [N, N] (bf16), then weights·v into
-/// `out` (bf16 rows `out_stride` apart). q, k and v are read from the bf16 qkv rows [B·N, 3D]
-/// (queries already scaled), which need one spare block of rows past the last image.
-pub(super) fn head_attention(qkv: &BfMatrix, shape: HeadShape, (image, head): (usize, usize), scratch: &mut HeadScratch, weights: &mut BfMatrix, out: &mut [u16], out_stride: usize) {
+impl<E: Element> Default for HeadScratch<E> {
+    fn default() -> Self {
+        Self { scores: Vec::new(), packed: Packed::default() }
+    }
+}
+
+/// One head of one image: softmax(q·kᵀ) into `weights` [N, N], then weights·v into `out`
+/// (rows `out_stride` apart). q, k and v are read from the qkv rows [B·N, 3D] (queries
+/// already scaled), which need one spare block of rows past the last image.
+pub(super) fn head_attention<E: Element>(qkv: &Matrix<E>, shape: HeadShape, (image, head): (usize, usize), scratch: &mut HeadScratch<E>, weights: &mut Matrix<E>, out: &mut [E], out_stride: usize) {
     let HeadShape { dim, head_dim, tokens } = shape;
     let qkv_stride = qkv.stride();
     let data = qkv.view_data();
     let part = |p: usize| image * tokens * qkv_stride + p * dim + head * head_dim;
     let row = |p: usize, t: usize| &data[part(p) + t * qkv_stride..][..head_dim];
-    let queries = BfView::new(&data[part(0)..], tokens, head_dim, qkv_stride);
+    let queries = View::new(&data[part(0)..], tokens, head_dim, qkv_stride);
     scratch.scores.resize(tokens * tokens, 0.0);
-    scratch.packed.repack_bf16_transposed(head_dim, tokens, |t| row(1, t));
+    scratch.packed.repack_transposed(head_dim, tokens, |t| row(1, t));
     matmul::matmul_serial(queries, &scratch.packed, &mut scratch.scores, tokens, |dst, v, _, _| dst.copy_from_slice(v));
     for (t, scores_row) in scratch.scores.chunks_mut(tokens).enumerate() {
-        rows::softmax_to_bf16(weights.row_mut(t), scores_row);
+        rows::softmax_to(weights.row_mut(t), scores_row);
     }
-    scratch.packed.repack_bf16(tokens, head_dim, |t| row(2, t));
-    matmul::matmul_serial(weights.view(), &scratch.packed, out, out_stride, |dst, v, _, _| rows::to_bf16_row(dst, v));
+    scratch.packed.repack(tokens, head_dim, |t| row(2, t));
+    matmul::matmul_serial(weights.view(), &scratch.packed, out, out_stride, |dst, v, _, _| rows::convert_row(dst, v));
 }
 
 #[cfg(test)]
@@ -373,15 +421,15 @@ mod tests {
         (max_diff, min_cos)
     }
 
-    /// The bf16 engine against the f32 burn path on a random ViT (trained-size and resized
-    /// inputs, odd token counts): the same network up to bf16 rounding of the products' inputs.
-    #[test]
-    fn matches_the_f32_path_up_to_bf16_rounding() {
-        eprintln!("engine path: {}", Cpu::current().path().name());
+    /// The engine against the f32 burn path on a random ViT (trained-size and resized inputs,
+    /// odd token counts): the same network up to the products' input rounding, which is
+    /// `max_diff` for bf16 and float summation order for f32.
+    fn check_against_burn(precision: crate::bf16::Precision, max_allowed: f32, min_cosine: f32) {
+        eprintln!("engine path: {}, {precision:?}", Cpu::current().path().name());
         let device = Device::flex();
         let config = VitConfig { img_size: 48, patch_size: 8, embed_dim: 96, depth: 3, num_heads: 3, mlp_ratio: 4, drop_path_rate: 0.0 };
         let vit = config.init(&mut StdRng::seed_from_u64(0), &device);
-        let engine = Bf16Vit::new(&vit).unwrap();
+        let engine = EngineVit::new(&vit, precision).unwrap();
         for (batch, h, w) in [(5, 48, 48), (3, 40, 57)] {
             let images = Tensor::<4>::random([batch, 3, h, w], Distribution::Normal(0.0, 1.0), &device);
             let want = vit.intermediate_layers(images.clone(), 2);
@@ -391,8 +439,18 @@ mod tests {
                 assert_eq!(g.dims(), f32_path.dims());
                 let (max_diff, min_cos) = compare(g, f32_path);
                 eprintln!("{batch}x{h}x{w}: max |diff| {max_diff}, min cosine {min_cos}");
-                assert!(max_diff < 0.05 && min_cos > 0.9999, "max |diff| {max_diff}, min cosine {min_cos}");
+                assert!(max_diff < max_allowed && min_cos > min_cosine, "max |diff| {max_diff}, min cosine {min_cos}");
             }
         }
+    }
+
+    #[test]
+    fn bf16_matches_the_f32_path_up_to_bf16_rounding() {
+        check_against_burn(crate::bf16::Precision::Bf16, 0.05, 0.9999);
+    }
+
+    #[test]
+    fn f32_matches_the_f32_path_up_to_summation_order() {
+        check_against_burn(crate::bf16::Precision::F32, 2e-4, 0.999_999);
     }
 }

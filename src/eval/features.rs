@@ -11,7 +11,7 @@ use super::knn::LabelledFeatures;
 use crate::data::augment::{normalize_to_chw, resize_crop};
 use crate::data::dataset::Dataset;
 pub use crate::bf16::Precision;
-use crate::bf16::Bf16Vit;
+use crate::bf16::EngineVit;
 use crate::model::{Network, ResNet, VisionTransformer};
 use crate::weights::HostTensor;
 
@@ -45,8 +45,8 @@ impl EvalTransform {
 pub enum FeatureKind<'a> {
     /// ViT features, see [`backbone_features`].
     Backbone(&'a VisionTransformer, FeatureLayout),
-    /// The same ViT features from the bf16 engine.
-    Bf16(&'a Bf16Vit, FeatureLayout),
+    /// The same ViT features from our CPU engine (`src/bf16/`), at f32 or bf16.
+    Engine(&'a EngineVit, FeatureLayout),
     /// A ResNet's pooled output.
     ResNet(&'a ResNet),
     /// The centre-crop pixels themselves, flattened (the raw-pixel baseline).
@@ -58,7 +58,7 @@ impl FeatureKind<'_> {
     pub fn features(&self, x: Tensor<4>) -> Tensor<2> {
         match *self {
             FeatureKind::Backbone(vit, layout) => backbone_features(vit, x, layout),
-            FeatureKind::Bf16(engine, layout) => compose_features(engine.intermediate_layers(x, layout.n_last_blocks), layout),
+            FeatureKind::Engine(engine, layout) => compose_features(engine.intermediate_layers(x, layout.n_last_blocks), layout),
             FeatureKind::ResNet(resnet) => resnet.forward(x),
             FeatureKind::Pixels => unreachable!("pixel features are not computed from tensors"),
         }
@@ -68,7 +68,7 @@ impl FeatureKind<'_> {
     fn patch_size(&self) -> Option<usize> {
         match *self {
             FeatureKind::Backbone(vit, _) => Some(vit.patch_size()),
-            FeatureKind::Bf16(engine, _) => Some(engine.patch_size()),
+            FeatureKind::Engine(engine, _) => Some(engine.patch_size()),
             FeatureKind::ResNet(_) | FeatureKind::Pixels => None,
         }
     }
@@ -115,29 +115,33 @@ fn compose_features(mut layers: Vec<Tensor<3>>, layout: FeatureLayout) -> Tensor
     }
 }
 
-/// A network ready to compute features at a precision (the bf16 engine packed once).
+/// A network ready to compute features at a precision: a ViT on the CPU goes through our
+/// engine (packed once), at f32 as at bf16; other networks and devices through burn.
 pub struct FeatureNetwork<'a> {
     network: &'a Network,
-    bf16: Option<Bf16Vit>,
+    engine: Option<EngineVit>,
 }
 
 impl<'a> FeatureNetwork<'a> {
     /// An error naming --precision when bf16 is asked of a ResNet or of a CPU without bf16 products.
     pub fn new(network: &'a Network, precision: Precision) -> anyhow::Result<Self> {
-        let bf16 = match precision {
-            Precision::F32 => None,
+        let engine = match precision {
+            Precision::F32 => match network {
+                Network::Vit(vit) if vit.cls_token.val().device() == Device::flex() && EngineVit::fits(vit) => Some(EngineVit::new(vit, precision)?),
+                _ => None,
+            },
             Precision::Bf16 => {
                 let vit = network.vit("--precision bf16")?;
                 crate::bf16::check_available("--precision")?;
-                Some(Bf16Vit::new(vit).context("--precision bf16")?)
+                Some(EngineVit::new(vit, precision).context("--precision bf16")?)
             }
         };
-        Ok(Self { network, bf16 })
+        Ok(Self { network, engine })
     }
 
     pub fn kind(&self, layout: FeatureLayout) -> FeatureKind<'_> {
-        match &self.bf16 {
-            Some(engine) => FeatureKind::Bf16(engine, layout),
+        match &self.engine {
+            Some(engine) => FeatureKind::Engine(engine, layout),
             None => network_features(self.network, layout),
         }
     }
