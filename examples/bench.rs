@@ -11,7 +11,8 @@
 //!
 //! `--mode products` times the engine's matrix products alone (f32 or bf16 inputs), on the
 //! selected engine path, at the shapes of one ViT block's forward pass (rows = batch · tokens
-//! at `--global_size`), and prints GFLOP/s per shape.
+//! at `--global_size`), and prints GFLOP/s per shape, next to the same f32 product through
+//! burn's flex backend (`<shape>_burn_f32`, the `gemm` crate's kernels).
 
 use std::time::Instant;
 
@@ -137,7 +138,19 @@ fn products<E: dino::bf16::matmul::Element>(vit: &VitConfig, batch: usize, repea
             matmul(a.view(), &b, &mut out, n, |dst, v, _, _| dst.copy_from_slice(v));
             times.push(t0.elapsed().as_secs_f64());
         }
-        line[name] = serde_json::json!((2 * rows * k * n) as f64 / median(times[1..].to_vec()) / 1e9);
+        let gflops = |times: Vec<f64>| (2 * rows * k * n) as f64 / median(times[1..].to_vec()) / 1e9;
+        line[name] = serde_json::json!(gflops(times));
+        // The same f32 product through burn's flex backend (the `gemm` crate's kernels).
+        let dev = burn::tensor::Device::flex();
+        let (a, b) = (Tensor::<2>::from_data(burn::tensor::TensorData::new(a_values, [rows, k]), &dev), Tensor::<2>::from_data(burn::tensor::TensorData::new(b_values, [k, n]), &dev));
+        let times = (0..repeats + 1)
+            .map(|_| {
+                let t0 = Instant::now();
+                let _ = a.clone().matmul(b.clone()).into_data();
+                t0.elapsed().as_secs_f64()
+            })
+            .collect();
+        line[format!("{name}_burn_f32")] = serde_json::json!(gflops(times));
     }
     println!("{line}");
 }

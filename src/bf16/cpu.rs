@@ -7,12 +7,15 @@
 //! a token whose path detection granted, which is what makes those calls sound.
 //!
 //! `DINO_ENGINE_PATH` (amx, avx512bf16, avx2, portable) forces a path the CPU supports, so one
-//! machine can test the lower paths; without it the best path is used.
+//! machine can test the lower paths; without it the best path is used. `DINO_ENGINE_PATH=burn`
+//! turns the engine off: f32 ViTs run through burn's autodiff and tensor ops, as on GPUs.
 
 use std::sync::OnceLock;
 
 /// Environment variable that forces an engine path.
 pub const PATH_VARIABLE: &str = "DINO_ENGINE_PATH";
+/// Its value that turns the engine off.
+const ENGINE_OFF: &str = "burn";
 
 /// bf16 values along k in one packed B tile row, and the k-pairs of one packed tile.
 pub(super) const K_STEP: usize = 32;
@@ -126,15 +129,20 @@ impl Cpu {
         std::env::var_os(PATH_VARIABLE).is_some()
     }
 
+    /// Whether `DINO_ENGINE_PATH=burn` turned the engine off.
+    pub fn engine_off() -> bool {
+        std::env::var(PATH_VARIABLE).is_ok_and(|v| v == ENGINE_OFF)
+    }
+
     fn select(forced: Option<&str>) -> Result<Cpu, String> {
         let supported = Self::supported();
         let names = || supported.iter().map(|p| p.name()).collect::<Vec<_>>().join(", ");
         let path = match forced {
-            None => supported[0],
+            None | Some(ENGINE_OFF) => supported[0],
             Some(name) => {
                 let path = Path::ALL.into_iter().find(|p| p.name() == name).ok_or_else(|| {
                     let all = Path::ALL.map(Path::name).join(", ");
-                    format!("{PATH_VARIABLE}={name} is not an engine path (one of: {all})")
+                    format!("{PATH_VARIABLE}={name} is not an engine path (one of: {all}; or {ENGINE_OFF})")
                 })?;
                 if !supported.contains(&path) {
                     return Err(format!("{PATH_VARIABLE}={name}: this CPU cannot run that path (it can run: {})", names()));
@@ -250,38 +258,51 @@ impl Products {
     }
 }
 
-/// The f32 block with AVX-512: eight rows at a time in sixteen 16-lane accumulators, each A
-/// value broadcast against the two strips' 16 columns.
+/// The f32 block with AVX-512: twelve, twelve and eight rows at a time, each row in two
+/// 16-lane accumulators (24 of the 32 registers at most), each A value broadcast against the
+/// two strips' 16 columns.
 ///
 /// Safety: AVX512F present; `a` readable for 32 rows of `a_stride` f32, `depth` wide; `b0`,
 /// `b1` readable for 16·`depth` f32.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn block_f32_avx512(a: *const f32, a_stride: usize, b0: *const f32, b1: *const f32, depth: usize, out: &mut [f32; BLOCK * BLOCK]) {
+    // SAFETY: rows 0..12, 12..24 and 24..32 are within the caller's bounds.
+    unsafe {
+        rows_f32_avx512::<12>(a, a_stride, [b0, b1], depth, &mut out[..]);
+        rows_f32_avx512::<12>(a.add(12 * a_stride), a_stride, [b0, b1], depth, &mut out[12 * BLOCK..]);
+        rows_f32_avx512::<8>(a.add(24 * a_stride), a_stride, [b0, b1], depth, &mut out[24 * BLOCK..]);
+    }
+}
+
+/// `R` rows of the f32 block: out[i · 32 + c] for i < R, c < 32.
+///
+/// Safety: AVX512F present; `a` readable for `R` rows of `a_stride`, `depth` wide; both
+/// strips for 16·`depth` f32.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn rows_f32_avx512<const R: usize>(a: *const f32, a_stride: usize, [b0, b1]: [*const f32; 2], depth: usize, out: &mut [f32]) {
     use std::arch::x86_64::*;
-    const ROWS: usize = 8;
-    for group in 0..BLOCK / ROWS {
-        let mut acc = [[_mm512_setzero_ps(); 2]; ROWS];
-        // SAFETY: the caller's bounds cover every A value and B strip entry read here.
-        unsafe {
-            let rows = a.add(group * ROWS * a_stride);
-            for r in 0..depth {
-                let w0 = _mm512_loadu_ps(b0.add(16 * r));
-                let w1 = _mm512_loadu_ps(b1.add(16 * r));
-                for (i, acc) in acc.iter_mut().enumerate() {
-                    let x = _mm512_set1_ps(*rows.add(i * a_stride + r));
-                    acc[0] = _mm512_fmadd_ps(x, w0, acc[0]);
-                    acc[1] = _mm512_fmadd_ps(x, w1, acc[1]);
-                }
+    assert!(out.len() >= R * BLOCK);
+    let mut acc = [[_mm512_setzero_ps(); 2]; R];
+    // SAFETY: the caller's bounds cover every A value and B strip entry read here.
+    unsafe {
+        for r in 0..depth {
+            let w0 = _mm512_loadu_ps(b0.add(16 * r));
+            let w1 = _mm512_loadu_ps(b1.add(16 * r));
+            for (i, acc) in acc.iter_mut().enumerate() {
+                let x = _mm512_set1_ps(*a.add(i * a_stride + r));
+                acc[0] = _mm512_fmadd_ps(x, w0, acc[0]);
+                acc[1] = _mm512_fmadd_ps(x, w1, acc[1]);
             }
         }
-        for (i, acc) in acc.iter().enumerate() {
-            let row = &mut out[(group * ROWS + i) * BLOCK..][..BLOCK];
-            // SAFETY: `row` holds 32 f32, two unaligned 16-lane stores.
-            unsafe {
-                _mm512_storeu_ps(row.as_mut_ptr(), acc[0]);
-                _mm512_storeu_ps(row.as_mut_ptr().add(16), acc[1]);
-            }
+    }
+    for (i, acc) in acc.iter().enumerate() {
+        let row = &mut out[i * BLOCK..][..BLOCK];
+        // SAFETY: `row` holds 32 f32, two unaligned 16-lane stores.
+        unsafe {
+            _mm512_storeu_ps(row.as_mut_ptr(), acc[0]);
+            _mm512_storeu_ps(row.as_mut_ptr().add(16), acc[1]);
         }
     }
 }
@@ -395,38 +416,51 @@ unsafe fn block_amx(a: *const u16, a_stride: usize, b0: *const u32, b1: *const u
     }
 }
 
-/// The block with AVX512-BF16: eight rows at a time in sixteen 16-lane accumulators; each
-/// k-pair of a row is broadcast and dotted with the strips' pairs (`vdpbf16ps`).
+/// The block with AVX512-BF16: twelve, twelve and eight rows at a time, each row in two
+/// 16-lane accumulators; each k-pair of a row is broadcast and dotted with the strips' pairs
+/// (`vdpbf16ps`).
 ///
 /// Safety: AVX512-BF16 and AVX512F present; bounds as [`block_amx`].
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bf16")]
 unsafe fn block_avx512bf16(a: *const u16, a_stride: usize, b0: *const u32, b1: *const u32, pairs: usize, out: &mut [f32; BLOCK * BLOCK]) {
+    // SAFETY: rows 0..12, 12..24 and 24..32 are within the caller's bounds.
+    unsafe {
+        rows_avx512bf16::<12>(a, a_stride, [b0, b1], pairs, &mut out[..]);
+        rows_avx512bf16::<12>(a.add(12 * a_stride), a_stride, [b0, b1], pairs, &mut out[12 * BLOCK..]);
+        rows_avx512bf16::<8>(a.add(24 * a_stride), a_stride, [b0, b1], pairs, &mut out[24 * BLOCK..]);
+    }
+}
+
+/// `R` rows of the bf16 block: out[i · 32 + c] for i < R, c < 32.
+///
+/// Safety: AVX512-BF16 and AVX512F present; `a` readable for `R` rows of `a_stride` bf16,
+/// 2·`pairs` wide; both strips for 16·`pairs` u32.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn rows_avx512bf16<const R: usize>(a: *const u16, a_stride: usize, [b0, b1]: [*const u32; 2], pairs: usize, out: &mut [f32]) {
     use std::arch::x86_64::*;
-    const ROWS: usize = 8;
-    for group in 0..BLOCK / ROWS {
-        let mut acc = [[_mm512_setzero_ps(); 2]; ROWS];
-        // SAFETY: `a` is readable for 32 rows, 2·`pairs` wide; B's strips for 16·`pairs` u32.
-        unsafe {
-            let rows = a.add(group * ROWS * a_stride);
-            for r in 0..pairs {
-                let w0: __m512bh = std::mem::transmute(_mm512_loadu_si512(b0.add(16 * r).cast()));
-                let w1: __m512bh = std::mem::transmute(_mm512_loadu_si512(b1.add(16 * r).cast()));
-                for (i, acc) in acc.iter_mut().enumerate() {
-                    let pair = rows.add(i * a_stride + 2 * r).cast::<i32>().read_unaligned();
-                    let x: __m512bh = std::mem::transmute(_mm512_set1_epi32(pair));
-                    acc[0] = _mm512_dpbf16_ps(acc[0], x, w0);
-                    acc[1] = _mm512_dpbf16_ps(acc[1], x, w1);
-                }
+    assert!(out.len() >= R * BLOCK);
+    let mut acc = [[_mm512_setzero_ps(); 2]; R];
+    // SAFETY: the caller's bounds cover every A pair and B strip entry read here.
+    unsafe {
+        for r in 0..pairs {
+            let w0: __m512bh = std::mem::transmute(_mm512_loadu_si512(b0.add(16 * r).cast()));
+            let w1: __m512bh = std::mem::transmute(_mm512_loadu_si512(b1.add(16 * r).cast()));
+            for (i, acc) in acc.iter_mut().enumerate() {
+                let pair = a.add(i * a_stride + 2 * r).cast::<i32>().read_unaligned();
+                let x: __m512bh = std::mem::transmute(_mm512_set1_epi32(pair));
+                acc[0] = _mm512_dpbf16_ps(acc[0], x, w0);
+                acc[1] = _mm512_dpbf16_ps(acc[1], x, w1);
             }
         }
-        for (i, acc) in acc.iter().enumerate() {
-            let row = &mut out[(group * ROWS + i) * BLOCK..][..BLOCK];
-            // SAFETY: `row` holds 32 f32, two unaligned 16-lane stores.
-            unsafe {
-                _mm512_storeu_ps(row.as_mut_ptr(), acc[0]);
-                _mm512_storeu_ps(row.as_mut_ptr().add(16), acc[1]);
-            }
+    }
+    for (i, acc) in acc.iter().enumerate() {
+        let row = &mut out[i * BLOCK..][..BLOCK];
+        // SAFETY: `row` holds 32 f32, two unaligned 16-lane stores.
+        unsafe {
+            _mm512_storeu_ps(row.as_mut_ptr(), acc[0]);
+            _mm512_storeu_ps(row.as_mut_ptr().add(16), acc[1]);
         }
     }
 }

@@ -29,9 +29,17 @@ pub enum Precision {
 /// (AMX or AVX512-BF16), or `DINO_ENGINE_PATH` forced a path explicitly.
 pub fn check_available(flag: &str) -> anyhow::Result<()> {
     let cpu = cpu::Cpu::selected().map_err(anyhow::Error::msg)?;
+    anyhow::ensure!(!cpu::Cpu::engine_off(), "{flag} bf16 needs the engine, which {}=burn turns off", cpu::PATH_VARIABLE);
     anyhow::ensure!(
         cpu.path().has_bf16_hardware() || cpu::Cpu::forced(),
         "{flag} bf16 needs a CPU with AMX-BF16 or AVX512-BF16 (Intel Xeon Sapphire Rapids or Cooper Lake, AMD Zen 4 or newer); this one has neither, use {flag} f32"
     );
     Ok(())
+}
+
+/// Whether the engine computes `vit` on `device` in place of burn: the CPU device (the engine
+/// computes on the host), heads in whole 32-wide slices, and not turned off by
+/// `DINO_ENGINE_PATH=burn`.
+pub fn engine_runs(vit: &crate::model::VisionTransformer, device: &burn::tensor::Device) -> bool {
+    *device == burn::tensor::Device::flex() && EngineVit::fits(vit) && !cpu::Cpu::engine_off()
 }

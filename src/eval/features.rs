@@ -127,7 +127,7 @@ impl<'a> FeatureNetwork<'a> {
     pub fn new(network: &'a Network, precision: Precision) -> anyhow::Result<Self> {
         let engine = match precision {
             Precision::F32 => match network {
-                Network::Vit(vit) if vit.cls_token.val().device() == Device::flex() && EngineVit::fits(vit) => Some(EngineVit::new(vit, precision)?),
+                Network::Vit(vit) if crate::bf16::engine_runs(vit, &vit.cls_token.val().device()) => Some(EngineVit::new(vit, precision)?),
                 _ => None,
             },
             Precision::Bf16 => {

@@ -13,7 +13,7 @@ use rand::rngs::StdRng;
 
 use super::loss::DinoLoss;
 use crate::bf16::matmul::Element;
-use crate::bf16::{EngineVit, InferenceVit, Precision, StudentVit};
+use crate::bf16::{InferenceVit, Precision, StudentVit};
 use crate::model::DinoModel;
 use crate::weights::HostTensor;
 
@@ -53,7 +53,7 @@ pub fn forward_backward(
     teacher_temp: f64,
     device: &Device,
 ) -> Result<StepOutput> {
-    let engine_runs = *device == Device::flex() && student.backbone.vit("").is_ok_and(EngineVit::fits);
+    let engine_runs = student.backbone.vit("").is_ok_and(|vit| crate::bf16::engine_runs(vit, device));
     match precision {
         Precision::Bf16 => engine_step::<u16>(student, teacher, loss_fn, crops, rng, teacher_temp, device),
         Precision::F32 if engine_runs => engine_step::<f32>(student, teacher, loss_fn, crops, rng, teacher_temp, device),
