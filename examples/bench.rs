@@ -92,7 +92,7 @@ fn main() {
             let out = step::forward_backward(&student, &teacher, &mut loss_fn, &crops, precision, &mut rng, 0.04, &dev).expect("--precision available here");
             let t1 = Instant::now();
             let settings = optim::StepSettings { lr: 1e-4, weight_decay: 0.04, clip_grad: Some(3.0), frozen: &never };
-            student = adamw.step(student, out.grads, out.by_name, &settings);
+            student = adamw.step(student, out.grads, &settings);
             let _ = student.head.last_layer.weight_v.val().into_data();
             let t2 = Instant::now();
             teacher = ema::update_teacher(teacher, &student, 0.996);

@@ -70,13 +70,9 @@ impl Optimizer {
         }
     }
 
-    /// Applies one step to every parameter of `module` that has a gradient in `grads` or, by
-    /// its dotted path, in `by_name` (gradients computed outside burn's autodiff).
-    pub fn step<M: Module>(&mut self, module: M, grads: Gradients, by_name: HashMap<String, HostTensor>, settings: &StepSettings) -> M {
-        let mut mapper = StepMapper { optim: self, grads, by_name, settings, path: ModulePath::default() };
-        let module = module.map(&mut mapper);
-        assert!(mapper.by_name.is_empty(), "gradients for unknown parameters: {:?}", mapper.by_name.keys().collect::<Vec<_>>());
-        module
+    /// Applies one step to every parameter of `module` that has a gradient in `grads`.
+    pub fn step<M: Module>(&mut self, module: M, grads: Gradients, settings: &StepSettings) -> M {
+        module.map(&mut StepMapper { optim: self, grads, settings, path: ModulePath::default() })
     }
 
     fn update<const D: usize>(&mut self, name: String, value: Tensor<D>, grad: Tensor<D>, s: &StepSettings) -> Tensor<D> {
@@ -190,7 +186,6 @@ fn fused_on_host(kind: OptimizerKind, value: Tensor<1>, grad: Tensor<1>, state: 
 struct StepMapper<'a, 'b> {
     optim: &'a mut Optimizer,
     grads: Gradients,
-    by_name: HashMap<String, HostTensor>,
     settings: &'a StepSettings<'b>,
     path: ModulePath,
 }
@@ -206,12 +201,7 @@ impl ModuleMapper for StepMapper<'_, '_> {
 
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
         let name = self.path.joined();
-        let grad = param.grad_remove(&mut self.grads).or_else(|| {
-            let host = self.by_name.remove(&name)?;
-            let device = param.val().without_autodiff().device();
-            Some(Tensor::from_data(TensorData::new(host.values, host.shape), &device))
-        });
-        let Some(grad) = grad else {
+        let Some(grad) = param.grad_remove(&mut self.grads) else {
             return param;
         };
         if (self.settings.frozen)(&name) {

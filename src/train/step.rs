@@ -8,6 +8,7 @@
 use std::collections::HashMap;
 
 use anyhow::Result;
+use burn::module::{Module, ModuleVisitor, Param};
 use burn::tensor::{Device, Gradients, Tensor, TensorData};
 use rand::rngs::StdRng;
 
@@ -15,7 +16,7 @@ use super::loss::DinoLoss;
 use crate::bf16::matmul::Element;
 use crate::bf16::{InferenceVit, Precision, StudentVit};
 use crate::model::DinoModel;
-use crate::weights::HostTensor;
+use crate::weights::{HostTensor, ModulePath};
 
 /// One batch of normalised crops, view-major ([views · images, 3, size, size] each).
 pub struct Crops {
@@ -32,11 +33,10 @@ pub struct StepOutput {
     pub loss: f64,
     pub teacher_entropy: f64,
     pub kl: f64,
-    /// Gradients burn's autodiff computed (the whole student, or the head when the engine ran
-    /// the backbone).
+    /// Every parameter's gradient: burn's autodiff computes the head's (and the backbone's
+    /// when burn runs it); the engine's backward pass puts the backbone's under the same
+    /// parameters, so the optimiser finds all of them alike.
     pub grads: Gradients,
-    /// Gradients computed outside burn (the engine's backbone), by parameter path in the student.
-    pub by_name: HashMap<String, HostTensor>,
 }
 
 /// Teacher forward, student forward, loss and backward for one batch. `rng` draws the
@@ -80,7 +80,6 @@ fn burn_step(student: &DinoModel, teacher: &DinoModel, loss_fn: &mut DinoLoss, c
         teacher_entropy: out.teacher_entropy.into_scalar::<f32>() as f64,
         kl: out.kl.into_scalar::<f32>() as f64,
         grads,
-        by_name: HashMap::new(),
     })
 }
 
@@ -108,7 +107,7 @@ fn engine_step<E: Element>(student: &DinoModel, teacher: &DinoModel, loss_fn: &m
 
     let out = loss_fn.forward(student_out, teacher_out, teacher_temp);
     let loss = out.loss.clone().into_scalar::<f32>() as f64;
-    let grads = out.loss.backward();
+    let mut grads = out.loss.backward();
     let d_features = HostTensor::from_tensor(leaf.grad(&grads).expect("the features feed the loss")).values;
     let mut backbone_grads = backbone.zero_gradients();
     let mut first = 0;
@@ -120,7 +119,38 @@ fn engine_step<E: Element>(student: &DinoModel, teacher: &DinoModel, loss_fn: &m
         loss,
         teacher_entropy: out.teacher_entropy.into_scalar::<f32>() as f64,
         kl: out.kl.into_scalar::<f32>() as f64,
-        grads,
-        by_name: backbone_grads.named().into_iter().map(|(name, g)| (format!("backbone.{name}"), g)).collect(),
+        grads: {
+            attach_gradients(student, backbone_grads.named(), &mut grads);
+            grads
+        },
     })
+}
+
+/// Puts the engine's backbone gradients (by parameter path under `backbone.`) into `grads`,
+/// each under its parameter, as burn's autodiff would have.
+fn attach_gradients(student: &DinoModel, backbone: Vec<(String, HostTensor)>, grads: &mut Gradients) {
+    struct Attach<'a> {
+        grads: &'a mut Gradients,
+        path: ModulePath,
+        pending: HashMap<String, HostTensor>,
+    }
+    impl ModuleVisitor for Attach<'_> {
+        fn enter_module(&mut self, name: &str, kind: &str) {
+            self.path.enter(name, kind);
+        }
+        fn exit_module(&mut self, _: &str, _: &str) {
+            self.path.exit();
+        }
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            if let Some(grad) = self.pending.remove(&self.path.joined()) {
+                let value = param.val();
+                let device = value.clone().without_autodiff().device();
+                value.grad_replace(self.grads, Tensor::from_data(TensorData::new(grad.values, grad.shape), &device));
+            }
+        }
+    }
+    let pending = backbone.into_iter().map(|(name, g)| (format!("backbone.{name}"), g)).collect();
+    let mut attach = Attach { grads, path: ModulePath::default(), pending };
+    student.visit(&mut attach);
+    assert!(attach.pending.is_empty(), "engine gradients for unknown parameters: {:?}", attach.pending.keys().collect::<Vec<_>>());
 }

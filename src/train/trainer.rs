@@ -155,7 +155,7 @@ pub fn train(cfg: &TrainConfig) -> Result<Outcome> {
                     clip_grad: (cfg.clip_grad > 0.0).then_some(cfg.clip_grad),
                     frozen: &frozen,
                 };
-                state.student = state.optimizer.step(state.student, out.grads, out.by_name, &settings);
+                state.student = state.optimizer.step(state.student, out.grads, &settings);
                 state.teacher = update_teacher(state.teacher, &state.student, values.teacher_momentum);
 
                 let metrics = StepMetrics { step: it, loss: out.loss, teacher_entropy: out.teacher_entropy, kl: out.kl, lr: values.lr };
