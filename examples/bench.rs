@@ -114,12 +114,12 @@ fn main() {
 }
 
 /// GFLOP/s of the engine's products at one ViT block's shapes (qkv, proj, fc1, fc2).
-fn products<E: dino::bf16::matmul::Element>(vit: &VitConfig, batch: usize, repeats: usize) {
-    use dino::bf16::matmul::{Matrix, Packed, matmul};
+fn products<E: dino::engine::matmul::Element>(vit: &VitConfig, batch: usize, repeats: usize) {
+    use dino::engine::matmul::{Matrix, Packed, matmul};
     let (d, hidden) = (vit.embed_dim, vit.embed_dim * vit.mlp_ratio);
     let rows = batch * (1 + (vit.img_size / vit.patch_size).pow(2));
     let mut rng = StdRng::seed_from_u64(0);
-    let path = dino::bf16::cpu::Cpu::selected().expect("DINO_ENGINE_PATH names a path this CPU runs").path();
+    let path = dino::engine::cpu::Cpu::selected().expect("DINO_ENGINE_PATH names a path this CPU runs").path();
     let mut line = serde_json::json!({ "impl": format!("dino {} products ({})", std::any::type_name::<E>(), path.name()), "rows": rows });
     for (name, k, n) in [("qkv", d, 3 * d), ("proj", d, d), ("fc1", d, hidden), ("fc2", hidden, d)] {
         let mut values = |count: usize| -> Vec<f32> { (0..count).map(|_| rand::Rng::random_range(&mut rng, -1.0f32..1.0)).collect() };

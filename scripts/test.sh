@@ -9,7 +9,7 @@ cargo test --locked "$@"
 mapfile -t paths < <("${CARGO_TARGET_DIR:-target}/debug/dino" cpu-info --paths)
 for path in "${paths[@]:1}"; do
   echo "== bf16 engine unit tests on the $path path"
-  DINO_ENGINE_PATH=$path cargo test --locked --lib bf16::
+  DINO_ENGINE_PATH=$path cargo test --locked --lib engine::
 done
 missing=$(printf '%s\n' amx avx512bf16 avx2 portable | grep -vxF -f <(printf '%s\n' "${paths[@]}") | paste -sd, - || true)
 echo "engine paths tested: $(printf '%s\n' "${paths[@]}" | paste -sd, -); not on this CPU, untested: ${missing:-none}"

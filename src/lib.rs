@@ -1,12 +1,12 @@
 //! dino: DINO self-supervised vision transformers (Caron et al., ICCV 2021) on Burn.
 
-// All unsafe code is in `bf16::cpu`, each block with the reason it is sound.
+// All unsafe code is in `engine::cpu`, each block with the reason it is sound.
 #![deny(unsafe_op_in_unsafe_fn, clippy::undocumented_unsafe_blocks)]
 
 pub mod cli;
 pub mod data;
 pub mod eval;
-pub mod bf16;
+pub mod engine;
 pub mod model;
 pub mod npy;
 pub mod pretrained;

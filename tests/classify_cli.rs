@@ -171,7 +171,7 @@ fn min_row_cosine(a: &dino::npy::Array, b: &dino::npy::Array) -> f64 {
 #[test]
 fn bf16_features_match_f32_and_keep_knn_accuracy() {
     let model = ["--random_init", "--arch", "vit_micro", "--patch_size", "7", "--image_size", "28", "--center_crop", "1"];
-    let has_bf16_hardware = dino::bf16::cpu::Cpu::supported()[0].has_bf16_hardware();
+    let has_bf16_hardware = dino::engine::cpu::Cpu::supported()[0].has_bf16_hardware();
     if !has_bf16_hardware {
         let (ok, _, err) = dino(&[&["knn", "--precision", "bf16"], &model[..]].concat());
         assert!(!ok && err.contains("--precision bf16") && err.contains("AVX512-BF16"), "{err}");

@@ -467,7 +467,7 @@ fn bf16_training_follows_f32() {
     let o = run(&resnet);
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && stderr.trim().lines().count() == 1 && stderr.contains("--precision"), "{stderr}");
-    if !dino::bf16::cpu::Cpu::supported()[0].has_bf16_hardware() {
+    if !dino::engine::cpu::Cpu::supported()[0].has_bf16_hardware() {
         let o = run(&args_at("bf16"));
         let stderr = String::from_utf8_lossy(&o.stderr);
         assert!(!o.status.success() && stderr.trim().lines().count() == 1 && stderr.contains("AVX512-BF16"), "{stderr}");

@@ -114,7 +114,7 @@ pub fn run(cli: Cli, matches: &ArgMatches) -> Result<()> {
 }
 
 fn cpu_info(names_only: bool) -> Result<()> {
-    use crate::bf16::cpu::{Cpu, PATH_VARIABLE, Path};
+    use crate::engine::cpu::{Cpu, PATH_VARIABLE, Path};
     let supported = Cpu::supported();
     if names_only {
         supported.iter().for_each(|p| println!("{}", p.name()));

@@ -10,8 +10,8 @@ use rayon::prelude::*;
 use super::knn::LabelledFeatures;
 use crate::data::augment::{normalize_to_chw, resize_crop};
 use crate::data::dataset::Dataset;
-pub use crate::bf16::Precision;
-use crate::bf16::EngineVit;
+pub use crate::engine::Precision;
+use crate::engine::EngineVit;
 use crate::model::{Network, ResNet, VisionTransformer};
 use crate::weights::HostTensor;
 
@@ -45,7 +45,7 @@ impl EvalTransform {
 pub enum FeatureKind<'a> {
     /// ViT features, see [`backbone_features`].
     Backbone(&'a VisionTransformer, FeatureLayout),
-    /// The same ViT features from our CPU engine (`src/bf16/`), at f32 or bf16.
+    /// The same ViT features from our CPU engine (`src/engine/`), at f32 or bf16.
     Engine(&'a EngineVit, FeatureLayout),
     /// A ResNet's pooled output.
     ResNet(&'a ResNet),
@@ -127,12 +127,12 @@ impl<'a> FeatureNetwork<'a> {
     pub fn new(network: &'a Network, precision: Precision) -> anyhow::Result<Self> {
         let engine = match precision {
             Precision::F32 => match network {
-                Network::Vit(vit) if crate::bf16::engine_runs(vit, &vit.cls_token.val().device()) => Some(EngineVit::new(vit, precision)?),
+                Network::Vit(vit) if crate::engine::engine_runs(vit, &vit.cls_token.val().device()) => Some(EngineVit::new(vit, precision)?),
                 _ => None,
             },
             Precision::Bf16 => {
                 let vit = network.vit("--precision bf16")?;
-                crate::bf16::check_available("--precision")?;
+                crate::engine::check_available("--precision")?;
                 Some(EngineVit::new(vit, precision).context("--precision bf16")?)
             }
         };

@@ -9,7 +9,7 @@ use clap::{ArgMatches, Args, ValueEnum};
 use serde::{Deserialize, Serialize};
 
 use super::optim::OptimizerKind;
-use crate::bf16::Precision;
+use crate::engine::Precision;
 use crate::data::augment::MultiCropConfig;
 use crate::model::{ARCHITECTURES, DinoHeadConfig, Network, ResNetConfig, VitConfig};
 
@@ -351,7 +351,7 @@ impl TrainConfig {
             if self.device != DeviceKind::Cpu {
                 bail!("--precision bf16 runs on --device cpu only; use --precision f32 on GPUs");
             }
-            crate::bf16::check_available("--precision")?;
+            crate::engine::check_available("--precision")?;
         }
         Ok(())
     }

@@ -1,6 +1,6 @@
 //! The models' part of one training iteration: teacher forward on the global crops, student
 //! forward on all crops, DINO loss and backward. A ViT on the CPU runs both backbones on our
-//! engine (`src/bf16/`: f32 products at `--precision f32`, bf16 at bf16) and only the heads and
+//! engine (`src/engine/`: f32 products at `--precision f32`, bf16 at bf16) and only the heads and
 //! the loss go through burn, the student's features entering burn's graph as a leaf whose
 //! gradient the engine's backward pass takes from there; everything else (ResNets, GPUs) goes
 //! through burn's autodiff.
@@ -13,8 +13,8 @@ use burn::tensor::{Device, Gradients, Tensor, TensorData};
 use rand::rngs::StdRng;
 
 use super::loss::DinoLoss;
-use crate::bf16::matmul::Element;
-use crate::bf16::{InferenceVit, Precision, StudentVit};
+use crate::engine::matmul::Element;
+use crate::engine::{InferenceVit, Precision, StudentVit};
 use crate::model::DinoModel;
 use crate::weights::{HostTensor, ModulePath};
 
@@ -53,7 +53,7 @@ pub fn forward_backward(
     teacher_temp: f64,
     device: &Device,
 ) -> Result<StepOutput> {
-    let engine_runs = student.backbone.vit("").is_ok_and(|vit| crate::bf16::engine_runs(vit, device));
+    let engine_runs = student.backbone.vit("").is_ok_and(|vit| crate::engine::engine_runs(vit, device));
     match precision {
         Precision::Bf16 => engine_step::<u16>(student, teacher, loss_fn, crops, rng, teacher_temp, device),
         Precision::F32 if engine_runs => engine_step::<f32>(student, teacher, loss_fn, crops, rng, teacher_temp, device),

@@ -86,7 +86,7 @@ pub fn run_dino_with(args: &[&str], env: &[(&str, &str)]) -> (bool, String, Stri
 /// The bf16 engine's paths this CPU runs and the ones it cannot, printed so that a test's
 /// output says which paths it checked (a path missing here was not tested, not passed).
 pub fn engine_paths(test: &str) -> Vec<&'static str> {
-    use dino::bf16::cpu::{Cpu, Path};
+    use dino::engine::cpu::{Cpu, Path};
     let supported = Cpu::supported();
     let (ran, skipped): (Vec<Path>, Vec<Path>) = Path::ALL.into_iter().partition(|p| supported.contains(p));
     let names = |paths: &[Path]| paths.iter().map(|p| p.name()).collect::<Vec<_>>().join(", ");

@@ -424,7 +424,7 @@ mod tests {
     /// The engine against the f32 burn path on a random ViT (trained-size and resized inputs,
     /// odd token counts): the same network up to the products' input rounding, which is
     /// `max_diff` for bf16 and float summation order for f32.
-    fn check_against_burn(precision: crate::bf16::Precision, max_allowed: f32, min_cosine: f32) {
+    fn check_against_burn(precision: crate::engine::Precision, max_allowed: f32, min_cosine: f32) {
         eprintln!("engine path: {}, {precision:?}", Cpu::current().path().name());
         let device = Device::flex();
         let config = VitConfig { img_size: 48, patch_size: 8, embed_dim: 96, depth: 3, num_heads: 3, mlp_ratio: 4, drop_path_rate: 0.0 };
@@ -446,11 +446,11 @@ mod tests {
 
     #[test]
     fn bf16_matches_the_f32_path_up_to_bf16_rounding() {
-        check_against_burn(crate::bf16::Precision::Bf16, 0.05, 0.9999);
+        check_against_burn(crate::engine::Precision::Bf16, 0.05, 0.9999);
     }
 
     #[test]
     fn f32_matches_the_f32_path_up_to_summation_order() {
-        check_against_burn(crate::bf16::Precision::F32, 2e-4, 0.999_999);
+        check_against_burn(crate::engine::Precision::F32, 2e-4, 0.999_999);
     }
 }

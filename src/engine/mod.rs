@@ -1,9 +1,9 @@
-//! The bf16 engine, our own code where burn has no bf16 CPU path: a ViT inference engine for
-//! features (`--precision bf16` on `extract`, `knn`, `linear`) and the student ViT's forward
-//! and backward pass for training (`dino train --precision bf16`). Both are the networks of
-//! `model::vit` with bf16 matrix products (f32 accumulation) and fused, threaded element-wise
-//! passes instead of burn's general tensor ops, checked against the f32 burn path. The
-//! products run on AMX tiles or AVX512-BF16, whichever the CPU has (`cpu.rs`).
+//! The CPU engine for ViTs, our own code in place of burn's general tensor ops on the CPU: an
+//! inference network (`extract`, `knn`, `linear` and the teacher in training) and the student's
+//! forward and backward pass (`dino train`), the networks of `model::vit` with packed matrix
+//! products — f32 inputs at `--precision f32`, bf16 inputs at bf16, f32 accumulation — and
+//! fused, threaded element-wise passes, checked against the f32 burn path. Each CPU runs the
+//! best path it has (`cpu.rs`: AMX, AVX512-BF16, AVX2 or plain code).
 
 pub mod cpu;
 pub mod matmul;

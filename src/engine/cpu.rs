@@ -1,7 +1,8 @@
 //! The engine's only contact with the instruction set: CPU detection, the [`Cpu`] token that
 //! only detection can create, and every kernel that needs a CPU feature — the 32×32 block of a
-//! bf16 matrix product (AMX tiles, AVX512-BF16 dot products, or plain code) and the
-//! compilations of the row kernels (`rows.rs`) for AVX-512, AVX2+FMA and plain code.
+//! matrix product (bf16 on AMX tiles or with AVX512-BF16 dot products, f32 with AVX-512 or
+//! AVX2 FMAs, or plain code) and the compilations of the row kernels (`rows.rs`) for AVX-512,
+//! AVX2+FMA and plain code.
 //!
 //! All `unsafe` of the engine is here. A kernel compiled for a feature is only called through
 //! a token whose path detection granted, which is what makes those calls sound.
@@ -17,9 +18,11 @@ pub const PATH_VARIABLE: &str = "DINO_ENGINE_PATH";
 /// Its value that turns the engine off.
 const ENGINE_OFF: &str = "burn";
 
-/// bf16 values along k in one packed B tile row, and the k-pairs of one packed tile.
+/// Depth of one k slice: packed B and A's rows are padded to whole slices (for bf16, one
+/// 64-byte tile row).
 pub(super) const K_STEP: usize = 32;
-pub(super) const TILE_PAIRS: usize = 16 * 16;
+/// k-pairs in one packed bf16 tile (16 rows of 16).
+const TILE_PAIRS: usize = 16 * 16;
 /// Rows and columns of one product block.
 pub const BLOCK: usize = 32;
 
