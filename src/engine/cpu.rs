@@ -261,6 +261,32 @@ impl Products {
     }
 }
 
+/// Runs an AVX-512 row kernel over a 32-row block as three groups: rows 0..12, 12..24 and
+/// 24..32 (12 rows × 32 columns of accumulators fill 24 of the 32 vector registers).
+#[cfg(target_arch = "x86_64")]
+macro_rules! in_row_groups {
+    ($rows:ident, $a:expr, $a_stride:expr, $strips:expr, $depth:expr, $out:expr) => {{
+        $rows::<12>($a, $a_stride, $strips, $depth, &mut $out[..]);
+        $rows::<12>($a.add(12 * $a_stride), $a_stride, $strips, $depth, &mut $out[12 * BLOCK..]);
+        $rows::<8>($a.add(24 * $a_stride), $a_stride, $strips, $depth, &mut $out[24 * BLOCK..]);
+    }};
+}
+
+/// Stores `R` rows of two 16-lane accumulators as rows of 32 values, 32 apart.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn store_rows<const R: usize>(acc: &[[std::arch::x86_64::__m512; 2]; R], out: &mut [f32]) {
+    use std::arch::x86_64::_mm512_storeu_ps;
+    for (i, acc) in acc.iter().enumerate() {
+        let row = &mut out[i * BLOCK..][..BLOCK];
+        // SAFETY: `row` holds 32 f32, two unaligned 16-lane stores.
+        unsafe {
+            _mm512_storeu_ps(row.as_mut_ptr(), acc[0]);
+            _mm512_storeu_ps(row.as_mut_ptr().add(16), acc[1]);
+        }
+    }
+}
+
 /// The f32 block with AVX-512: twelve, twelve and eight rows at a time, each row in two
 /// 16-lane accumulators (24 of the 32 registers at most), each A value broadcast against the
 /// two strips' 16 columns.
@@ -270,12 +296,8 @@ impl Products {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn block_f32_avx512(a: *const f32, a_stride: usize, b0: *const f32, b1: *const f32, depth: usize, out: &mut [f32; BLOCK * BLOCK]) {
-    // SAFETY: rows 0..12, 12..24 and 24..32 are within the caller's bounds.
-    unsafe {
-        rows_f32_avx512::<12>(a, a_stride, [b0, b1], depth, &mut out[..]);
-        rows_f32_avx512::<12>(a.add(12 * a_stride), a_stride, [b0, b1], depth, &mut out[12 * BLOCK..]);
-        rows_f32_avx512::<8>(a.add(24 * a_stride), a_stride, [b0, b1], depth, &mut out[24 * BLOCK..]);
-    }
+    // SAFETY: the split keeps each group within the caller's 32 rows.
+    unsafe { in_row_groups!(rows_f32_avx512, a, a_stride, [b0, b1], depth, out) }
 }
 
 /// `R` rows of the f32 block: out[i · 32 + c] for i < R, c < 32.
@@ -300,14 +322,7 @@ unsafe fn rows_f32_avx512<const R: usize>(a: *const f32, a_stride: usize, [b0, b
             }
         }
     }
-    for (i, acc) in acc.iter().enumerate() {
-        let row = &mut out[i * BLOCK..][..BLOCK];
-        // SAFETY: `row` holds 32 f32, two unaligned 16-lane stores.
-        unsafe {
-            _mm512_storeu_ps(row.as_mut_ptr(), acc[0]);
-            _mm512_storeu_ps(row.as_mut_ptr().add(16), acc[1]);
-        }
-    }
+    store_rows(&acc, out);
 }
 
 /// The f32 block with AVX2: strip by strip, six rows at a time in twelve 8-lane
@@ -427,12 +442,8 @@ unsafe fn block_amx(a: *const u16, a_stride: usize, b0: *const u32, b1: *const u
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bf16")]
 unsafe fn block_avx512bf16(a: *const u16, a_stride: usize, b0: *const u32, b1: *const u32, pairs: usize, out: &mut [f32; BLOCK * BLOCK]) {
-    // SAFETY: rows 0..12, 12..24 and 24..32 are within the caller's bounds.
-    unsafe {
-        rows_avx512bf16::<12>(a, a_stride, [b0, b1], pairs, &mut out[..]);
-        rows_avx512bf16::<12>(a.add(12 * a_stride), a_stride, [b0, b1], pairs, &mut out[12 * BLOCK..]);
-        rows_avx512bf16::<8>(a.add(24 * a_stride), a_stride, [b0, b1], pairs, &mut out[24 * BLOCK..]);
-    }
+    // SAFETY: the split keeps each group within the caller's 32 rows.
+    unsafe { in_row_groups!(rows_avx512bf16, a, a_stride, [b0, b1], pairs, out) }
 }
 
 /// `R` rows of the bf16 block: out[i · 32 + c] for i < R, c < 32.
@@ -458,14 +469,7 @@ unsafe fn rows_avx512bf16<const R: usize>(a: *const u16, a_stride: usize, [b0, b
             }
         }
     }
-    for (i, acc) in acc.iter().enumerate() {
-        let row = &mut out[i * BLOCK..][..BLOCK];
-        // SAFETY: `row` holds 32 f32, two unaligned 16-lane stores.
-        unsafe {
-            _mm512_storeu_ps(row.as_mut_ptr(), acc[0]);
-            _mm512_storeu_ps(row.as_mut_ptr().add(16), acc[1]);
-        }
-    }
+    store_rows(&acc, out);
 }
 
 /// The plain block compiled for AVX2 and FMA.

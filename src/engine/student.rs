@@ -8,13 +8,12 @@
 //! Weights are packed from the burn student at every step and the gradients go back by
 //! parameter name, so burn keeps owning the weights, the optimiser state and the checkpoints.
 
-use burn::tensor::Tensor;
 use rand::rngs::StdRng;
 use rayon::prelude::*;
 
 use super::matmul::{self, BLOCK, Element, Matrix, Packed, View};
 use super::rows;
-use super::vit::{Dense, HeadScratch, HeadShape, Norm, PackedBlock, Stem, head_attention, host, patch_rows, tokens};
+use super::vit::{Dense, HeadScratch, HeadShape, Norm, PackedVit, head_attention, host, patch_rows, tokens};
 use crate::model::VisionTransformer;
 use crate::model::interpolate::bicubic_matrix;
 use crate::model::vit::{GridResize, keep_factors, position_embedding};
@@ -22,16 +21,7 @@ use crate::weights::HostTensor;
 
 /// A ViT packed for one training step.
 pub struct StudentVit<E: Element> {
-    patch_size: usize,
-    dim: usize,
-    num_heads: usize,
-    patch: Dense<E>,
-    cls_token: Vec<f32>,
-    pos_embed: Tensor<3>,
-    blocks: Vec<PackedBlock<E>>,
-    norm: Norm,
-    /// head_dim^-0.5 for the query columns of the qkv product, 1 for the others.
-    qkv_scale: Vec<f32>,
+    net: PackedVit<E>,
 }
 
 /// A LayerNorm's input as its backward pass needs it: the standardised rows and 1/σ per row.
@@ -361,24 +351,13 @@ impl<E: Element> StudentVit<E> {
     /// Packs the ViT's current weights; an error when the engine's path cannot run or the
     /// heads are not a whole number of 32-wide tile slices.
     pub fn new(vit: &VisionTransformer) -> anyhow::Result<Self> {
-        let Stem { patch, num_heads, qkv_scale } = Stem::new(vit, "the training engine")?;
-        Ok(Self {
-            patch_size: vit.patch_size(),
-            dim: vit.embed_dim(),
-            num_heads,
-            patch,
-            cls_token: host(vit.cls_token.val()),
-            pos_embed: vit.pos_embed.val().without_autodiff().detach(),
-            blocks: vit.blocks.iter().map(|b| PackedBlock::new(b, true)).collect(),
-            norm: Norm::new(&vit.norm),
-            qkv_scale,
-        })
+        Ok(Self { net: PackedVit::new(vit, true, "the training engine")? })
     }
 
     /// Zero gradients for this network's parameters.
     pub fn zero_gradients(&self) -> Gradients {
-        let d = self.dim;
-        let hidden = self.blocks.first().map_or(0, |b| b.fc1.out_dim());
+        let d = self.net.dim;
+        let hidden = self.net.blocks.first().map_or(0, |b| b.fc1.out_dim());
         let block = || BlockGrads {
             norm1: NormGrads::zeros(d),
             qkv: DenseGrads::zeros(d, 3 * d),
@@ -389,11 +368,11 @@ impl<E: Element> StudentVit<E> {
         };
         Gradients {
             dim: d,
-            patch_size: self.patch_size,
+            patch_size: self.net.patch_size,
             cls_token: zeros(d),
-            pos_embed: zeros(self.pos_embed.dims()[1] * d),
-            patch: DenseGrads::zeros(3 * self.patch_size * self.patch_size, d),
-            blocks: (0..self.blocks.len()).map(|_| block()).collect(),
+            pos_embed: zeros(self.net.pos_embed.dims()[1] * d),
+            patch: DenseGrads::zeros(3 * self.net.patch_size * self.net.patch_size, d),
+            blocks: (0..self.net.blocks.len()).map(|_| block()).collect(),
             norm: NormGrads::zeros(d),
         }
     }
@@ -402,17 +381,17 @@ impl<E: Element> StudentVit<E> {
     /// [B, 3, H, W], with stochastic depth drawn from `rng` exactly as
     /// `VisionTransformer::forward_train` draws it, and the tape for [`StudentVit::backward`].
     pub fn forward(&self, pixels: &[f32], images: usize, (h, w): (usize, usize), rng: &mut StdRng) -> (Vec<f32>, Tape<E>) {
-        let (dim, p) = (self.dim, self.patch_size);
+        let (dim, p) = (self.net.dim, self.net.patch_size);
         let tokens_per_image = 1 + (h / p) * (w / p);
         let rows = images * tokens_per_image;
-        let heads = self.num_heads;
+        let heads = self.net.num_heads;
         let shape = HeadShape { dim, head_dim: dim / heads, tokens: tokens_per_image };
         let patches = patch_rows(pixels, images, (h, w), p);
-        let pos = host(position_embedding(self.pos_embed.clone(), p, h, w));
-        let mut x = tokens(&patches, &self.patch, &self.cls_token, &pos, images);
+        let pos = host(position_embedding(self.net.pos_embed.clone(), p, h, w));
+        let mut x = tokens(&patches, &self.net.patch, &self.net.cls_token, &pos, images);
         let mut normed = Matrix::zeros(rows, dim);
-        let mut blocks = Vec::with_capacity(self.blocks.len());
-        for block in &self.blocks {
+        let mut blocks = Vec::with_capacity(self.net.blocks.len());
+        for block in &self.net.blocks {
             let (keep_attn, keep_mlp) = if block.drop_path > 0.0 {
                 (Some(keep_factors(block.drop_path, images, rng)), Some(keep_factors(block.drop_path, images, rng)))
             } else {
@@ -424,7 +403,7 @@ impl<E: Element> StudentVit<E> {
             let mut qkv = Matrix::zeros(rows + BLOCK, 3 * dim);
             let qkv_stride = qkv.stride();
             matmul::matmul(normed.view(), &block.qkv.weight, qkv.data_mut(), qkv_stride, |dst, v, _, c| {
-                rows::bias_scale_to(dst, v, &block.qkv.bias[c..], &self.qkv_scale[c..]);
+                rows::bias_scale_to(dst, v, &block.qkv.bias[c..], &self.net.qkv_scale[c..]);
             });
             let mut weights: Vec<Matrix<E>> = (0..images * heads).map(|_| Matrix::zeros(tokens_per_image, tokens_per_image)).collect();
             let mut mixed = Matrix::zeros(rows, dim);
@@ -461,8 +440,8 @@ impl<E: Element> StudentVit<E> {
         let mut features = zeros(images * dim);
         for i in 0..images {
             let (xhat, feature) = (&mut out.xhat[i * dim..][..dim], &mut features[i * dim..][..dim]);
-            out.inv[i] = rows::standardize(xhat, &x[i * tokens_per_image * dim..][..dim], self.norm.eps);
-            for (((f, &v), &g), &b) in feature.iter_mut().zip(xhat.iter()).zip(&self.norm.weight).zip(&self.norm.bias) {
+            out.inv[i] = rows::standardize(xhat, &x[i * tokens_per_image * dim..][..dim], self.net.norm.eps);
+            for (((f, &v), &g), &b) in feature.iter_mut().zip(xhat.iter()).zip(&self.net.norm.weight).zip(&self.net.norm.bias) {
                 *f = v.mul_add(g, b);
             }
         }
@@ -472,20 +451,20 @@ impl<E: Element> StudentVit<E> {
     /// Adds the gradients of the parameters for the feature gradients `d_features` [B, D] of
     /// the forward pass that made `tape`.
     pub fn backward(&self, tape: &Tape<E>, d_features: &[f32], grads: &mut Gradients) {
-        let dim = self.dim;
+        let dim = self.net.dim;
         let (images, tokens_per_image) = (tape.images, tape.tokens);
         let rows = images * tokens_per_image;
         let mut dx = zeros(rows * dim);
         for i in 0..images {
             let (d, xhat) = (&d_features[i * dim..][..dim], &tape.out.xhat[i * dim..][..dim]);
-            rows::layer_norm_backward(&mut dx[i * tokens_per_image * dim..][..dim], d, xhat, &self.norm.weight, tape.out.inv[i]);
+            rows::layer_norm_backward(&mut dx[i * tokens_per_image * dim..][..dim], d, xhat, &self.net.norm.weight, tape.out.inv[i]);
             for ((w, &g), &x) in grads.norm.weight.iter_mut().zip(d).zip(xhat) {
                 *w += g * x;
             }
             add(&mut grads.norm.bias, d);
         }
 
-        let hidden_dim = self.blocks.first().map_or(0, |b| b.fc1.out_dim());
+        let hidden_dim = self.net.blocks.first().map_or(0, |b| b.fc1.out_dim());
         let mut ws = Workspace {
             dy: Matrix::zeros(rows, dim),
             dn: zeros(rows * dim),
@@ -496,7 +475,7 @@ impl<E: Element> StudentVit<E> {
             hidden_t: Matrix::zeros(hidden_dim, rows),
             packed: Packed::default(),
         };
-        for ((layers, saved), g) in self.blocks.iter().zip(&tape.blocks).zip(grads.blocks.iter_mut()).rev() {
+        for ((layers, saved), g) in self.net.blocks.iter().zip(&tape.blocks).zip(grads.blocks.iter_mut()).rev() {
             // MLP branch: x += keep · (gelu(h)·W2 + b2), h = n2·W1 + b1.
             branch_gradient(&dx, saved.keep_mlp.as_deref(), tokens_per_image, &mut ws.dy, &mut g.fc2.bias);
             let (activated, hidden_stride) = (saved.activated.view_data(), saved.activated.stride());
@@ -532,9 +511,9 @@ impl<E: Element> StudentVit<E> {
     /// one image per task: with P the kept weights, dP = dO·vᵀ, dS = P ⊙ (dP - rowsum(dP ⊙ P)),
     /// dq = dS·k · scale, dk = dSᵀ·q_scaled, dv = Pᵀ·dO.
     fn attention_backward(&self, saved: &BlockTape<E>, d_mixed: &Matrix<E>, images: usize, tokens: usize, d_qkv: &mut Matrix<E>) {
-        let (dim, heads) = (self.dim, self.num_heads);
+        let (dim, heads) = (self.net.dim, self.net.num_heads);
         let head_dim = dim / heads;
-        let scale = self.qkv_scale[0];
+        let scale = self.net.qkv_scale[0];
         let out_stride = d_qkv.stride();
         let (qkv, qkv_stride) = (saved.qkv.view_data(), saved.qkv.stride());
         let (d_out, d_stride) = (d_mixed.view_data(), d_mixed.stride());
@@ -581,7 +560,7 @@ impl<E: Element> StudentVit<E> {
     /// the input was not at the trained size) and the patch projection from the token
     /// gradients `dx`.
     fn embedding_backward(&self, tape: &Tape<E>, dx: &[f32], grads: &mut Gradients) {
-        let (dim, p) = (self.dim, self.patch_size);
+        let (dim, p) = (self.net.dim, self.net.patch_size);
         let (images, tokens_per_image) = (tape.images, tape.tokens);
         let patches = tokens_per_image - 1;
         let mut d_pos = zeros(tokens_per_image * dim);
@@ -644,7 +623,7 @@ fn transposed_weight<E: Element>(dense: &Dense<E>) -> &Packed<E> {
 mod tests {
     use super::*;
     use burn::module::Module;
-    use burn::tensor::{Device, Distribution};
+    use burn::tensor::{Device, Distribution, Tensor};
     use rand::SeedableRng;
     use std::collections::HashMap;
 

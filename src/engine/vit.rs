@@ -96,20 +96,28 @@ impl<E: Element> PackedBlock<E> {
     }
 }
 
-/// What both engines build alike from a ViT: the patch projection, and for the heads (read
-/// straight out of the qkv rows in whole 32-wide tile slices, so their width is checked) the
-/// qkv product's column scales: head_dim^-0.5 on the queries (as the f32 path scales q before
-/// QKᵀ), 1 on keys and values.
-pub(super) struct Stem<E: Element> {
-    pub patch: Dense<E>,
+/// A ViT's weights packed for the engine, what both networks hold alike. The heads are read
+/// straight out of the qkv rows in whole 32-wide slices, so their width is checked; the qkv
+/// product's column scales are head_dim^-0.5 on the queries (as the f32 path scales q before
+/// QKᵀ) and 1 on keys and values.
+pub(super) struct PackedVit<E: Element> {
+    pub patch_size: usize,
+    pub dim: usize,
     pub num_heads: usize,
+    pub patch: Dense<E>,
+    pub cls_token: Vec<f32>,
+    /// At the trained grid size, resized per input as `model::vit` does.
+    pub pos_embed: Tensor<3>,
+    pub blocks: Vec<PackedBlock<E>>,
+    pub norm: Norm,
     pub qkv_scale: Vec<f32>,
 }
 
-impl<E: Element> Stem<E> {
-    /// An error naming `what` when `DINO_ENGINE_PATH` names a path this CPU cannot run, or
-    /// the heads do not fit the tiles.
-    pub fn new(vit: &VisionTransformer, what: &str) -> anyhow::Result<Self> {
+impl<E: Element> PackedVit<E> {
+    /// Packs `vit`'s weights (`trainable` also packs each Wᵀ for the backward pass); an error
+    /// naming `what` when `DINO_ENGINE_PATH` names a path this CPU cannot run, or the heads
+    /// are not whole 32-wide slices.
+    pub fn new(vit: &VisionTransformer, trainable: bool, what: &str) -> anyhow::Result<Self> {
         Cpu::selected().map_err(|e| anyhow::anyhow!("{what}: {e}"))?;
         let dim = vit.embed_dim();
         let conv = host(vit.patch_embed.weight.val());
@@ -123,8 +131,17 @@ impl<E: Element> Stem<E> {
         let num_heads = vit.blocks.first().map_or(1, |b| b.attn.num_heads);
         let head_dim = dim / num_heads;
         anyhow::ensure!(head_dim.is_multiple_of(32), "{what} needs a head width that is a multiple of 32, not {head_dim}");
-        let qkv_scale = (0..3 * dim).map(|c| if c < dim { (head_dim as f32).powf(-0.5) } else { 1.0 }).collect();
-        Ok(Self { patch, num_heads, qkv_scale })
+        Ok(Self {
+            patch_size: vit.patch_size(),
+            dim,
+            num_heads,
+            patch,
+            cls_token: host(vit.cls_token.val()),
+            pos_embed: vit.pos_embed.val().without_autodiff().detach(),
+            blocks: vit.blocks.iter().map(|b| PackedBlock::new(b, trainable)).collect(),
+            norm: Norm::new(&vit.norm),
+            qkv_scale: (0..3 * dim).map(|c| if c < dim { (head_dim as f32).powf(-0.5) } else { 1.0 }).collect(),
+        })
     }
 }
 
@@ -133,19 +150,9 @@ type PositionCache = HashMap<(usize, usize), Arc<Vec<f32>>>;
 
 /// A ViT packed for inference with `E` (bf16 or f32) products.
 pub struct InferenceVit<E: Element> {
-    patch_size: usize,
-    dim: usize,
-    num_heads: usize,
-    patch: Dense<E>,
-    cls_token: Vec<f32>,
-    pos_embed: Tensor<3>,
+    net: PackedVit<E>,
     /// Position embeddings already resized, by input height and width.
     resized_pos: Mutex<PositionCache>,
-    blocks: Vec<PackedBlock<E>>,
-    norm: Norm,
-    /// Multiplies the query columns of the qkv product by head_dim^-0.5 (as the f32 path
-    /// scales q before QKᵀ), the key and value columns by 1.
-    qkv_scale: Vec<f32>,
 }
 
 pub(super) fn host<const D: usize>(t: Tensor<D>) -> Vec<f32> {
@@ -178,8 +185,8 @@ impl EngineVit {
 
     pub fn patch_size(&self) -> usize {
         match self {
-            Self::F32(v) => v.patch_size,
-            Self::Bf16(v) => v.patch_size,
+            Self::F32(v) => v.net.patch_size,
+            Self::Bf16(v) => v.net.patch_size,
         }
     }
 
@@ -204,19 +211,7 @@ impl<E: Element> InferenceVit<E> {
     /// Packs a ViT's weights; an error when the engine's path cannot run or the heads are
     /// not a whole number of 32-wide slices.
     pub fn new(vit: &VisionTransformer) -> anyhow::Result<Self> {
-        let Stem { patch, num_heads, qkv_scale } = Stem::new(vit, "the inference engine")?;
-        Ok(Self {
-            patch_size: vit.patch_size(),
-            dim: vit.embed_dim(),
-            num_heads,
-            patch,
-            cls_token: host(vit.cls_token.val()),
-            pos_embed: vit.pos_embed.val(),
-            resized_pos: Mutex::new(HashMap::new()),
-            blocks: vit.blocks.iter().map(|b| PackedBlock::new(b, false)).collect(),
-            norm: Norm::new(&vit.norm),
-            qkv_scale,
-        })
+        Ok(Self { net: PackedVit::new(vit, false, "the inference engine")?, resized_pos: Mutex::new(HashMap::new()) })
     }
 
     /// As `VisionTransformer::intermediate_layers`: the normalised tokens [B, 1 + patches, D]
@@ -225,15 +220,15 @@ impl<E: Element> InferenceVit<E> {
         let [batch, channels, h, w] = images.dims();
         assert_eq!(channels, 3, "images must have 3 channels");
         let device = images.device();
-        let dim = self.dim;
-        let tokens = 1 + (h / self.patch_size) * (w / self.patch_size);
+        let dim = self.net.dim;
+        let tokens = 1 + (h / self.net.patch_size) * (w / self.net.patch_size);
         let streams = self.streams(&host(images), batch, (h, w), n);
         streams
             .into_iter()
             .map(|x| {
                 let mut out = vec![0f32; x.len()];
                 out.par_chunks_mut(dim).zip(x.par_chunks(dim)).for_each(|(dst, row)| {
-                    rows::layer_norm(dst, row, &self.norm.weight, &self.norm.bias, self.norm.eps);
+                    rows::layer_norm(dst, row, &self.net.norm.weight, &self.net.norm.bias, self.net.norm.eps);
                 });
                 Tensor::from_data(TensorData::new(out, [batch, tokens, dim]), &device)
             })
@@ -243,19 +238,19 @@ impl<E: Element> InferenceVit<E> {
     /// As `VisionTransformer::forward`: the image features [B, D] (the cls token after the
     /// final norm) of normalised images [B, 3, H, W] given as host values.
     pub fn features(&self, pixels: &[f32], batch: usize, (h, w): (usize, usize)) -> Vec<f32> {
-        let dim = self.dim;
-        let tokens = 1 + (h / self.patch_size) * (w / self.patch_size);
+        let dim = self.net.dim;
+        let tokens = 1 + (h / self.net.patch_size) * (w / self.net.patch_size);
         let x = self.streams(pixels, batch, (h, w), 1).pop().expect("a ViT has at least one block");
         let mut out = vec![0f32; batch * dim];
         for (dst, image) in out.chunks_mut(dim).zip(x.chunks(tokens * dim)) {
-            rows::layer_norm(dst, &image[..dim], &self.norm.weight, &self.norm.bias, self.norm.eps);
+            rows::layer_norm(dst, &image[..dim], &self.net.norm.weight, &self.net.norm.bias, self.net.norm.eps);
         }
         out
     }
 
     /// The residual stream [B·(1 + patches), D] after each of the last `n` blocks.
     fn streams(&self, pixels: &[f32], batch: usize, (h, w): (usize, usize), n: usize) -> Vec<Vec<f32>> {
-        let (dim, p) = (self.dim, self.patch_size);
+        let (dim, p) = (self.net.dim, self.net.patch_size);
         let tokens = 1 + (h / p) * (w / p);
         let rows = batch * tokens;
         let mut x = self.embed(pixels, batch, (h, w));
@@ -263,11 +258,11 @@ impl<E: Element> InferenceVit<E> {
         // One spare block of rows: each image's heads are read in whole 32-row blocks.
         let mut qkv = Matrix::<E>::zeros(rows + matmul::BLOCK, 3 * dim);
         let mut mixed = Matrix::<E>::zeros(rows, dim);
-        let mut hidden = Matrix::<E>::zeros(rows, self.blocks.first().map_or(1, |b| b.fc1.out_dim()));
+        let mut hidden = Matrix::<E>::zeros(rows, self.net.blocks.first().map_or(1, |b| b.fc1.out_dim()));
         let mut outputs = Vec::new();
-        for (i, block) in self.blocks.iter().enumerate() {
+        for (i, block) in self.net.blocks.iter().enumerate() {
             block.norm1.normalize_into(&x, &mut normed);
-            let scale = &self.qkv_scale;
+            let scale = &self.net.qkv_scale;
             matmul::matmul(normed.view(), &block.qkv.weight, qkv.data_mut(), 3 * dim, |dst, v, _, c| {
                 rows::bias_scale_to(dst, v, &block.qkv.bias[c..], &scale[c..]);
             });
@@ -278,7 +273,7 @@ impl<E: Element> InferenceVit<E> {
             let hidden_rows = &mut hidden.data_mut()[..rows * stride];
             matmul::matmul(normed.view(), &block.fc1.weight, hidden_rows, stride, |dst, v, _, c| rows::bias_gelu_to(dst, v, &block.fc1.bias[c..]));
             matmul::matmul(hidden.view(), &block.fc2.weight, &mut x, dim, |dst, v, _, c| rows::bias_accumulate(dst, v, &block.fc2.bias[c..]));
-            if self.blocks.len() - i <= n {
+            if self.net.blocks.len() - i <= n {
                 outputs.push(x.clone());
             }
         }
@@ -288,24 +283,24 @@ impl<E: Element> InferenceVit<E> {
     /// The token stream [B·(1 + patches), D]: patch projections and the cls token, plus the
     /// position embedding.
     fn embed(&self, pixels: &[f32], batch: usize, (h, w): (usize, usize)) -> Vec<f32> {
-        let flat = patch_rows(pixels, batch, (h, w), self.patch_size);
-        tokens(&flat, &self.patch, &self.cls_token, &self.position_embedding(h, w), batch)
+        let flat = patch_rows(pixels, batch, (h, w), self.net.patch_size);
+        tokens(&flat, &self.net.patch, &self.net.cls_token, &self.position_embedding(h, w), batch)
     }
 
     fn position_embedding(&self, h: usize, w: usize) -> Arc<Vec<f32>> {
         let mut cache = self.resized_pos.lock().expect("position cache poisoned");
-        cache.entry((h, w)).or_insert_with(|| Arc::new(host(position_embedding(self.pos_embed.clone(), self.patch_size, h, w)))).clone()
+        cache.entry((h, w)).or_insert_with(|| Arc::new(host(position_embedding(self.net.pos_embed.clone(), self.net.patch_size, h, w)))).clone()
     }
 
     /// Multi-head self-attention of each image (one image per task), from the qkv rows
     /// [B·N, 3D] (queries already scaled) into the heads' concatenated outputs.
     fn attention(&self, qkv: &Matrix<E>, images: usize, tokens: usize, mixed: &mut Matrix<E>) {
-        let shape = HeadShape { dim: self.dim, head_dim: self.dim / self.num_heads, tokens };
+        let shape = HeadShape { dim: self.net.dim, head_dim: self.net.dim / self.net.num_heads, tokens };
         let stride = mixed.stride();
         mixed.data_mut()[..images * tokens * stride].par_chunks_mut(tokens * stride).enumerate().for_each_init(
             || (HeadScratch::default(), Matrix::zeros(tokens, tokens)),
             |(scratch, weights), (image, out)| {
-                for head in 0..self.num_heads {
+                for head in 0..self.net.num_heads {
                     head_attention(qkv, shape, (image, head), scratch, weights, &mut out[head * shape.head_dim..], stride);
                 }
             },
