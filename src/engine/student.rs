@@ -234,13 +234,23 @@ fn transpose_into<E: Element>(t: &mut Matrix<E>, rows: usize, fill: impl Fn(usiz
         for r0 in (0..rows).step_by(BLOCK) {
             let height = (rows - r0).min(BLOCK);
             for r in 0..height {
-                fill(r0 + r, c0, &mut segment[..width]);
+                // Whole 32-wide segments and columns as constant-length copies (inlined
+                // moves, not a memmove call per 128 bytes).
+                if width == BLOCK {
+                    fill(r0 + r, c0, &mut segment);
+                } else {
+                    fill(r0 + r, c0, &mut segment[..width]);
+                }
                 for (column, &v) in tile.iter_mut().zip(&segment[..width]) {
                     column[r] = v;
                 }
             }
             for (i, column) in tile[..width].iter().enumerate() {
-                out[i * stride + r0..][..height].copy_from_slice(&column[..height]);
+                if height == BLOCK {
+                    out[i * stride + r0..][..BLOCK].copy_from_slice(column);
+                } else {
+                    out[i * stride + r0..][..height].copy_from_slice(&column[..height]);
+                }
             }
         }
     });
