@@ -44,7 +44,7 @@ pub enum Command {
     VideoSeg(video::VideoArgs),
     /// Write a backbone (from any weights file) as safetensors under the official key names.
     Export(export::ExportArgs),
-    /// Print the bf16 engine's paths on this CPU (best first) and which one runs.
+    /// Print the CPU engine's paths on this CPU (best first) and which one runs.
     CpuInfo {
         /// Only the names of the paths this CPU runs, one per line (for scripts).
         #[arg(long)]
@@ -131,7 +131,11 @@ fn cpu_info(names_only: bool) -> Result<()> {
         };
         println!("{:<11} {state}", path.name());
     }
+    if Cpu::engine_off() {
+        println!("the engine is off ({PATH_VARIABLE}=burn): f32 through burn, --precision bf16 refused");
+        return Ok(());
+    }
     let bf16 = if selected.has_bf16_hardware() { "bf16 products in hardware" } else { "refused: no AMX-BF16 or AVX512-BF16" };
-    println!("--precision bf16: {bf16}; {PATH_VARIABLE}=<path> forces a path");
+    println!("--precision bf16: {bf16}; {PATH_VARIABLE}=<path> forces a path, {PATH_VARIABLE}=burn turns the engine off");
     Ok(())
 }
