@@ -97,11 +97,6 @@ pub struct Matrix<E> {
     data: Vec<E>,
 }
 
-/// The bf16 matrices of the training engine.
-pub type BfMatrix = Matrix<u16>;
-pub type BfView<'a> = View<'a, u16>;
-pub type PackedB = Packed<u16>;
-
 impl<E: Element> Matrix<E> {
     pub fn zeros(rows: usize, cols: usize) -> Self {
         let stride = round_up(cols.max(1), K_STEP);

@@ -197,14 +197,6 @@ impl EngineVit {
             Self::Bf16(v) => v.intermediate_layers(images, n),
         }
     }
-
-    /// See [`InferenceVit::features`].
-    pub fn features(&self, pixels: &[f32], batch: usize, size: (usize, usize)) -> Vec<f32> {
-        match self {
-            Self::F32(v) => v.features(pixels, batch, size),
-            Self::Bf16(v) => v.features(pixels, batch, size),
-        }
-    }
 }
 
 impl<E: Element> InferenceVit<E> {

@@ -54,27 +54,17 @@ pub fn forward_backward(
     device: &Device,
 ) -> Result<StepOutput> {
     let engine_runs = student.backbone.vit("").is_ok_and(|vit| crate::engine::engine_runs(vit, device));
-    match precision {
-        Precision::Bf16 => engine_step::<u16>(student, teacher, loss_fn, crops, rng, teacher_temp, device),
-        Precision::F32 if engine_runs => engine_step::<f32>(student, teacher, loss_fn, crops, rng, teacher_temp, device),
-        Precision::F32 => burn_step(student, teacher, loss_fn, crops, rng, teacher_temp, device),
-    }
-}
-
-/// The step through burn's autodiff alone.
-fn burn_step(student: &DinoModel, teacher: &DinoModel, loss_fn: &mut DinoLoss, crops: &Crops, rng: &mut StdRng, teacher_temp: f64, device: &Device) -> Result<StepOutput> {
-    let n = crops.images;
-    let tensor = |pixels: &[f32], count, size| Tensor::<4>::from_data(TensorData::new(pixels.to_vec(), [count, 3, size, size]), device);
-    let global = tensor(&crops.global, 2 * n, crops.global_size);
-    let mut student_groups = vec![global.clone().autodiff()];
-    if crops.local_number > 0 {
-        student_groups.push(tensor(&crops.local, crops.local_number * n, crops.local_size).autodiff());
-    }
-    let teacher_out = teacher.forward(&[global], None);
-    let student_out = student.forward(&student_groups, Some(rng));
+    let (teacher_out, student_out, backbone_backward) = match precision {
+        Precision::Bf16 => engine_forward::<u16>(student, teacher, crops, rng, device)?,
+        Precision::F32 if engine_runs => engine_forward::<f32>(student, teacher, crops, rng, device)?,
+        Precision::F32 => burn_forward(student, teacher, crops, rng, device),
+    };
     let out = loss_fn.forward(student_out, teacher_out, teacher_temp);
     let loss = out.loss.clone().into_scalar::<f32>() as f64;
-    let grads = out.loss.backward();
+    let mut grads = out.loss.backward();
+    if let Some(backward) = backbone_backward {
+        backward(&mut grads);
+    }
     Ok(StepOutput {
         loss,
         teacher_entropy: out.teacher_entropy.into_scalar::<f32>() as f64,
@@ -83,8 +73,26 @@ fn burn_step(student: &DinoModel, teacher: &DinoModel, loss_fn: &mut DinoLoss, c
     })
 }
 
-/// The step with both ViT backbones on the engine at `E` products.
-fn engine_step<E: Element>(student: &DinoModel, teacher: &DinoModel, loss_fn: &mut DinoLoss, crops: &Crops, rng: &mut StdRng, teacher_temp: f64, device: &Device) -> Result<StepOutput> {
+/// The teacher's and the student's outputs, and, when the engine ran the student's backbone,
+/// its backward pass, to run on the gradients once burn's backward is done.
+type Forward<'a> = (Tensor<2>, Tensor<2>, Option<Box<dyn FnOnce(&mut Gradients) + 'a>>);
+
+/// Both networks through burn: autodiff computes every gradient.
+fn burn_forward<'a>(student: &DinoModel, teacher: &DinoModel, crops: &Crops, rng: &mut StdRng, device: &Device) -> Forward<'a> {
+    let n = crops.images;
+    let tensor = |pixels: &[f32], count, size| Tensor::<4>::from_data(TensorData::new(pixels.to_vec(), [count, 3, size, size]), device);
+    let global = tensor(&crops.global, 2 * n, crops.global_size);
+    let mut student_groups = vec![global.clone().autodiff()];
+    if crops.local_number > 0 {
+        student_groups.push(tensor(&crops.local, crops.local_number * n, crops.local_size).autodiff());
+    }
+    (teacher.forward(&[global], None), student.forward(&student_groups, Some(rng)), None)
+}
+
+/// Both ViT backbones on the engine at `E` products, the heads through burn: the student's
+/// features enter burn's graph as a leaf, and the returned backward pass takes the leaf's
+/// gradient through the engine and puts the backbone's gradients into burn's.
+fn engine_forward<'a, E: Element>(student: &'a DinoModel, teacher: &DinoModel, crops: &Crops, rng: &mut StdRng, device: &Device) -> Result<Forward<'a>> {
     let n = crops.images;
     let (g, l) = (crops.global_size, crops.local_size);
     let teacher_vit = InferenceVit::<E>::new(teacher.backbone.vit("the engine")?)?;
@@ -104,26 +112,17 @@ fn engine_step<E: Element>(student: &DinoModel, teacher: &DinoModel, loss_fn: &m
     let rows = features.len() / dim;
     let leaf = Tensor::<2>::from_data(TensorData::new(features, [rows, dim]), &device.clone().autodiff()).require_grad();
     let student_out = student.head.forward(leaf.clone());
-
-    let out = loss_fn.forward(student_out, teacher_out, teacher_temp);
-    let loss = out.loss.clone().into_scalar::<f32>() as f64;
-    let mut grads = out.loss.backward();
-    let d_features = HostTensor::from_tensor(leaf.grad(&grads).expect("the features feed the loss")).values;
-    let mut backbone_grads = backbone.zero_gradients();
-    let mut first = 0;
-    for (count, tape) in &tapes {
-        backbone.backward(tape, &d_features[first * dim..(first + count) * dim], &mut backbone_grads);
-        first += count;
-    }
-    Ok(StepOutput {
-        loss,
-        teacher_entropy: out.teacher_entropy.into_scalar::<f32>() as f64,
-        kl: out.kl.into_scalar::<f32>() as f64,
-        grads: {
-            attach_gradients(student, backbone_grads.named(), &mut grads);
-            grads
-        },
-    })
+    let backward = move |grads: &mut Gradients| {
+        let d_features = HostTensor::from_tensor(leaf.grad(grads).expect("the features feed the loss")).values;
+        let mut backbone_grads = backbone.zero_gradients();
+        let mut first = 0;
+        for (count, tape) in &tapes {
+            backbone.backward(tape, &d_features[first * dim..(first + count) * dim], &mut backbone_grads);
+            first += count;
+        }
+        attach_gradients(student, backbone_grads.named(), grads);
+    };
+    Ok((teacher_out, student_out, Some(Box::new(backward))))
 }
 
 /// Puts the engine's backbone gradients (by parameter path under `backbone.`) into `grads`,
