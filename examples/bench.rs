@@ -13,6 +13,12 @@
 //! selected engine path, at the shapes of one ViT block's forward pass (rows = batch · tokens
 //! at `--global_size`), and prints GFLOP/s per shape, next to the same f32 product through
 //! burn's flex backend (`<shape>_burn_f32`, the `gemm` crate's kernels).
+//!
+//! `--mode allreduce` (build with `--features mpi`, start under mpirun) times the sum over all
+//! ranks of a gradient buffer as large as the model's (backbone and head) parameters, as
+//! `dino train` runs it every step, and prints seconds and bandwidths:
+//!
+//!     mpirun -np 2 target/release/examples/bench --mode allreduce --arch vit_small --out_dim 65536
 
 use std::time::Instant;
 
@@ -20,6 +26,7 @@ use burn::module::Module;
 use burn::tensor::{Distribution, Tensor};
 use dino::eval::features::{FeatureLayout, FeatureNetwork, Precision};
 use dino::model::{DinoHeadConfig, DinoModel, Network, VitConfig};
+use dino::dist::Dist;
 use dino::train::{ema, loss::DinoLoss, optim, step};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
@@ -50,7 +57,7 @@ fn main() {
     let precision: String = arg("--precision", "f32".to_string());
     let precision = <Precision as clap::ValueEnum>::from_str(&precision, true).expect("--precision f32 or bf16");
     let kind = <dino::train::config::DeviceKind as clap::ValueEnum>::from_str(&device, true).expect("--device cpu, cuda or vulkan");
-    let dev = dino::train::trainer::device_for(kind).expect("device available in this build");
+    let dev = dino::train::trainer::device_for(kind, 0).expect("device available in this build");
     let mut vit = VitConfig::from_arch(&arch, patch).expect("known arch");
     vit.img_size = gsize;
     vit.drop_path_rate = 0.1;
@@ -58,6 +65,11 @@ fn main() {
     let backbone = vit.init(&mut rng, &dev);
     let mut times = Vec::new();
     let mut parts: Vec<[f64; 3]> = Vec::new();
+    if mode == "allreduce" {
+        let head = DinoHeadConfig { hidden_dim: hidden, bottleneck_dim: bottleneck, ..DinoHeadConfig::new(vit.embed_dim, out_dim) }.init(&mut rng, &dev);
+        allreduce(backbone.num_params() + head.num_params(), steps);
+        return;
+    }
     if mode == "products" {
         match precision {
             Precision::F32 => products::<f32>(&vit, batch, steps),
@@ -89,7 +101,7 @@ fn main() {
             };
             let crops = step::Crops { images: batch, global: pixels(2 * batch, gsize), global_size: gsize, local: pixels(nlocal * batch, lsize), local_size: lsize, local_number: nlocal };
             let t0 = Instant::now();
-            let out = step::forward_backward(&student, &teacher, &mut loss_fn, &crops, precision, &mut rng, 0.04, &dev).expect("--precision available here");
+            let out = step::forward_backward(&student, &teacher, &mut loss_fn, &Dist::single(), &crops, precision, &mut rng, 0.04, &dev).expect("--precision available here");
             let t1 = Instant::now();
             let settings = optim::StepSettings { lr: 1e-4, weight_decay: 0.04, clip_grad: Some(3.0), frozen: &never };
             student = adamw.step(student, out.grads, &settings);
@@ -153,4 +165,28 @@ fn products<E: dino::engine::matmul::Element>(vit: &VitConfig, batch: usize, rep
         line[format!("{name}_burn_f32")] = serde_json::json!(gflops(times));
     }
     println!("{line}");
+}
+
+/// Times `Dist::sum_f32` over `values` floats (median of `steps`), on every rank; rank 0 prints
+/// the seconds, the algorithm bandwidth (bytes summed per second) and the bus bandwidth (the
+/// bytes each rank sends and receives in a ring all-reduce, 2 (N - 1) / N of the buffer, per
+/// second: the figure to compare with a link's speed).
+fn allreduce(values: usize, steps: usize) {
+    let dist = Dist::from_launcher().expect("MPI");
+    let mut buffer: Vec<f32> = (0..values).map(|i| (i % 7) as f32).collect();
+    let mut times = Vec::new();
+    for _ in 0..steps + 1 {
+        let start = Instant::now();
+        dist.sum_f32(&mut buffer);
+        times.push(start.elapsed().as_secs_f64());
+    }
+    let seconds = median(times[1..].to_vec());
+    let (bytes, ranks) = (4.0 * values as f64, dist.world_size() as f64);
+    if dist.is_main() {
+        println!(
+            "{{\"mode\": \"allreduce\", \"ranks\": {ranks}, \"values\": {values}, \"seconds\": {seconds:.5}, \"algorithm_gb_per_s\": {:.3}, \"bus_gb_per_s\": {:.3}}}",
+            bytes / seconds / 1e9,
+            2.0 * (ranks - 1.0) / ranks * bytes / seconds / 1e9
+        );
+    }
 }

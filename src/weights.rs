@@ -237,18 +237,26 @@ pub fn import<M: Module>(module: M, source: &HashMap<String, HostTensor>, prefix
 /// Writes f32 tensors and string metadata as a safetensors file, atomically (a temporary file
 /// renamed into place, so a crash never leaves a half-written file under `path`).
 pub fn write_safetensors(path: &std::path::Path, tensors: Vec<(String, HostTensor)>, metadata: HashMap<String, String>) -> anyhow::Result<()> {
+    write_atomically(path, &safetensors_bytes(tensors, metadata)?)
+}
+
+/// Writes `bytes` to a temporary file beside `path` and renames it into place.
+pub fn write_atomically(path: &std::path::Path, bytes: &[u8]) -> anyhow::Result<()> {
     use anyhow::Context;
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes).with_context(|| format!("{}: cannot write", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("{}: cannot rename into place", path.display()))
+}
+
+/// f32 tensors and string metadata as the bytes of a safetensors file.
+pub fn safetensors_bytes(tensors: Vec<(String, HostTensor)>, metadata: HashMap<String, String>) -> anyhow::Result<Vec<u8>> {
     let bytes: Vec<(String, Vec<usize>, Vec<u8>)> =
         tensors.into_iter().map(|(n, t)| (n, t.shape, t.values.iter().flat_map(|v| v.to_le_bytes()).collect())).collect();
     let views: Vec<(String, safetensors::tensor::TensorView)> = bytes
         .iter()
         .map(|(n, shape, b)| (n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), b).expect("view")))
         .collect();
-    let data = safetensors::serialize(views, Some(metadata))?;
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, data).with_context(|| format!("{}: cannot write", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("{}: cannot rename into place", path.display()))?;
-    Ok(())
+    Ok(safetensors::serialize(views, Some(metadata))?)
 }
 
 #[cfg(test)]

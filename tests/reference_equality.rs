@@ -8,6 +8,7 @@ use burn::tensor::{Device, Tensor};
 use common::{Fixture, assert_close, assert_tensor_close};
 use dino::weights::HostTensor;
 use dino::model::{DinoHeadConfig, DinoModel, Network, VitConfig};
+use dino::dist::Dist;
 use dino::train::{ema, loss::DinoLoss, optim, schedule::teacher_temperatures};
 use dino::weights;
 use rand::SeedableRng;
@@ -106,7 +107,7 @@ fn loss_and_center_match_pytorch_over_three_steps() {
         assert!((temp - expected.as_f64().unwrap()).abs() < 1e-7);
     }
     for (epoch, &temp) in temps.iter().enumerate().take(3) {
-        let out = loss.forward(fx.tensor(&format!("step{epoch}.student"), &dev), fx.tensor(&format!("step{epoch}.teacher"), &dev), temp);
+        let out = loss.forward(fx.tensor(&format!("step{epoch}.student"), &dev), fx.tensor(&format!("step{epoch}.teacher"), &dev), temp, &Dist::single());
         assert_tensor_close(&format!("loss {epoch}"), out.loss, fx.host(&format!("step{epoch}.loss")), TOL);
         assert_tensor_close(&format!("entropy {epoch}"), out.teacher_entropy, fx.host(&format!("step{epoch}.entropy")), TOL);
         assert_tensor_close(&format!("kl {epoch}"), out.kl, fx.host(&format!("step{epoch}.kl")), 1e-4);
@@ -153,7 +154,7 @@ fn training_steps_match_pytorch() {
 
         let teacher_out = teacher.forward(std::slice::from_ref(&global), None);
         let student_out = student.forward(&[global.autodiff(), local.autodiff()], None);
-        let out = loss_fn.forward(student_out, teacher_out, teacher_temp);
+        let out = loss_fn.forward(student_out, teacher_out, teacher_temp, &Dist::single());
         assert_tensor_close(&format!("loss {i}"), out.loss.clone(), fx.host(&format!("step{i}.loss")), TOL);
         assert_tensor_close(&format!("center {i}"), loss_fn.center.clone(), fx.host(&format!("step{i}.center")), TOL);
         let grads = out.loss.backward();

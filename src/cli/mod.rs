@@ -72,11 +72,7 @@ pub fn run(cli: Cli, matches: &ArgMatches) -> Result<()> {
         Command::Train(config) => {
             let sub = matches.subcommand_matches("train").expect("train subcommand");
             let config = config.resolve(sub)?;
-            match trainer::train(&config)? {
-                trainer::Outcome::Finished => eprintln!("training finished: {}", config.output_dir.display()),
-                trainer::Outcome::TimeBudgetReached => {}
-            }
-            Ok(())
+            trainer::run(&config)
         }
         Command::Extract(args) => extract::run(args),
         Command::Knn(args) => knn::run(args),

@@ -1,6 +1,7 @@
 //! The batch loader: a background thread that decodes and augments the images of upcoming
 //! batches on a worker pool, so the training step rarely waits. Everything random is seeded by
-//! (seed, epoch, image index), so batches are the same whatever the number of workers.
+//! (seed, epoch, image index), so batches are the same whatever the number of workers, and an
+//! image's crops do not depend on how many processes share the training.
 
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, sync_channel};
@@ -61,11 +62,27 @@ impl Drop for EpochLoader {
     }
 }
 
-/// Starts producing the batches of `epoch` from `first_step` on.
+/// Which part of every global batch this process takes: the global batch of step s is the
+/// images `order[s * B * ranks ..][.. B * ranks]` of the epoch's order, and rank r takes the r-th
+/// run of `B` (= `batch_size`) of them.
+#[derive(Debug, Clone, Copy)]
+pub struct Shard {
+    pub rank: usize,
+    pub ranks: usize,
+}
+
+impl Shard {
+    pub const WHOLE: Shard = Shard { rank: 0, ranks: 1 };
+}
+
+/// Starts producing this process's `batch_size` images of every global batch of `epoch`, from
+/// `first_step` on.
+#[allow(clippy::too_many_arguments)]
 pub fn start_epoch(
     dataset: Arc<Dataset>,
     crops: MultiCropConfig,
     batch_size: usize,
+    shard: Shard,
     seed: u64,
     epoch: usize,
     first_step: usize,
@@ -74,9 +91,10 @@ pub fn start_epoch(
     let (tx, rx) = sync_channel(2);
     let handle = std::thread::spawn(move || {
         let order = epoch_order(dataset.len(), seed, epoch);
-        let steps = steps_per_epoch(dataset.len(), batch_size);
+        let steps = steps_per_epoch(dataset.len(), batch_size * shard.ranks);
         for step in first_step..steps {
-            let indices = &order[step * batch_size..(step + 1) * batch_size];
+            let first = (step * shard.ranks + shard.rank) * batch_size;
+            let indices = &order[first..first + batch_size];
             let batch = pool.install(|| make_batch(&dataset, &crops, indices, seed, epoch, step));
             if tx.send(batch).is_err() {
                 return;
@@ -126,7 +144,7 @@ mod tests {
         let crops = MultiCropConfig { global_size: 12, local_size: 6, local_crops_number: 2, global_crops_scale: (0.4, 1.0), local_crops_scale: (0.05, 0.4), blur_sigma: (0.1, 2.0) };
         let collect = |workers: usize, first_step: usize| -> Vec<(usize, Vec<f32>, Vec<f32>)> {
             let pool = Arc::new(rayon::ThreadPoolBuilder::new().num_threads(workers).build().unwrap());
-            let loader = start_epoch(dataset.clone(), crops.clone(), 4, 9, 3, first_step, pool);
+            let loader = start_epoch(dataset.clone(), crops.clone(), 4, Shard::WHOLE, 9, 3, first_step, pool);
             loader.batches.iter().map(|b| (b.step_in_epoch, b.global, b.local)).collect()
         };
         let one = collect(1, 0);
@@ -136,6 +154,34 @@ mod tests {
         assert_eq!(one, collect(3, 0));
         // Resuming mid-epoch yields the same remaining batches.
         assert_eq!(one[1..], collect(2, 1)[..]);
+    }
+
+    /// Two ranks taking 2 images each of every global batch of 4 see, laid side by side, the
+    /// crops one process taking all 4 sees (same images, same augmentation).
+    #[test]
+    fn shards_split_each_global_batch_into_the_same_crops() {
+        let pixels: Vec<u8> = (0..12 * 20 * 20).map(|i| (i * 53 % 241) as u8).collect();
+        let dataset = Arc::new(Dataset::Idx { pixels, rows: 20, cols: 20, labels: vec![0; 12], records: (0..12).collect() });
+        let crops = MultiCropConfig { global_size: 12, local_size: 6, local_crops_number: 0, global_crops_scale: (0.4, 1.0), local_crops_scale: (0.05, 0.4), blur_sigma: (0.1, 2.0) };
+        let pool = Arc::new(rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap());
+        let run = |batch: usize, shard: Shard| -> Vec<Vec<f32>> {
+            start_epoch(dataset.clone(), crops.clone(), batch, shard, 9, 1, 0, pool.clone()).batches.iter().map(|b| b.global).collect()
+        };
+        let whole = run(4, Shard::WHOLE);
+        let halves = [run(2, Shard { rank: 0, ranks: 2 }), run(2, Shard { rank: 1, ranks: 2 })];
+        assert_eq!(whole.len(), 3);
+        assert_eq!(halves[0].len(), 3);
+        let view = 3 * 12 * 12;
+        for (step, global) in whole.iter().enumerate() {
+            // View-major: global view v of image i is at (v * images + i) * view.
+            for v in 0..2 {
+                for i in 0..4 {
+                    let (rank, j) = (i / 2, i % 2);
+                    let mine = &halves[rank][step][(v * 2 + j) * view..][..view];
+                    assert!(mine == &global[(v * 4 + i) * view..][..view], "step {step} view {v} image {i}");
+                }
+            }
+        }
     }
 
     #[test]

@@ -45,6 +45,11 @@ struct Metadata {
 
 /// Writes the state and the loss centre atomically to `path`.
 pub fn save(path: &Path, state: &TrainState, center: &Tensor<2>, config: &TrainConfig) -> Result<()> {
+    weights::write_atomically(path, &to_bytes(state, center, config)?)
+}
+
+/// The state and the loss centre as the bytes of a checkpoint file.
+pub fn to_bytes(state: &TrainState, center: &Tensor<2>, config: &TrainConfig) -> Result<Vec<u8>> {
     let mut tensors: Vec<(String, HostTensor)> = Vec::new();
     for (name, t) in weights::export(&state.student) {
         tensors.push((format!("student.{name}"), t));
@@ -62,7 +67,7 @@ pub fn save(path: &Path, state: &TrainState, center: &Tensor<2>, config: &TrainC
     tensors.push(("center".into(), HostTensor::from_tensor(center.clone())));
     let meta = Metadata { format: 1, progress: state.progress.clone(), config: config.clone(), optimizer_steps };
     let metadata = HashMap::from([("dino".to_string(), serde_json::to_string(&meta)?)]);
-    weights::write_safetensors(path, tensors, metadata)
+    weights::safetensors_bytes(tensors, metadata)
 }
 
 /// Reads every f32 tensor of a safetensors file.
@@ -101,16 +106,28 @@ pub fn load_backbone(path: &Path, key: &str, device: &Device) -> Result<(Network
     Ok((network, meta.config))
 }
 
-/// Restores a checkpoint into freshly built student and teacher models of the same shape;
-/// returns the state and the loss centre.
-pub fn load(path: &Path, student: DinoModel, teacher: DinoModel, device: &Device) -> Result<(TrainState, Tensor<2>)> {
+/// A training state read back: the state, the loss centre and the config it was trained with.
+pub struct Restored {
+    pub state: TrainState,
+    pub center: Tensor<2>,
+    pub config: TrainConfig,
+}
+
+/// Restores a checkpoint file into freshly built student and teacher models of the same shape.
+pub fn load(path: &Path, student: DinoModel, teacher: DinoModel, device: &Device) -> Result<Restored> {
     let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
-    let meta = read_metadata(&bytes, path)?;
-    let tensors = read_tensors(&bytes, path)?;
-    let student = weights::import(student, &tensors, "student.").with_context(|| format!("{}: student", path.display()))?;
-    let teacher = weights::import(teacher, &tensors, "teacher.").with_context(|| format!("{}: teacher", path.display()))?;
+    from_bytes(&bytes, path, student, teacher, device)
+}
+
+/// Restores the bytes of a checkpoint (named `source` in errors) into freshly built student and
+/// teacher models of the same shape.
+pub fn from_bytes(bytes: &[u8], source: &Path, student: DinoModel, teacher: DinoModel, device: &Device) -> Result<Restored> {
+    let meta = read_metadata(bytes, source)?;
+    let tensors = read_tensors(bytes, source)?;
+    let student = weights::import(student, &tensors, "student.").with_context(|| format!("{}: student", source.display()))?;
+    let teacher = weights::import(teacher, &tensors, "teacher.").with_context(|| format!("{}: teacher", source.display()))?;
     let tensor = |name: &str| -> Result<Tensor<1>> {
-        let t = tensors.get(name).with_context(|| format!("{}: missing '{name}'", path.display()))?;
+        let t = tensors.get(name).with_context(|| format!("{}: missing '{name}'", source.display()))?;
         Ok(Tensor::from_data(TensorData::new(t.values.clone(), [t.values.len()]), device))
     };
     let mut optimizer = Optimizer::new(meta.config.optimizer);
@@ -120,5 +137,6 @@ pub fn load(path: &Path, student: DinoModel, teacher: DinoModel, device: &Device
     }
     let center = tensor("center")?;
     let k = center.dims()[0];
-    Ok((TrainState { student, teacher, optimizer, progress: meta.progress }, center.reshape([1, k])))
+    let state = TrainState { student, teacher, optimizer, progress: meta.progress };
+    Ok(Restored { state, center: center.reshape([1, k]), config: meta.config })
 }

@@ -256,6 +256,15 @@ pub struct TrainConfig {
     #[arg(long, default_value_t = 0)]
     #[serde(default)]
     pub knn_val_subset: usize,
+    /// Processes the run spans: not a flag, set from the MPI launcher (`mpirun -np N`); the
+    /// global batch is --batch_size_per_gpu times this, and the learning rate scales with it.
+    #[arg(skip = 1usize)]
+    #[serde(default = "one_process")]
+    pub processes: usize,
+}
+
+fn one_process() -> usize {
+    1
 }
 
 fn default_optimizer() -> OptimizerKind {
@@ -275,6 +284,11 @@ fn default_head_bottleneck_dim() -> usize {
 }
 
 impl TrainConfig {
+    /// Images per step over all processes.
+    pub fn global_batch(&self) -> usize {
+        self.batch_size_per_gpu * self.processes
+    }
+
     /// Applies the preset and the config file to every setting not given on the command line.
     pub fn resolve(self, matches: &ArgMatches) -> Result<Self> {
         let explicit = |key: &str| matches!(matches.value_source(key), Some(ValueSource::CommandLine));

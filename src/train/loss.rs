@@ -3,7 +3,10 @@
 //! collapse metrics (teacher entropy, teacher-student KL).
 
 use burn::tensor::activation::{log_softmax, softmax};
-use burn::tensor::{Device, Tensor};
+use burn::tensor::{Device, Tensor, TensorData};
+
+use crate::dist::Dist;
+use crate::weights::HostTensor;
 
 #[derive(Debug, Clone)]
 pub struct DinoLoss {
@@ -38,8 +41,8 @@ impl DinoLoss {
 
     /// Loss for one batch. `student_out` is [ncrops * B, K] view-major, `teacher_out` is
     /// [2 * B, K] for the two global views, sharpened at `teacher_temp`. Updates the centre
-    /// afterwards.
-    pub fn forward(&mut self, student_out: Tensor<2>, teacher_out: Tensor<2>, teacher_temp: f64) -> LossOutput {
+    /// afterwards, from the teacher outputs of every rank's batch.
+    pub fn forward(&mut self, student_out: Tensor<2>, teacher_out: Tensor<2>, teacher_temp: f64, dist: &Dist) -> LossOutput {
         let [rows, k] = student_out.dims();
         let batch = rows / self.ncrops;
         let teacher_out = teacher_out.detach().without_autodiff();
@@ -60,12 +63,24 @@ impl DinoLoss {
         let teacher_entropy = (targets * target_logp).sum().neg().div_scalar((2 * batch) as f64);
         let kl = loss.clone().without_autodiff().detach() - teacher_entropy.clone();
 
-        self.update_center(teacher_out);
+        self.update_center(teacher_out, dist);
         LossOutput { loss, teacher_entropy, kl }
     }
 
-    fn update_center(&mut self, teacher_out: Tensor<2>) {
-        let batch_center = teacher_out.mean_dim(0);
+    /// The centre's EMA step towards the mean teacher output of the global batch (all ranks'
+    /// rows; the reference all-reduces the same sum).
+    fn update_center(&mut self, teacher_out: Tensor<2>, dist: &Dist) {
+        let batch_center = if dist.world_size() == 1 {
+            teacher_out.mean_dim(0)
+        } else {
+            let rows = teacher_out.dims()[0];
+            let device = teacher_out.device();
+            let HostTensor { shape, mut values } = HostTensor::from_tensor(teacher_out.sum_dim(0));
+            let mut total_rows = [rows as f64];
+            dist.sum_f64(&mut total_rows);
+            dist.sum_f32(&mut values);
+            Tensor::<2>::from_data(TensorData::new(values, shape), &device).div_scalar(total_rows[0])
+        };
         self.center = self.center.clone().mul_scalar(self.center_momentum)
             + batch_center.mul_scalar(1.0 - self.center_momentum);
     }

@@ -7,6 +7,7 @@ pub mod log;
 pub mod loss;
 pub mod online_knn;
 pub mod optim;
+pub mod replicas;
 pub mod schedule;
 pub mod step;
 pub mod trainer;

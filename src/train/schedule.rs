@@ -88,9 +88,9 @@ impl StepValues {
     }
 }
 
-/// `--lr` scaled linearly with the batch size (the reference's rule, at batch 256).
+/// `--lr` scaled linearly with the global batch size (the reference's rule, at batch 256).
 pub fn peak_lr(cfg: &TrainConfig) -> f64 {
-    cfg.lr * cfg.batch_size_per_gpu as f64 / 256.0
+    cfg.lr * cfg.global_batch() as f64 / 256.0
 }
 
 /// Every step's values under one plan.
@@ -230,6 +230,16 @@ mod tests {
             .chain(extra.split_whitespace())
             .collect();
         crate::train::config::resolve_args(&args).unwrap()
+    }
+
+    /// The reference's rule over the global batch: 2 processes of 256 double the peak of one.
+    #[test]
+    fn peak_learning_rate_scales_with_the_global_batch() {
+        let one = config("");
+        let two = TrainConfig { processes: 2, ..one.clone() };
+        assert_eq!(peak_lr(&one), 0.001);
+        assert_eq!(peak_lr(&two), 0.002);
+        assert_eq!(two.global_batch(), 512);
     }
 
     #[test]

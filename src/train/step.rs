@@ -13,6 +13,7 @@ use burn::tensor::{Device, Gradients, Tensor, TensorData};
 use rand::rngs::StdRng;
 
 use super::loss::DinoLoss;
+use crate::dist::Dist;
 use crate::engine::matmul::Element;
 use crate::engine::{InferenceVit, Precision, StudentVit};
 use crate::model::DinoModel;
@@ -41,12 +42,13 @@ pub struct StepOutput {
 
 /// Teacher forward, student forward, loss and backward for one batch. `rng` draws the
 /// student's stochastic depth; the loss sharpens the teacher at `teacher_temp` and updates its
-/// centre.
+/// centre from every rank's teacher outputs.
 #[allow(clippy::too_many_arguments)]
 pub fn forward_backward(
     student: &DinoModel,
     teacher: &DinoModel,
     loss_fn: &mut DinoLoss,
+    dist: &Dist,
     crops: &Crops,
     precision: Precision,
     rng: &mut StdRng,
@@ -59,7 +61,7 @@ pub fn forward_backward(
         Precision::F32 if engine_runs => engine_forward::<f32>(student, teacher, crops, rng, device)?,
         Precision::F32 => burn_forward(student, teacher, crops, rng, device),
     };
-    let out = loss_fn.forward(student_out, teacher_out, teacher_temp);
+    let out = loss_fn.forward(student_out, teacher_out, teacher_temp, dist);
     let loss = out.loss.clone().into_scalar::<f32>() as f64;
     let mut grads = out.loss.backward();
     if let Some(backward) = backbone_backward {

@@ -1,7 +1,9 @@
 //! `dino train`: the whole training run, top to bottom — data, models, schedules, then the loop
 //! of teacher forward, student forward, loss, backward (`step.rs`, at either precision),
-//! clipped AdamW (or SGD) step and teacher EMA, with
-//! checkpoints, logs and a clean stop on a time budget or a non-finite loss.
+//! gradients combined over the job's processes (`replicas.rs`; nothing to combine in one
+//! process), clipped AdamW (or SGD) step and teacher EMA, with checkpoints, logs and a clean
+//! stop on a time budget or a non-finite loss. Every process of an MPI job runs this loop on
+//! its share of each global batch; rank 0 alone writes files and talks on the terminal.
 
 use std::collections::HashMap;
 use std::io::IsTerminal;
@@ -23,24 +25,30 @@ use super::log::{StepMetrics, append_line, plot, read_knn_points, read_step_metr
 use super::loss::DinoLoss;
 use super::online_knn::OnlineKnn;
 use super::optim::{Optimizer, StepSettings};
+use super::replicas;
 use super::schedule::{Plan, Schedules, StepValues};
 use super::step::{Crops, forward_backward};
 use crate::data::dataset::{Dataset, IdxSplit};
-use crate::data::loader::{mix_seed, start_epoch, steps_per_epoch};
+use crate::data::loader::{Shard, mix_seed, start_epoch, steps_per_epoch};
+use crate::dist::Dist;
 use crate::model::DinoModel;
 use crate::pretrained;
 use crate::weights::{self, HostTensor};
 
-/// The compute device a config asks for.
-pub fn device_for(kind: DeviceKind) -> Result<Device> {
+/// The compute device a config asks for; `index` picks among a machine's GPUs (the process's
+/// local rank).
+pub fn device_for(kind: DeviceKind, index: usize) -> Result<Device> {
+    let _ = index;
     match kind {
         DeviceKind::Cpu => Ok(Device::flex()),
         #[cfg(feature = "cuda")]
-        DeviceKind::Cuda => Ok(Device::cuda(0)),
+        DeviceKind::Cuda => Ok(Device::cuda(index)),
         #[cfg(not(feature = "cuda"))]
         DeviceKind::Cuda => bail!("--device cuda: this binary was built without CUDA; rebuild with `--features cuda`"),
         #[cfg(feature = "vulkan")]
-        DeviceKind::Vulkan => Ok(Device::vulkan(burn::tensor::DeviceKind::DefaultDevice)),
+        DeviceKind::Vulkan if index == 0 => Ok(Device::vulkan(burn::tensor::DeviceKind::DefaultDevice)),
+        #[cfg(feature = "vulkan")]
+        DeviceKind::Vulkan => Ok(Device::vulkan(burn::tensor::DeviceKind::DiscreteGpu(index))),
         #[cfg(not(feature = "vulkan"))]
         DeviceKind::Vulkan => bail!("--device vulkan: this binary was built without Vulkan; rebuild with `--features vulkan`"),
     }
@@ -53,26 +61,70 @@ pub enum Outcome {
     TimeBudgetReached,
 }
 
-pub fn train(cfg: &TrainConfig) -> Result<Outcome> {
-    let started = Instant::now();
-    let run_dir = &cfg.output_dir;
-    std::fs::create_dir_all(run_dir).with_context(|| format!("--output_dir {}: cannot create", run_dir.display()))?;
-    std::fs::write(run_dir.join("config.json"), serde_json::to_string_pretty(cfg)?)?;
-    let device = device_for(cfg.device)?;
+/// `dino train` as a job of one process, or of every process an MPI launcher started.
+pub fn run(cfg: &TrainConfig) -> Result<()> {
+    let dist = Dist::from_launcher()?;
+    if dist.world_size() == 1 {
+        if train(cfg, &dist)? == Outcome::Finished {
+            eprintln!("training finished: {}", cfg.output_dir.display());
+        }
+        return Ok(());
+    }
+    // Several processes: each takes its part of the machine's cores, and an error or a panic on
+    // any of them ends them all rather than leaving the others waiting in a collective.
+    crate::dist::abort_job_on_panic();
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let threads = (cores / dist.local_size()).max(1);
+        rayon::ThreadPoolBuilder::new().num_threads(threads).build_global().context("compute threads")?;
+    }
+    match train(cfg, &dist) {
+        Ok(outcome) => {
+            if outcome == Outcome::Finished && dist.is_main() {
+                eprintln!("training finished: {}", cfg.output_dir.display());
+            }
+            Ok(())
+        }
+        Err(e) => {
+            eprintln!("error: rank {} of {}: {e:#}", dist.rank(), dist.world_size());
+            dist.abort(1)
+        }
+    }
+}
 
-    // Data.
+/// The training loop of this process (`dist` says which of the job's processes it is).
+pub fn train(cfg: &TrainConfig, dist: &Dist) -> Result<Outcome> {
+    let started = Instant::now();
+    let cfg = &TrainConfig { processes: dist.world_size(), ..cfg.clone() };
+    let main = dist.is_main();
+    let run_dir = &cfg.output_dir;
+    if main {
+        std::fs::create_dir_all(run_dir).with_context(|| format!("--output_dir {}: cannot create", run_dir.display()))?;
+        std::fs::write(run_dir.join("config.json"), serde_json::to_string_pretty(cfg)?)?;
+    }
+    if cfg.processes > 1 && cfg.vit().is_none() {
+        bail!("--arch {}: a ResNet trains in one process only (its BatchNorm statistics are not synchronised across processes)", cfg.arch);
+    }
+    let device = device_for(cfg.device, dist.local_rank())?;
+
+    // Data: each process takes its share of every global batch.
     let mut dataset = Dataset::open(&cfg.data, IdxSplit::Train).with_context(|| format!("--data {}", cfg.data.display()))?;
     dataset.keep_subset(cfg.subset, cfg.seed);
     let dataset = Arc::new(dataset);
     let batch_size = cfg.batch_size_per_gpu;
-    let steps = steps_per_epoch(dataset.len(), batch_size);
+    let shard = Shard { rank: dist.rank(), ranks: dist.world_size() };
+    let steps = steps_per_epoch(dataset.len(), cfg.global_batch());
     if steps == 0 {
-        bail!("--data {}: {} images is less than one batch of {batch_size}", cfg.data.display(), dataset.len());
+        bail!("--data {}: {} images is less than one batch of {}", cfg.data.display(), dataset.len(), batch_description(cfg));
     }
     let crops = cfg.crops();
-    let workers = if cfg.num_workers == 0 { std::thread::available_parallelism().map_or(1, |n| n.get()) } else { cfg.num_workers };
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let workers = if cfg.num_workers == 0 { (cores / dist.local_size()).max(1) } else { cfg.num_workers };
     let pool = Arc::new(rayon::ThreadPoolBuilder::new().num_threads(workers).build()?);
-    let knn = if cfg.knn_every > 0 { Some(OnlineKnn::open(cfg)?) } else { None };
+    let knn = if main && cfg.knn_every > 0 { Some(OnlineKnn::open(cfg)?) } else { None };
+    if main {
+        eprintln!("global batch {}, peak learning rate {:.3e}, {steps} steps per epoch", batch_description(cfg), super::schedule::peak_lr(cfg));
+    }
 
     // Student, teacher (a copy that never gets gradients), loss, optimiser, schedules.
     let mut rng = StdRng::seed_from_u64(cfg.seed);
@@ -80,7 +132,9 @@ pub fn train(cfg: &TrainConfig) -> Result<Outcome> {
     let head = cfg.head(backbone.embed_dim()).init(&mut rng, &device);
     let mut student = DinoModel { backbone, head };
     let ckpt_path = run_dir.join("checkpoint.safetensors");
-    if let Some(path) = cfg.pretrained_weights.as_ref().filter(|_| !ckpt_path.exists()) {
+    // Rank 0 reads the checkpoint or the pretrained weights; the others receive its state.
+    let resuming = main && ckpt_path.exists();
+    if let Some(path) = cfg.pretrained_weights.as_ref().filter(|_| main && !resuming) {
         let loaded = pretrained::load(path, "teacher", Some(&cfg.arch), &device).context("--pretrained_weights")?;
         let tensors: HashMap<String, HostTensor> = weights::export(&loaded.network).into_iter().collect();
         student.backbone = weights::import(student.backbone, &tensors, "")
@@ -92,15 +146,27 @@ pub fn train(cfg: &TrainConfig) -> Result<Outcome> {
     }
     let teacher = student.valid();
     let mut loss_fn = DinoLoss::new(cfg.out_dim, crops.ncrops(), &device);
-    let mut state = if ckpt_path.exists() {
-        let (s, center) = checkpoint::load(&ckpt_path, student, teacher, &device)?;
-        eprintln!("resuming from {} at epoch {} step {}", ckpt_path.display(), s.progress.epoch, s.progress.step_in_epoch);
-        loss_fn.center = center;
-        s
+    let (mut state, center) = if resuming {
+        let restored = checkpoint::load(&ckpt_path, student, teacher, &device)?;
+        if restored.config.processes != cfg.processes {
+            bail!(
+                "{} was written by a run of {} process(es); resume it with {} (the global batch, the learning rate and the position in the epoch depend on it)",
+                ckpt_path.display(),
+                restored.config.processes,
+                match restored.config.processes {
+                    1 => "a plain `dino train`".to_string(),
+                    n => format!("`mpirun -np {n} dino train`"),
+                }
+            );
+        }
+        let progress = &restored.state.progress;
+        eprintln!("resuming from {} at epoch {} step {}", ckpt_path.display(), progress.epoch, progress.step_in_epoch);
+        (restored.state, restored.center)
     } else {
         let progress = Progress { epoch: 0, step_in_epoch: 0, global_step: 0, plan: None };
-        TrainState { student, teacher, optimizer: Optimizer::new(cfg.optimizer), progress }
+        (TrainState { student, teacher, optimizer: Optimizer::new(cfg.optimizer), progress }, loss_fn.center.clone())
     };
+    (state, loss_fn.center) = replicas::state_from_main(dist, state, center, cfg, &device)?;
     // The student trains on the autodiff device; the teacher stays on the plain one.
     state.student = state.student.fork(&device.clone().autodiff()).train();
     let budget = (cfg.max_minutes > 0.0).then(|| Duration::from_secs_f64(cfg.max_minutes * 60.0));
@@ -119,8 +185,8 @@ pub fn train(cfg: &TrainConfig) -> Result<Outcome> {
             return Ok(Outcome::Finished);
         }
         let epoch = state.progress.epoch;
-        let loader = start_epoch(dataset.clone(), crops.clone(), batch_size, cfg.seed, epoch, state.progress.step_in_epoch, pool.clone());
-        let bar = progress_bar(steps as u64, state.progress.step_in_epoch as u64, epoch, cfg.epochs);
+        let loader = start_epoch(dataset.clone(), crops.clone(), batch_size, shard, cfg.seed, epoch, state.progress.step_in_epoch, pool.clone());
+        let bar = progress_bar(main, steps as u64, state.progress.step_in_epoch as u64, epoch, cfg.epochs);
         let mut sums = EpochSums::default();
         let epoch_start = Instant::now();
         let mut values = StepValues::start(cfg);
@@ -135,11 +201,18 @@ pub fn train(cfg: &TrainConfig) -> Result<Outcome> {
             sums.skipped += batch.skipped.len();
             let it = state.progress.global_step;
             values = schedules.as_ref().map_or_else(|| StepValues::start(cfg), |s| s.at(it));
+            if batch.images == 0 && cfg.processes > 1 {
+                bail!("none of the images of this process's share of step {it} could be read (see the warnings above)");
+            }
             if batch.images > 0 {
                 let n = batch.images;
                 let crops = Crops { images: n, global: batch.global, global_size: g, local: batch.local, local_size: l, local_number: crops.local_crops_number };
-                let mut drop_rng = StdRng::seed_from_u64(mix_seed(cfg.seed, it as u64, 0xD0));
-                let out = forward_backward(&state.student, &state.teacher, &mut loss_fn, &crops, cfg.precision, &mut drop_rng, values.teacher_temp, &device)?;
+                // Stochastic depth draws per step and process.
+                let mut drop_rng = StdRng::seed_from_u64(mix_seed(cfg.seed, it as u64, 0xD0 | (dist.rank() as u64) << 32));
+                let mut out = forward_backward(&state.student, &state.teacher, &mut loss_fn, dist, &crops, cfg.precision, &mut drop_rng, values.teacher_temp, &device)?;
+                let sync = Instant::now();
+                let n = replicas::combine_step(dist, &state.student, &mut out, n);
+                sums.sync += sync.elapsed();
                 if !out.loss.is_finite() {
                     bail!(
                         "loss is {} at epoch {epoch} step {}: stopping; the last good checkpoint is {}",
@@ -156,18 +229,24 @@ pub fn train(cfg: &TrainConfig) -> Result<Outcome> {
                     frozen: &frozen,
                 };
                 state.student = state.optimizer.step(state.student, out.grads, &settings);
+                state.student = replicas::perturb_for_test(dist, state.student);
                 state.teacher = update_teacher(state.teacher, &state.student, values.teacher_momentum);
 
                 let metrics = StepMetrics { step: it, loss: out.loss, teacher_entropy: out.teacher_entropy, kl: out.kl, lr: values.lr };
-                append_line(&run_dir.join("metrics.jsonl"), &metrics)?;
+                if main {
+                    append_line(&run_dir.join("metrics.jsonl"), &metrics)?;
+                }
                 sums.add(&metrics, n);
             }
             state.progress.step_in_epoch += 1;
             state.progress.global_step += 1;
             if schedules.is_none()
-                && let Some((plan, step_seconds)) = calibration.after_step(state.progress.global_step, started.elapsed(), cfg.epochs, steps)
+                // Rank 0's clock fixes the plan for every process.
+                && let Some((plan, step_seconds)) = dist.broadcast(calibration.after_step(state.progress.global_step, started.elapsed(), cfg.epochs, steps))?
             {
-                bar.suspend(|| announce_plan(run_dir, cfg, &plan, step_seconds, dataset.len()))?;
+                if main {
+                    bar.suspend(|| announce_plan(run_dir, cfg, &plan, step_seconds, dataset.len()))?;
+                }
                 state.progress.plan = Some(plan);
                 schedules = Some(Schedules::new(cfg, plan));
             }
@@ -175,17 +254,20 @@ pub fn train(cfg: &TrainConfig) -> Result<Outcome> {
             bar.inc(1);
             bar.set_message(format!("loss {:.4}", sums.mean(sums.loss)));
             let tenth = (steps / 10).max(1);
-            if bar.is_hidden() && state.progress.step_in_epoch % tenth == 0 {
+            if main && bar.is_hidden() && state.progress.step_in_epoch % tenth == 0 {
                 eprintln!("epoch {}/{} step {}/{steps} loss {:.4} ({:.0}s)", epoch + 1, cfg.epochs, state.progress.step_in_epoch, sums.mean(sums.loss), epoch_start.elapsed().as_secs_f64());
             }
-            let over_budget = !plan_done && budget.is_some_and(|b| started.elapsed() >= b);
+            let over_budget = !plan_done && budget.is_some() && dist.broadcast(budget.is_some_and(|b| started.elapsed() >= b))?;
             let periodic = cfg.saveckp_steps > 0 && state.progress.global_step % cfg.saveckp_steps == 0;
             // Checkpoints inside an epoch here; the ends of epochs and of the plan save below.
             if over_budget || (periodic && !plan_done && state.progress.step_in_epoch < steps) {
-                checkpoint::save(&ckpt_path, &state, &loss_fn.center, cfg)?;
+                save_checkpoint(dist, &ckpt_path, &state, &loss_fn.center, cfg)?;
             }
             if over_budget {
                 bar.abandon();
+                if !main {
+                    return Ok(Outcome::TimeBudgetReached);
+                }
                 let knn_top1 = knn.as_ref().map(|k| k.top1(&state.teacher.backbone, &device)).transpose()?;
                 report_epoch(run_dir, cfg, epoch, &sums, epoch_start.elapsed(), state.progress.global_step, &values, knn_top1, true)?;
                 let unfinished = match &schedules {
@@ -203,7 +285,7 @@ pub fn train(cfg: &TrainConfig) -> Result<Outcome> {
         }
         drop(loader);
         bar.finish_and_clear();
-        if sums.steps == 0 && sums.skipped > 0 {
+        if sums.steps == 0 && sums.skipped > 0 && main {
             bail!("--data {}: no readable images (all {} tried were skipped)", cfg.data.display(), sums.skipped);
         }
 
@@ -213,13 +295,34 @@ pub fn train(cfg: &TrainConfig) -> Result<Outcome> {
             state.progress.epoch += 1;
             state.progress.step_in_epoch = 0;
         }
-        checkpoint::save(&ckpt_path, &state, &loss_fn.center, cfg)?;
+        save_checkpoint(dist, &ckpt_path, &state, &loss_fn.center, cfg)?;
+        if !main {
+            continue;
+        }
         if whole_epoch && cfg.saveckp_freq > 0 && (epoch + 1) % cfg.saveckp_freq == 0 {
             std::fs::copy(&ckpt_path, run_dir.join(format!("checkpoint{epoch:04}.safetensors")))?;
         }
         let knn_due = plan_done || (epoch + 1) % cfg.knn_every.max(1) == 0;
         let knn_top1 = knn.as_ref().filter(|_| knn_due).map(|k| k.top1(&state.teacher.backbone, &device)).transpose()?;
         report_epoch(run_dir, cfg, epoch, &sums, epoch_start.elapsed(), state.progress.global_step, &values, knn_top1, !whole_epoch)?;
+    }
+}
+
+/// Writes the checkpoint (rank 0), once every process is known to hold the same weights: a
+/// process that drifted ends the run before its weights can reach the file.
+fn save_checkpoint(dist: &Dist, path: &std::path::Path, state: &TrainState, center: &burn::tensor::Tensor<2>, cfg: &TrainConfig) -> Result<()> {
+    replicas::check_in_step(dist, &state.student, &format!("at step {}", state.progress.global_step))?;
+    if dist.is_main() {
+        checkpoint::save(path, state, center, cfg)?;
+    }
+    Ok(())
+}
+
+/// "B" in one process, "B × N processes = G" in several.
+fn batch_description(cfg: &TrainConfig) -> String {
+    match cfg.processes {
+        1 => cfg.batch_size_per_gpu.to_string(),
+        n => format!("{} ({} per process × {n} processes)", cfg.global_batch(), cfg.batch_size_per_gpu),
     }
 }
 
@@ -267,7 +370,7 @@ fn announce_plan(run_dir: &std::path::Path, cfg: &TrainConfig, plan: &Plan, step
     let line = json!({
         "plan": plan,
         "total_steps": plan.total_steps(),
-        "data_epochs": plan.total_steps() as f64 * cfg.batch_size_per_gpu as f64 / dataset_len as f64,
+        "data_epochs": plan.total_steps() as f64 * cfg.global_batch() as f64 / dataset_len as f64,
         "warmup_steps": warmup,
         "step_seconds": step_seconds,
     });
@@ -314,6 +417,7 @@ fn report_epoch(
         "teacher_temp": values.teacher_temp,
         "img_per_s": sums.images as f64 / seconds,
         "data_wait_share": sums.data_wait.as_secs_f64() / seconds,
+        "sync_share": sums.sync.as_secs_f64() / seconds,
         "skipped_files": sums.skipped,
         "steps": sums.steps,
         "epoch_seconds": seconds,
@@ -336,6 +440,8 @@ struct EpochSums {
     kl: f64,
     skipped: usize,
     data_wait: Duration,
+    /// Time spent combining the steps over processes (waiting for the slowest included).
+    sync: Duration,
 }
 
 impl EpochSums {
@@ -352,9 +458,9 @@ impl EpochSums {
     }
 }
 
-/// A bar with ETA on a terminal; plain lines every 10% of the epoch otherwise.
-fn progress_bar(len: u64, pos: u64, epoch: usize, epochs: usize) -> ProgressBar {
-    let bar = if std::io::stderr().is_terminal() {
+/// A bar with ETA on rank 0's terminal; plain lines every 10% of the epoch otherwise.
+fn progress_bar(main: bool, len: u64, pos: u64, epoch: usize, epochs: usize) -> ProgressBar {
+    let bar = if main && std::io::stderr().is_terminal() {
         ProgressBar::new(len)
     } else {
         ProgressBar::hidden()
