@@ -12,6 +12,10 @@ use serde::de::DeserializeOwned;
 #[cfg(feature = "mpi")]
 const ALL_REDUCE_CHUNK: usize = 8 << 20;
 
+/// Bytes per broadcast call: MPI counts in 32-bit integers, and a checkpoint can pass 2 GiB.
+#[cfg(feature = "mpi")]
+const BROADCAST_CHUNK: usize = 1 << 30;
+
 /// Environment variables one of the usual launchers sets in every process it starts (Open MPI,
 /// PMIx under Slurm and others, MPICH's Hydra). Without one of them the job is one process and
 /// MPI is not initialised at all, so a plain `dino train` never needs an MPI runtime.
@@ -141,7 +145,9 @@ impl Dist {
         if let Some(mpi) = &self.mpi {
             use mpi::collective::Root;
             use mpi::topology::Communicator;
-            mpi.world.process_at_rank(0).broadcast_into(bytes);
+            for chunk in bytes.chunks_mut(BROADCAST_CHUNK) {
+                mpi.world.process_at_rank(0).broadcast_into(chunk);
+            }
         }
         let _ = bytes;
     }
@@ -189,17 +195,15 @@ impl Dist {
     }
 }
 
-/// Makes a panic on any rank end the whole job instead of leaving the others waiting in a
-/// collective forever. Installed once the job is known to span several processes.
+/// Makes a panic on any thread of any rank end the whole job instead of leaving the others
+/// waiting in a collective forever: the process aborts (no MPI call, which another thread
+/// may not make), and the launcher ends the other ranks as it does when one dies. Installed
+/// once the job is known to span several processes.
 pub fn abort_job_on_panic() {
     let default_hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
         default_hook(info);
-        #[cfg(feature = "mpi")]
-        if mpi::environment::is_initialized() {
-            use mpi::topology::Communicator;
-            mpi::topology::SimpleCommunicator::world().abort(101);
-        }
+        std::process::abort();
     }));
 }
 

@@ -155,3 +155,19 @@ fn killed_two_process_job_resumes_to_the_uninterrupted_checkpoint() {
         assert!(b[name].values.iter().map(|v| v.to_bits()).eq(tensor.values.iter().map(|v| v.to_bits())), "{name} differs after resume");
     }
 }
+
+/// Ranks started with different settings (here `--subset`, so different epoch lengths) would
+/// call the collectives out of step: the job is refused before its first step, naming the rank.
+#[test]
+fn ranks_with_different_settings_are_refused_naming_the_rank() {
+    let out = scratch("mpi_mismatch");
+    let dino = env!("CARGO_BIN_EXE_dino");
+    let mut command = Command::new("mpirun");
+    command.args(["--allow-run-as-root", "--oversubscribe", "-np", "1", dino]).args(run_args(&out, 2, 24, 1));
+    command.args([":", "-np", "1", dino]).args(run_args(&out, 2, 32, 1));
+    let o = command.output().unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{stderr}");
+    assert!(stderr.contains("rank 1: settings or --data"), "{stderr}");
+    assert!(std::fs::read_to_string(out.join("metrics.jsonl")).unwrap_or_default().is_empty());
+}

@@ -42,10 +42,13 @@ pub fn combine_step(dist: &Dist, student: &DinoModel, out: &mut StepOutput, imag
     let mut flat = if dist.world_size() > 1 { gradients_flat(student, &out.grads) } else { Vec::new() };
     // The gradient count rides along: ranks summing buffers of different lengths would be
     // undefined behaviour in MPI, so a mismatch must stop the job first.
-    let mut sums = [n, out.loss * n, out.teacher_entropy * n, out.kl * n, flat.len() as f64];
+    // (Equal sums of lengths and of their squares over the ranks mean equal lengths.)
+    let len = flat.len() as f64;
+    let mut sums = [n, out.loss * n, out.teacher_entropy * n, out.kl * n, len, len * len];
     dist.sum_f64(&mut sums);
-    let [total, loss, entropy, kl, lengths] = sums;
-    assert!(lengths == (flat.len() * dist.world_size()) as f64, "rank {}: {} gradient values, not what the other ranks have", dist.rank(), flat.len());
+    let [total, loss, entropy, kl, lengths, squares] = sums;
+    let ranks = dist.world_size() as f64;
+    assert!(lengths == ranks * len && squares == ranks * len * len, "rank {}: {len} gradient values, not what the other ranks have", dist.rank());
     (out.loss, out.teacher_entropy, out.kl) = (loss / total, entropy / total, kl / total);
     if dist.world_size() > 1 {
         let share = (n / total) as f32;
@@ -54,6 +57,23 @@ pub fn combine_step(dist: &Dist, student: &DinoModel, out: &mut StepOutput, imag
         replace_gradients(student, &mut out.grads, &flat);
     }
     total as usize
+}
+
+/// Fails, naming the ranks, when some process's run differs from rank 0's in what decides the
+/// steps and collectives each process takes (settings, dataset size): such ranks would call
+/// the collectives out of step, which MPI does not survive.
+pub fn check_same_run(dist: &Dist, cfg: &TrainConfig, dataset_len: usize) -> Result<()> {
+    if dist.world_size() == 1 {
+        return Ok(());
+    }
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    (serde_json::to_string(cfg)?, dataset_len).hash(&mut hasher);
+    let differing = dist.ranks_differing_from_main(hasher.finish())?;
+    if !differing.is_empty() {
+        let ranks = differing.iter().map(|r| r.to_string()).collect::<Vec<_>>().join(", ");
+        bail!("rank {ranks}: settings or --data ({dataset_len} images) differ from rank 0's; every process must train on the same data with the same flags");
+    }
+    Ok(())
 }
 
 /// Fails, naming the ranks, when some rank's weights are not bit-identical to rank 0's.
@@ -124,7 +144,7 @@ fn replace_gradients(model: &DinoModel, grads: &mut Gradients, flat: &[f32]) {
 }
 
 /// Test hook for the divergence check: `DINO_TEST_PERTURB_RANK=r` nudges one weight of rank r
-/// after its first step, as a rank with a faulty memory or a nondeterministic kernel would.
+/// after every step, as a rank with a faulty memory or a nondeterministic kernel would.
 pub fn perturb_for_test(dist: &Dist, student: DinoModel) -> DinoModel {
     let wanted = std::env::var("DINO_TEST_PERTURB_RANK").ok().and_then(|r| r.parse::<usize>().ok());
     if wanted != Some(dist.rank()) {

@@ -35,20 +35,21 @@ use crate::model::DinoModel;
 use crate::pretrained;
 use crate::weights::{self, HostTensor};
 
-/// The compute device a config asks for; `index` picks among a machine's GPUs (the process's
-/// local rank).
-pub fn device_for(kind: DeviceKind, index: usize) -> Result<Device> {
-    let _ = index;
+/// The compute device a config asks for; `gpu` picks among the GPUs this process sees (the
+/// default one when `None`).
+pub fn device_for(kind: DeviceKind, gpu: Option<usize>) -> Result<Device> {
+    let _ = gpu;
     match kind {
         DeviceKind::Cpu => Ok(Device::flex()),
         #[cfg(feature = "cuda")]
-        DeviceKind::Cuda => Ok(Device::cuda(index)),
+        DeviceKind::Cuda => Ok(Device::cuda(gpu.unwrap_or(0))),
         #[cfg(not(feature = "cuda"))]
         DeviceKind::Cuda => bail!("--device cuda: this binary was built without CUDA; rebuild with `--features cuda`"),
         #[cfg(feature = "vulkan")]
-        DeviceKind::Vulkan if index == 0 => Ok(Device::vulkan(burn::tensor::DeviceKind::DefaultDevice)),
-        #[cfg(feature = "vulkan")]
-        DeviceKind::Vulkan => Ok(Device::vulkan(burn::tensor::DeviceKind::DiscreteGpu(index))),
+        DeviceKind::Vulkan => Ok(Device::vulkan(match gpu {
+            None => burn::tensor::DeviceKind::DefaultDevice,
+            Some(i) => burn::tensor::DeviceKind::DiscreteGpu(i),
+        })),
         #[cfg(not(feature = "vulkan"))]
         DeviceKind::Vulkan => bail!("--device vulkan: this binary was built without Vulkan; rebuild with `--features vulkan`"),
     }
@@ -105,7 +106,7 @@ pub fn train(cfg: &TrainConfig, dist: &Dist) -> Result<Outcome> {
     if cfg.processes > 1 && cfg.vit().is_none() {
         bail!("--arch {}: a ResNet trains in one process only (its BatchNorm statistics are not synchronised across processes)", cfg.arch);
     }
-    let device = device_for(cfg.device, dist.local_rank())?;
+    let device = device_for(cfg.device, gpu_of(dist))?;
 
     // Data: each process takes its share of every global batch.
     let mut dataset = Dataset::open(&cfg.data, IdxSplit::Train).with_context(|| format!("--data {}", cfg.data.display()))?;
@@ -166,6 +167,7 @@ pub fn train(cfg: &TrainConfig, dist: &Dist) -> Result<Outcome> {
         let progress = Progress { epoch: 0, step_in_epoch: 0, global_step: 0, plan: None };
         (TrainState { student, teacher, optimizer: Optimizer::new(cfg.optimizer), progress }, loss_fn.center.clone())
     };
+    replicas::check_same_run(dist, cfg, dataset.len())?;
     (state, loss_fn.center) = replicas::state_from_main(dist, state, center, cfg, &device)?;
     // The student trains on the autodiff device; the teacher stays on the plain one.
     state.student = state.student.fork(&device.clone().autodiff()).train();
@@ -316,6 +318,15 @@ fn save_checkpoint(dist: &Dist, path: &std::path::Path, state: &TrainState, cent
         checkpoint::save(path, state, center, cfg)?;
     }
     Ok(())
+}
+
+/// The GPU of this process: none in particular alone; with several processes, the one of its
+/// rank on this machine, unless the launcher left it a single GPU (CUDA_VISIBLE_DEVICES naming
+/// one device, as Slurm's per-task GPU binding does).
+fn gpu_of(dist: &Dist) -> Option<usize> {
+    let visible = std::env::var("CUDA_VISIBLE_DEVICES").ok();
+    let one_visible = visible.is_some_and(|v| !v.is_empty() && !v.contains(','));
+    (dist.world_size() > 1).then(|| if one_visible { 0 } else { dist.local_rank() })
 }
 
 /// "B" in one process, "B × N processes = G" in several.
