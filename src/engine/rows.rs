@@ -34,13 +34,19 @@ fn exp(x: f32) -> f32 {
 /// erf by Abramowitz & Stegun 7.1.26 (absolute error below 1.5e-7).
 #[inline(always)]
 fn erf(x: f32) -> f32 {
+    erf_given_gaussian(x, exp(-x * x))
+}
+
+/// erf(x) when exp(-x²) is already known (the GELU slope needs it too).
+#[inline(always)]
+fn erf_given_gaussian(x: f32, gaussian: f32) -> f32 {
     let a = x.abs();
     let t = 1.0 / 0.327_591_1f32.mul_add(a, 1.0);
     let poly = 1.061_405_4f32.mul_add(t, -1.453_152_1);
     let poly = poly.mul_add(t, 1.421_413_8);
     let poly = poly.mul_add(t, -0.284_496_74);
     let poly = poly.mul_add(t, 0.254_829_6);
-    let y = 1.0 - poly * t * exp(-a * a);
+    let y = 1.0 - poly * t * gaussian;
     y.copysign(x)
 }
 
@@ -50,11 +56,12 @@ fn gelu(x: f32) -> f32 {
     0.5 * x * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2))
 }
 
-/// d GELU / dx = Φ(x) + x·φ(x).
+/// d GELU / dx = Φ(x) + x·φ(x). Φ's erf at x/√2 and φ share one exp(-x²/2).
 #[inline(always)]
 fn gelu_slope(x: f32) -> f32 {
     const INV_SQRT_2PI: f32 = 0.398_942_3;
-    0.5 * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2)) + x * INV_SQRT_2PI * exp(-0.5 * x * x)
+    let gaussian = exp(-0.5 * x * x);
+    0.5 * (1.0 + erf_given_gaussian(x * std::f32::consts::FRAC_1_SQRT_2, gaussian)) + x * INV_SQRT_2PI * gaussian
 }
 
 row_kernel! {
