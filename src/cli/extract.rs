@@ -36,7 +36,7 @@ pub struct ExtractArgs {
     #[arg(long, default_value_t = 1)]
     pub n_last_blocks: usize,
     /// Also append the mean patch token of the last block.
-    #[arg(long, default_value_t = false)]
+    #[arg(long, default_value_t = false, num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set, value_parser = crate::cli::bool_value)]
     pub avgpool_patchtokens: bool,
     /// Use only N images, drawn per class in proportion (seeded; 0: all).
     #[arg(long, default_value_t = 0)]

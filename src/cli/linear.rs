@@ -45,7 +45,7 @@ pub struct LinearArgs {
     #[arg(long, default_value_t = 4)]
     pub n_last_blocks: usize,
     /// Also use the mean patch token of the last block (reference: ViT-B).
-    #[arg(long, default_value_t = false)]
+    #[arg(long, default_value_t = false, num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set, value_parser = crate::cli::bool_value)]
     pub avgpool_patchtokens: bool,
     #[arg(long, default_value_t = 100)]
     pub epochs: usize,
@@ -58,7 +58,7 @@ pub struct LinearArgs {
     pub momentum: f64,
     /// Train on random-resized-crop + flip views, recomputing features each epoch (the
     /// reference); false: centre-crop features computed once, much faster.
-    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_parser = crate::cli::bool_value)]
     pub augment: bool,
     /// Side of the network input (default: the checkpoint's global crop size, else 224).
     #[arg(long)]

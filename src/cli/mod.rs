@@ -66,6 +66,16 @@ pub enum Command {
     },
 }
 
+/// A boolean flag's value as the reference's command lines spell it: true/false, on/off or 1/0,
+/// in any case (its `bool_flag`), so a pasted `--norm_last_layer False` works.
+pub fn bool_value(text: &str) -> Result<bool, String> {
+    match text.to_ascii_lowercase().as_str() {
+        "true" | "on" | "1" => Ok(true),
+        "false" | "off" | "0" => Ok(false),
+        _ => Err(format!("'{text}' is not a boolean (true/false, on/off, 1/0)")),
+    }
+}
+
 /// Runs a parsed command line; `matches` tells flags given explicitly from defaults.
 pub fn run(cli: Cli, matches: &ArgMatches) -> Result<()> {
     match cli.command {
@@ -134,4 +144,15 @@ fn cpu_info(names_only: bool) -> Result<()> {
     let bf16 = if selected.has_bf16_hardware() { "bf16 products in hardware" } else { "refused: no AMX-BF16 or AVX512-BF16" };
     println!("--precision bf16: {bf16}; {PATH_VARIABLE}=<path> forces a path, {PATH_VARIABLE}=burn turns the engine off");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn booleans_in_the_reference_spellings() {
+        for (text, value) in [("true", true), ("True", true), ("ON", true), ("1", true), ("false", false), ("False", false), ("off", false), ("0", false)] {
+            assert_eq!(super::bool_value(text), Ok(value), "{text}");
+        }
+        assert!(super::bool_value("yes").unwrap_err().contains("'yes' is not a boolean"));
+    }
 }

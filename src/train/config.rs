@@ -90,8 +90,9 @@ pub enum DeviceKind {
 #[derive(Debug, Clone, Args, Serialize, Deserialize)]
 #[command(rename_all = "snake_case")]
 pub struct TrainConfig {
-    /// Training images: a folder (ImageFolder layout or flat) or a directory of IDX files.
-    #[arg(long, default_value = "/usr/share/datasets/fashion-mnist")]
+    /// Training images: a folder (ImageFolder layout or flat) or a directory of IDX files
+    /// (also --data_path, the reference's name).
+    #[arg(long, alias = "data_path", default_value = "/usr/share/datasets/fashion-mnist")]
     pub data: PathBuf,
     /// Use only N images of --data, drawn per class in proportion with --seed (0: all).
     #[arg(long, default_value_t = 0)]
@@ -125,10 +126,10 @@ pub struct TrainConfig {
     #[arg(long, default_value_t = 65536)]
     pub out_dim: usize,
     /// Fix the last layer's weight-norm gain at 1 (more stable).
-    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_parser = crate::cli::bool_value)]
     pub norm_last_layer: bool,
     /// BatchNorm in the head's MLP.
-    #[arg(long, default_value_t = false, action = clap::ArgAction::Set)]
+    #[arg(long, default_value_t = false, action = clap::ArgAction::Set, value_parser = crate::cli::bool_value)]
     pub use_bn_in_head: bool,
     /// Width of the head's hidden layers (the reference's DINOHead default).
     #[arg(long, default_value_t = 2048)]
@@ -473,5 +474,25 @@ mod tests {
         std::fs::write(&file, "lr = \"fast\"\n").unwrap();
         assert!(resolve(&["dino", "train", "--config", f]).is_err());
         assert!(resolve(&["dino", "train", "--global_crops_scale", "0.5", "0.2"]).is_err());
+    }
+
+    /// A reference command line's spellings: `--data_path`, booleans as True/off/1.
+    #[test]
+    fn reference_spellings_are_accepted() {
+        let c = resolve(&["dino", "train", "--data_path", "/images", "--norm_last_layer", "False", "--use_bn_in_head", "on"]).unwrap();
+        assert_eq!((c.data.to_str(), c.norm_last_layer, c.use_bn_in_head), (Some("/images"), false, true));
+        assert!(resolve(&["dino", "train", "--norm_last_layer", "maybe"]).is_err());
+        use clap::Parser;
+        let extract = |extra: &[&str]| {
+            let args = ["dino", "extract", "--data", "d", "--output_dir", "o"].iter().chain(extra).copied().collect::<Vec<_>>();
+            match crate::cli::Cli::try_parse_from(args).unwrap().command {
+                crate::cli::Command::Extract(a) => a.avgpool_patchtokens,
+                _ => unreachable!("an extract command"),
+            }
+        };
+        assert!(!extract(&[]));
+        assert!(extract(&["--avgpool_patchtokens"]), "a bare switch, as before");
+        assert!(extract(&["--avgpool_patchtokens", "True"]));
+        assert!(!extract(&["--avgpool_patchtokens", "0"]));
     }
 }
