@@ -195,7 +195,7 @@ impl Value {
         }
     }
 
-    fn kind(&self) -> &'static str {
+    pub fn kind(&self) -> &'static str {
         match self {
             Value::None => "None",
             Value::Bool(_) => "a bool",
@@ -547,6 +547,67 @@ impl Machine {
     }
 }
 
+/// The object a plain pickle file (not a PyTorch archive) holds: lists, dicts, strings,
+/// numbers, and objects kept as their constructor and state (NumPy arrays among them).
+pub fn read_pickle(bytes: &[u8]) -> Result<Value> {
+    Machine::default().run(bytes)
+}
+
+/// The items of a list or tuple.
+pub fn list_items(value: &Value) -> Option<&[Value]> {
+    match value {
+        Value::List(items) | Value::Tuple(items) => Some(items),
+        _ => None,
+    }
+}
+
+/// Whole numbers from a list or tuple of ints, or from a one-dimensional NumPy integer array
+/// (rebuilt by `numpy.core.multiarray._reconstruct`, its data as bytes, or as the latin-1
+/// string protocol 2 writes through `_codecs.encode`, or `bytes()` when empty).
+pub fn integers(value: &Value) -> Result<Vec<i64>> {
+    if let Some(items) = list_items(value) {
+        return items.iter().map(|v| if let Value::Int(i) = v { Ok(*i) } else { bail!("{} in a list of integers", v.kind()) }).collect();
+    }
+    let Value::Object { class, state: Some(state), .. } = value else { bail!("expected a list of integers or an array, found {}", value.kind()) };
+    let is_array = matches!(class.as_ref(), Value::Global(m, n) if m.starts_with("numpy") && n == "_reconstruct");
+    let Some([_, _, dtype, _, data]) = list_items(state).filter(|_| is_array).and_then(|s| <&[Value; 5]>::try_from(s).ok()) else {
+        bail!("expected a list of integers or a NumPy array, found {}", value.kind())
+    };
+    let code = match dtype {
+        Value::Object { args, .. } => list_items(args).and_then(|a| a.first()).and_then(|c| if let Value::Str(c) = c { Some(c.clone()) } else { None }),
+        _ => None,
+    }
+    .context("a NumPy array without a dtype")?;
+    let bytes = match data {
+        Value::Bytes(b) => b.clone(),
+        Value::Object { class, args, .. } if matches!(class.as_ref(), Value::Global(m, n) if m == "_codecs" && n == "encode") => match list_items(args) {
+            Some([Value::Str(text), ..]) => text.chars().map(|c| c as u32 as u8).collect(),
+            _ => bail!("a NumPy array whose data is not a string"),
+        },
+        // An empty array's data at protocol 2: `bytes()`.
+        Value::Object { class, args, .. } if matches!(class.as_ref(), Value::Global(_, n) if n == "bytes") && list_items(args).is_some_and(|a| a.is_empty()) => Vec::new(),
+        other => bail!("a NumPy array whose data is {}", other.kind()),
+    };
+    let width = match code.as_str() {
+        "i8" | "u8" => 8,
+        "i4" | "u4" => 4,
+        "i2" | "u2" => 2,
+        "i1" | "u1" => 1,
+        other => bail!("a NumPy array of {other}, not of integers"),
+    };
+    let signed = code.starts_with('i');
+    Ok(bytes
+        .chunks_exact(width)
+        .map(|b| {
+            let mut le = [0u8; 8];
+            le[..width].copy_from_slice(b);
+            let raw = u64::from_le_bytes(le);
+            let shift = 64 - 8 * width as u32;
+            if signed { ((raw << shift) as i64) >> shift } else { raw as i64 }
+        })
+        .collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -557,6 +618,20 @@ mod tests {
         assert_eq!(f16_to_f32(0xc000), -2.0);
         assert_eq!(f16_to_f32(0x3555), 0.33325195);
         assert_eq!(f16_to_f32(0x0001), 2f32.powi(-24));
+    }
+
+    /// tests/fixtures/gnd_rtiny.pkl (make_retrieval_fixture.py): NumPy int64 and int32 arrays,
+    /// empty ones and plain lists, pickled at protocol 2.
+    #[test]
+    fn reads_integer_lists_and_numpy_arrays_of_a_plain_pickle() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gnd_rtiny.pkl");
+        let root = read_pickle(&std::fs::read(path).unwrap()).unwrap();
+        let queries = list_items(root.get("gnd").unwrap()).unwrap();
+        let ids = |q: usize, key: &str| integers(queries[q].get(key).unwrap()).unwrap();
+        assert_eq!((ids(0, "easy"), ids(0, "hard"), ids(0, "junk")), (vec![2], vec![0], vec![1]));
+        assert_eq!((ids(1, "easy"), ids(1, "hard"), ids(1, "junk")), (vec![0], vec![], vec![]));
+        assert!(integers(queries[0].get("bbx").unwrap()).is_err(), "floats are not integers");
+        assert_eq!(list_items(root.get("imlist").unwrap()).unwrap().len(), 4);
     }
 
     #[test]

@@ -7,6 +7,7 @@ pub mod export;
 pub mod extract;
 pub mod knn;
 pub mod linear;
+pub mod retrieval;
 pub mod video;
 
 use anyhow::{Context, Result, bail};
@@ -42,6 +43,9 @@ pub enum Command {
     Attention(attention::AttentionArgs),
     /// Video object segmentation: propagate a first-frame mask through a folder of frames.
     VideoSeg(video::VideoArgs),
+    /// Image retrieval: mAP and mP@k of frozen features on revisited Oxford/Paris (Easy,
+    /// Medium, Hard) or on a database and a query folder.
+    Retrieval(retrieval::RetrievalArgs),
     /// Write a backbone (from any weights file) as safetensors under the official key names.
     Export(export::ExportArgs),
     /// Print the CPU engine's paths on this CPU (best first) and which one runs.
@@ -89,6 +93,7 @@ pub fn run(cli: Cli, matches: &ArgMatches) -> Result<()> {
         Command::Linear(args) => linear::run(args),
         Command::Attention(args) => attention::run(args),
         Command::VideoSeg(args) => video::run(args),
+        Command::Retrieval(args) => retrieval::run(args),
         Command::Export(args) => export::run(args),
         Command::CpuInfo { paths } => cpu_info(paths),
         Command::ModelInfo { arch, patch_size, img_size, out_dim } => {

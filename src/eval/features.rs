@@ -65,7 +65,7 @@ impl FeatureKind<'_> {
     }
 
     /// A ViT's patch size: the smallest image it can take.
-    fn patch_size(&self) -> Option<usize> {
+    pub fn patch_size(&self) -> Option<usize> {
         match *self {
             FeatureKind::Backbone(vit, _) => Some(vit.patch_size()),
             FeatureKind::Engine(engine, _) => Some(engine.patch_size()),

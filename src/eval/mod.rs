@@ -1,7 +1,8 @@
-//! Using the features: extraction, k-NN and linear classification, attention maps, video segmentation.
+//! Using the features: extraction, k-NN and linear classification, attention maps, video segmentation, image retrieval.
 
 pub mod attention;
 pub mod features;
 pub mod knn;
 pub mod linear;
+pub mod retrieval;
 pub mod video;
