@@ -1,8 +1,9 @@
-//! `dino retrieval` as a user runs it: a tiny dataset in the revisited Oxford/Paris layout (its
-//! ground truth pickled as those files are: tests/fixtures/make_retrieval_fixture.py) and the
-//! same images as class folders, built from real photos of Debian packages
-//! (scripts/fetch_test_data.sh). The queries are copies of database images, so whatever the
-//! random backbone computes, each query's copy ranks first: that fixes the scores below.
+//! `dino retrieval` and `dino copy-detection` as a user runs them: a tiny dataset in the
+//! revisited Oxford/Paris layout (its ground truth pickled as those files are:
+//! tests/fixtures/make_retrieval_fixture.py), the same images as class folders, and a tiny
+//! Copydays, built from real photos of Debian packages (scripts/fetch_test_data.sh). The
+//! queries are copies of database images, so whatever the random backbone computes, each
+//! query's copy ranks first: that fixes the scores below.
 
 mod common;
 
@@ -101,4 +102,42 @@ fn class_folders_score_each_query_against_its_class() {
 
     let (ok, _, err) = dino(&["retrieval", "--database", database.to_str().unwrap(), "--random_init"]);
     assert!(!ok && err.contains("--queries"), "{err}");
+}
+
+/// A tiny Copydays: three originals, a `strong` block named by image id and a `crops/10`
+/// block of exact copies, twenty distractors, whitening learnt on the twenty cube frames and
+/// then read back from its file. Exact copies rank first however the random backbone and the
+/// whitening map the images, so every block scores mAP 1.
+#[test]
+fn copy_detection_blocks_whitening_and_distractors() {
+    let data = test_data();
+    let root = scratch("copy_detection");
+    let cube = |i: usize| data.join(format!("cube/image{i:04}.pgm"));
+    let originals = [("200000", cube(0)), ("200100", data.join("astronaut.png")), ("200200", cube(19))];
+    for (name, from) in &originals {
+        jpeg(from, &root.join(format!("copydays/original/{name}.jpg")));
+        std::fs::create_dir_all(root.join("copydays/crops/10")).unwrap();
+        std::fs::copy(root.join(format!("copydays/original/{name}.jpg")), root.join(format!("copydays/crops/10/{name}.jpg"))).unwrap();
+    }
+    std::fs::create_dir_all(root.join("copydays/strong")).unwrap();
+    std::fs::copy(root.join("copydays/original/200100.jpg"), root.join("copydays/strong/200100_strong.jpg")).unwrap();
+    for i in 0..20 {
+        jpeg(&cube(i), &root.join(format!("frames/{i:02}.jpg")));
+    }
+    let (copydays, frames, whitening) = (root.join("copydays"), root.join("frames"), root.join("whitening.safetensors"));
+    let model = ["--random_init", "--arch", "vit_micro", "--patch_size", "8", "--imsize", "64"];
+    let run = |extra: &[&str]| {
+        let (ok, out, err) = dino(&[&["copy-detection", "--data_path", copydays.to_str().unwrap()], &model[..], extra].concat());
+        assert!(ok, "{err}");
+        out
+    };
+    let expected = "eval on original mAP=1.000\neval on strong mAP=1.000\neval on crops/10 mAP=1.000\n";
+    assert_eq!(run(&[]), expected);
+    let fitted = run(&["--whitening_path", frames.to_str().unwrap(), "--whitening_file", whitening.to_str().unwrap(), "--distractors_path", frames.to_str().unwrap()]);
+    assert_eq!(fitted, expected);
+    assert!(whitening.exists());
+    assert_eq!(run(&["--whitening_file", whitening.to_str().unwrap()]), expected);
+
+    let (ok, _, err) = dino(&[&["copy-detection", "--data_path", frames.to_str().unwrap()], &model[..]].concat());
+    assert!(!ok && err.trim().lines().count() == 1 && err.contains("Copydays block 'original'"), "{err}");
 }

@@ -58,7 +58,7 @@ pub fn run(args: ExtractArgs) -> Result<()> {
     let backbone = args.backbone.load(&device)?;
     check_last_blocks(&backbone.network, args.n_last_blocks)?;
     let transform = args.transform.transform(backbone.trained_size)?;
-    let layout = FeatureLayout { n_last_blocks: args.n_last_blocks, avgpool_patchtokens: args.avgpool_patchtokens };
+    let layout = FeatureLayout { n_last_blocks: args.n_last_blocks, avgpool_patchtokens: args.avgpool_patchtokens, gem_patchtokens: None };
     let network = args.precision.prepare(&backbone.network)?;
     let started = std::time::Instant::now();
     let features = extract(network.kind(layout), &dataset, transform, args.transform.batch_size, &device)?;

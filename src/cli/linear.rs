@@ -126,7 +126,7 @@ pub fn run(args: LinearArgs) -> Result<()> {
     check_last_blocks(&backbone.network, args.n_last_blocks)?;
     let eval = eval_transform(args.image_size.or(backbone.trained_size).unwrap_or(224), args.center_crop)?;
     let size = eval.size;
-    let layout = FeatureLayout { n_last_blocks: args.n_last_blocks, avgpool_patchtokens: args.avgpool_patchtokens };
+    let layout = FeatureLayout { n_last_blocks: args.n_last_blocks, avgpool_patchtokens: args.avgpool_patchtokens, gem_patchtokens: None };
     let network = args.precision.prepare(&backbone.network)?;
     let kind = network.kind(layout);
     let extract_batch = args.batch_size_per_gpu.max(64);

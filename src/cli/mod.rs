@@ -2,6 +2,7 @@
 
 pub mod attention;
 pub mod backbone;
+pub mod copy_detection;
 pub mod eval_args;
 pub mod export;
 pub mod extract;
@@ -46,6 +47,9 @@ pub enum Command {
     /// Image retrieval: mAP and mP@k of frozen features on revisited Oxford/Paris (Easy,
     /// Medium, Hard) or on a database and a query folder.
     Retrieval(retrieval::RetrievalArgs),
+    /// Copy detection on Copydays: cls + GeM features, optional PCA whitening and distractors,
+    /// mAP per block of queries.
+    CopyDetection(copy_detection::CopyDetectionArgs),
     /// Write a backbone (from any weights file) as safetensors under the official key names.
     Export(export::ExportArgs),
     /// Print the CPU engine's paths on this CPU (best first) and which one runs.
@@ -94,6 +98,7 @@ pub fn run(cli: Cli, matches: &ArgMatches) -> Result<()> {
         Command::Attention(args) => attention::run(args),
         Command::VideoSeg(args) => video::run(args),
         Command::Retrieval(args) => retrieval::run(args),
+        Command::CopyDetection(args) => copy_detection::run(args),
         Command::Export(args) => export::run(args),
         Command::CpuInfo { paths } => cpu_info(paths),
         Command::ModelInfo { arch, patch_size, img_size, out_dim } => {

@@ -81,15 +81,18 @@ pub struct FeatureLayout {
     pub n_last_blocks: usize,
     /// Also take the mean of the last block's patch tokens.
     pub avgpool_patchtokens: bool,
+    /// Also take the generalised mean with this exponent of the last block's patch tokens
+    /// (clamped at 1e-6 first), after the cls tokens: copy detection's GeM pooling.
+    pub gem_patchtokens: Option<f32>,
 }
 
 impl FeatureLayout {
     /// The cls output alone, as k-NN uses it.
-    pub const CLS: Self = Self { n_last_blocks: 1, avgpool_patchtokens: false };
+    pub const CLS: Self = Self { n_last_blocks: 1, avgpool_patchtokens: false, gem_patchtokens: None };
 
     /// Width of the feature of a backbone with `embed_dim` channels.
     pub fn dim(&self, embed_dim: usize) -> usize {
-        embed_dim * (self.n_last_blocks + self.avgpool_patchtokens as usize)
+        embed_dim * (self.n_last_blocks + self.avgpool_patchtokens as usize + self.gem_patchtokens.is_some() as usize)
     }
 }
 
@@ -108,10 +111,12 @@ pub fn backbone_features(vit: &VisionTransformer, x: Tensor<4>, layout: FeatureL
 fn compose_features(mut layers: Vec<Tensor<3>>, layout: FeatureLayout) -> Tensor<2> {
     let [b, tokens, d] = layers[0].dims();
     let cls = |t: Tensor<3>| t.slice_dim(1, 0..1).reshape([b, d]);
-    let mean = layout.avgpool_patchtokens.then(|| layers.last().unwrap().clone().slice_dim(1, 1..tokens).mean_dim(1).reshape([b, d]));
+    let patches = || layers.last().unwrap().clone().slice_dim(1, 1..tokens);
+    let mean = layout.avgpool_patchtokens.then(|| patches().mean_dim(1).reshape([b, d]));
+    let gem = layout.gem_patchtokens.map(|p| patches().clamp_min(1e-6).powf_scalar(p).mean_dim(1).powf_scalar(1.0 / p).reshape([b, d]));
     match mean {
-        Some(mean) if layers.len() == 1 => Tensor::stack::<3>(vec![cls(layers.pop().unwrap()), mean], 2).reshape([b, 2 * d]),
-        mean => Tensor::cat(layers.into_iter().map(cls).chain(mean).collect(), 1),
+        Some(mean) if layers.len() == 1 && gem.is_none() => Tensor::stack::<3>(vec![cls(layers.pop().unwrap()), mean], 2).reshape([b, 2 * d]),
+        mean => Tensor::cat(layers.into_iter().map(cls).chain(mean).chain(gem).collect(), 1),
     }
 }
 

@@ -1,0 +1,62 @@
+//! `dino copy-detection`: the flags of copy detection on Copydays (`eval/copy_detection.rs`
+//! holds the algorithm); named as the reference's `eval_copy_detection.py`.
+
+use std::path::PathBuf;
+
+use anyhow::{Result, bail};
+use burn::tensor::Device;
+use clap::Args;
+
+use super::backbone::BackboneArgs;
+use super::eval_args::PrecisionArgs;
+use crate::eval::copy_detection::{self, LAYOUT, Setup};
+
+#[derive(Debug, Args)]
+#[command(rename_all = "snake_case")]
+pub struct CopyDetectionArgs {
+    /// Copydays: DATA_PATH/original (the database), and the query blocks strong,
+    /// jpegqual/{3..75} and crops/{10..80} that are present.
+    #[arg(long)]
+    pub data_path: PathBuf,
+    /// Images added to the database as distractors (the reference: 10k YFCC100M images).
+    #[arg(long)]
+    pub distractors_path: Option<PathBuf>,
+    /// Images to learn the PCA whitening on (the reference: 20k YFCC100M images).
+    #[arg(long)]
+    pub whitening_path: Option<PathBuf>,
+    /// Where the whitening learnt on --whitening_path is written; without --whitening_path,
+    /// a whitening written so before, to apply.
+    #[arg(long)]
+    pub whitening_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub backbone: BackboneArgs,
+    #[command(flatten)]
+    pub precision: PrecisionArgs,
+    /// Side of the square every image is resized to.
+    #[arg(long, default_value_t = 320)]
+    pub imsize: usize,
+    /// Images per forward pass.
+    #[arg(long, default_value_t = 16)]
+    pub batch_size_per_gpu: usize,
+}
+
+pub fn run(args: CopyDetectionArgs) -> Result<()> {
+    let device = Device::flex();
+    let backbone = args.backbone.load(&device)?;
+    if backbone.network.vit("copy detection").is_err() {
+        bail!("--pretrained_weights: copy detection pools a ViT's patch tokens; this is a ResNet");
+    }
+    let network = args.precision.prepare(&backbone.network)?;
+    let setup = Setup {
+        data_path: args.data_path,
+        distractors: args.distractors_path,
+        whitening_images: args.whitening_path,
+        whitening_file: args.whitening_file,
+        imsize: args.imsize,
+        batch: args.batch_size_per_gpu,
+    };
+    for (block, map) in copy_detection::evaluate(network.kind(LAYOUT), &setup, &device)? {
+        println!("eval on {block} mAP={:.3}", map);
+    }
+    Ok(())
+}
