@@ -228,3 +228,32 @@ fn bf16_features_match_f32_and_keep_knn_accuracy() {
     let (ok, _, err) = dino(&["knn", "--random_init", "--arch", "resnet_micro", "--precision", "bf16"]);
     assert!(!ok && err.contains("--precision bf16") && err.contains("ResNet"), "{err}");
 }
+
+/// The reference's layout and names: `--data_path DIR` (DIR/train and DIR/val, class folders)
+/// and `--batch_size_per_gpu`. Each val image is a copy of a train image, so its nearest
+/// neighbour is its copy whatever the random backbone computes: 1-NN top-1 is 100%.
+#[test]
+fn knn_takes_the_reference_data_path_layout() {
+    let photos = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/test-data");
+    assert!(photos.join(".complete").exists(), "run scripts/fetch_test_data.sh first (.ci/run does)");
+    let root = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("knn_data_path");
+    let _ = std::fs::remove_dir_all(&root);
+    let images = [("cube/0.png", "cube/image0000.pgm"), ("cube/10.png", "cube/image0010.pgm"), ("astronaut/a.png", "astronaut.png")];
+    for (name, source) in images {
+        let to = root.join("train").join(name);
+        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+        image::open(photos.join(source)).unwrap().to_rgb8().save(&to).unwrap();
+    }
+    for name in ["cube/0.png", "astronaut/a.png"] {
+        let to = root.join("val").join(name);
+        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+        std::fs::copy(root.join("train").join(name), to).unwrap();
+    }
+    let root = root.to_str().unwrap();
+    let model = ["--random_init", "--arch", "vit_micro", "--patch_size", "8", "--image_size", "32", "--center_crop", "1"];
+    let (ok, out, err) = dino(&[&["knn", "--data_path", root, "--nb_knn", "1", "--batch_size_per_gpu", "2"], &model[..]].concat());
+    assert!(ok, "{err}");
+    assert_eq!(results(&out), vec![(1, 100.0, 100.0)], "{out}");
+    let (ok, _, err) = dino(&[&["knn", "--data_path", root, "--train_data", root], &model[..]].concat());
+    assert!(!ok && err.contains("--data_path"), "{err}");
+}

@@ -1,6 +1,6 @@
 //! Flags shared by the commands that turn images into features.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
@@ -20,9 +20,41 @@ pub struct TransformArgs {
     /// 1 keeps whole images, better for small centred images such as Fashion-MNIST).
     #[arg(long, default_value_t = REFERENCE_CROP)]
     pub center_crop: f64,
-    /// Images per forward pass.
-    #[arg(long, default_value_t = 256)]
+    /// Images per forward pass (also --batch_size_per_gpu, the reference's name).
+    #[arg(long, alias = "batch_size_per_gpu", default_value_t = 256)]
     pub batch_size: usize,
+}
+
+/// The labelled train/test pair of knn and linear: two paths, or the reference's one folder
+/// holding `train/` and `val/`.
+#[derive(Debug, Args)]
+#[command(rename_all = "snake_case")]
+pub struct LabelledPairArgs {
+    /// Labelled training images (a class-folder tree, or an IDX directory: its train-* files).
+    #[arg(long, default_value = "/usr/share/datasets/fashion-mnist")]
+    pub train_data: PathBuf,
+    /// Labelled test images (a class-folder tree, or an IDX directory: its t10k-* files).
+    #[arg(long, default_value = "/usr/share/datasets/fashion-mnist")]
+    pub test_data: PathBuf,
+    /// The reference's layout instead: DATA_PATH/train and DATA_PATH/val.
+    #[arg(long, conflicts_with_all = ["train_data", "test_data"])]
+    pub data_path: Option<PathBuf>,
+}
+
+impl LabelledPairArgs {
+    /// The train and test datasets (`subsets`: images kept of each, 0 for all).
+    pub fn open(&self, subsets: (usize, usize)) -> Result<(Dataset, Dataset)> {
+        match &self.data_path {
+            Some(root) => Ok((
+                open_dataset(&root.join("train"), IdxSplit::Train, subsets.0, "--data_path (its train/)", true)?,
+                open_dataset(&root.join("val"), IdxSplit::Test, subsets.1, "--data_path (its val/)", true)?,
+            )),
+            None => Ok((
+                open_dataset(&self.train_data, IdxSplit::Train, subsets.0, "--train_data", true)?,
+                open_dataset(&self.test_data, IdxSplit::Test, subsets.1, "--test_data", true)?,
+            )),
+        }
+    }
 }
 
 impl TransformArgs {

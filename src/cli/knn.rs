@@ -9,8 +9,7 @@ use burn::tensor::Device;
 use clap::Args;
 
 use super::backbone::BackboneArgs;
-use super::eval_args::{PrecisionArgs, TransformArgs, open_dataset};
-use crate::data::dataset::IdxSplit;
+use super::eval_args::{LabelledPairArgs, PrecisionArgs, TransformArgs};
 use crate::eval::features::{FeatureKind, FeatureLayout, extract};
 use crate::eval::knn::{LabelledFeatures, knn_accuracy};
 use crate::npy;
@@ -18,12 +17,8 @@ use crate::npy;
 #[derive(Debug, Args)]
 #[command(rename_all = "snake_case")]
 pub struct KnnArgs {
-    /// Labelled training images (a class-folder tree, or an IDX directory: its train-* files).
-    #[arg(long, default_value = "/usr/share/datasets/fashion-mnist")]
-    pub train_data: PathBuf,
-    /// Labelled test images (a class-folder tree, or an IDX directory: its t10k-* files).
-    #[arg(long, default_value = "/usr/share/datasets/fashion-mnist")]
-    pub test_data: PathBuf,
+    #[command(flatten)]
+    pub data: LabelledPairArgs,
     #[command(flatten)]
     pub backbone: BackboneArgs,
     /// Use the raw centre-crop pixels as features (baseline).
@@ -66,8 +61,7 @@ pub fn run(args: KnnArgs) -> Result<()> {
     let (mut train_features, mut test_features) = match (&args.train_features, &args.test_features) {
         (Some(train), Some(test)) => (read_extracted(train, "--train_features")?, read_extracted(test, "--test_features")?),
         _ => {
-            let train = open_dataset(&args.train_data, IdxSplit::Train, args.subset_train, "--train_data", true)?;
-            let test = open_dataset(&args.test_data, IdxSplit::Test, args.subset_test, "--test_data", true)?;
+            let (train, test) = args.data.open((args.subset_train, args.subset_test))?;
             let backbone = if args.pixels { None } else { Some(args.backbone.load(&device)?) };
             let transform = args.transform.transform(backbone.as_ref().and_then(|b| b.trained_size))?;
             let network = backbone.as_ref().map(|b| args.precision.prepare(&b.network)).transpose()?;

@@ -15,9 +15,9 @@ use rand::{Rng, SeedableRng};
 use rayon::prelude::*;
 
 use super::backbone::BackboneArgs;
-use super::eval_args::{PrecisionArgs, check_last_blocks, eval_transform, open_dataset};
+use super::eval_args::{LabelledPairArgs, PrecisionArgs, check_last_blocks, eval_transform};
 use crate::data::augment::{flip_horizontal, normalize_to_chw, random_resized_crop_box, resize_crop};
-use crate::data::dataset::{Dataset, IdxSplit};
+use crate::data::dataset::Dataset;
 use crate::data::loader::{epoch_order, mix_seed};
 use crate::eval::features::{FeatureKind, FeatureLayout, REFERENCE_CROP, extract, feature_dim, progress_bar};
 use crate::eval::knn::LabelledFeatures;
@@ -27,12 +27,8 @@ use crate::weights::{HostTensor, write_safetensors};
 #[derive(Debug, Args)]
 #[command(rename_all = "snake_case")]
 pub struct LinearArgs {
-    /// Labelled training images (a class-folder tree, or an IDX directory: its train-* files).
-    #[arg(long, default_value = "/usr/share/datasets/fashion-mnist")]
-    pub train_data: PathBuf,
-    /// Labelled test images (a class-folder tree, or an IDX directory: its t10k-* files).
-    #[arg(long, default_value = "/usr/share/datasets/fashion-mnist")]
-    pub test_data: PathBuf,
+    #[command(flatten)]
+    pub data: LabelledPairArgs,
     /// Where linear.safetensors and log.txt are written.
     #[arg(long, default_value = "linear")]
     pub output_dir: PathBuf,
@@ -120,8 +116,7 @@ pub fn run(args: LinearArgs) -> Result<()> {
     if args.epochs == 0 || args.batch_size_per_gpu == 0 || args.val_freq == 0 {
         bail!("--epochs, --batch_size_per_gpu and --val_freq must be positive");
     }
-    let train = open_dataset(&args.train_data, IdxSplit::Train, args.subset_train, "--train_data", true)?;
-    let test = open_dataset(&args.test_data, IdxSplit::Test, args.subset_test, "--test_data", true)?;
+    let (train, test) = args.data.open((args.subset_train, args.subset_test))?;
     let backbone = args.backbone.load(&device)?;
     check_last_blocks(&backbone.network, args.n_last_blocks)?;
     let eval = eval_transform(args.image_size.or(backbone.trained_size).unwrap_or(224), args.center_crop)?;

@@ -40,7 +40,8 @@ pub struct VideoArgs {
     /// Previous frames used as context besides the first.
     #[arg(long, default_value_t = 7)]
     pub n_last_frames: usize,
-    /// Sources within this many patches of the target (vertically and horizontally).
+    /// Sources within this many patches of the target (vertically and horizontally); 0: the
+    /// whole frame, as in the reference.
     #[arg(long, default_value_t = 12)]
     pub size_mask_neighborhood: usize,
     /// Source patches each target patch takes its label from.

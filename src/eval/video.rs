@@ -13,7 +13,8 @@ pub struct PropagationConfig {
     pub temperature: f32,
     /// Number of source patches each target patch takes its label from.
     pub topk: usize,
-    /// Sources are restricted to |dy| <= n and |dx| <= n patches around the target.
+    /// Sources are restricted to |dy| <= n and |dx| <= n patches around the target; 0 means
+    /// no restriction (the reference's meaning).
     pub neighbourhood: usize,
 }
 
@@ -48,7 +49,7 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 /// the context frames.
 pub fn propagate(target: &[f32], contexts: &[Context], grid: (usize, usize), dim: usize, classes: usize, cfg: PropagationConfig) -> Vec<f32> {
     let (gh, gw) = grid;
-    let r = cfg.neighbourhood as isize;
+    let r = if cfg.neighbourhood == 0 { gh.max(gw) } else { cfg.neighbourhood } as isize;
     let mut out = vec![0f32; gh * gw * classes];
     out.par_chunks_mut(classes).enumerate().for_each(|(i, labels)| {
         let (y, x) = ((i / gw) as isize, (i % gw) as isize);
@@ -276,6 +277,11 @@ mod tests {
         let out = propagate(&features, &[Context { features: &features, labels: &soft }], (1, 5), dim, 3, cfg);
         // Position 0 sees sources 0 and 1: half label 1, half label 0.
         assert_eq!(&out[0..3], &[0.5, 0.5, 0.0]);
+        // Neighbourhood 0: no restriction, every position sees all five sources.
+        let all = propagate(&features, &[Context { features: &features, labels: &soft }], (1, 5), dim, 3, PropagationConfig { neighbourhood: 0, ..cfg });
+        for p in 0..5 {
+            assert!(all[p * 3..p * 3 + 3].iter().zip([0.6, 0.2, 0.2]).all(|(a, b)| (a - b).abs() < 1e-6), "position {p}: {:?}", &all[p * 3..p * 3 + 3]);
+        }
         // Position 2 sees 1..=3, all label 0.
         assert_eq!(&out[6..9], &[1.0, 0.0, 0.0]);
     }
