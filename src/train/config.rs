@@ -262,6 +262,11 @@ pub struct TrainConfig {
     #[arg(skip = 1usize)]
     #[serde(default = "one_process")]
     pub processes: usize,
+    /// The reference's fp16 switch, so its command lines parse: false is f32 (the default);
+    /// true is refused in one line (fp16 is not built; --precision bf16 is the mixed precision).
+    #[arg(long, hide = true, action = clap::ArgAction::Set, value_parser = crate::cli::bool_value)]
+    #[serde(skip)]
+    pub use_fp16: Option<bool>,
 }
 
 fn one_process() -> usize {
@@ -292,6 +297,9 @@ impl TrainConfig {
 
     /// Applies the preset and the config file to every setting not given on the command line.
     pub fn resolve(self, matches: &ArgMatches) -> Result<Self> {
+        if self.use_fp16 == Some(true) {
+            bail!("--use_fp16 true: fp16 training is not built; --precision bf16 is the mixed precision (CPUs with AMX or AVX512-BF16), f32 elsewhere");
+        }
         let explicit = |key: &str| matches!(matches.value_source(key), Some(ValueSource::CommandLine));
         let config_path = self.config.clone();
         let mut values = match serde_json::to_value(&self)? {
@@ -482,6 +490,8 @@ mod tests {
         let c = resolve(&["dino", "train", "--data_path", "/images", "--norm_last_layer", "False", "--use_bn_in_head", "on"]).unwrap();
         assert_eq!((c.data.to_str(), c.norm_last_layer, c.use_bn_in_head), (Some("/images"), false, true));
         assert!(resolve(&["dino", "train", "--norm_last_layer", "maybe"]).is_err());
+        assert!(resolve(&["dino", "train", "--use_fp16", "False"]).is_ok());
+        assert!(resolve(&["dino", "train", "--use_fp16", "True"]).unwrap_err().to_string().contains("--precision bf16"));
         use clap::Parser;
         let extract = |extra: &[&str]| {
             let args = ["dino", "extract", "--data", "d", "--output_dir", "o"].iter().chain(extra).copied().collect::<Vec<_>>();
