@@ -491,6 +491,8 @@ mod tests {
         assert_eq!((c.data.to_str(), c.norm_last_layer, c.use_bn_in_head), (Some("/images"), false, true));
         assert!(resolve(&["dino", "train", "--norm_last_layer", "maybe"]).is_err());
         assert!(resolve(&["dino", "train", "--use_fp16", "False"]).is_ok());
+        let deit = resolve(&["dino", "train", "--arch", "deit_small"]).unwrap();
+        assert_eq!(deit.vit().map(|v| (v.embed_dim, v.num_heads)), Some((384, 6)), "DINO's first name for vit_small");
         assert!(resolve(&["dino", "train", "--use_fp16", "True"]).unwrap_err().to_string().contains("--precision bf16"));
         use clap::Parser;
         let extract = |extra: &[&str]| {
