@@ -69,19 +69,19 @@ pub fn run(args: RetrievalArgs) -> Result<()> {
     let (database_features, dim) = retrieval::features(kind, &database, args.imsize, args.multiscale, &device)?;
     let (query_features, _) = retrieval::features(kind, &queries, args.imsize, args.multiscale, &device)?;
     eprintln!("features: {} database, {} queries, dim {dim}", database.len(), queries.len());
-    let rankings = retrieval::rank(&database_features, &query_features, dim);
+    let evaluate = |relevant: &[retrieval::Relevant]| retrieval::evaluate(&database_features, &query_features, dim, relevant, &args.ks);
     let percent = |s: &retrieval::Scores| (100.0 * s.map, s.precision_at.iter().map(|(k, p)| format!("{k}: {:.2}", 100.0 * p)).collect::<Vec<_>>().join(", "));
     match revisited {
         Some(ground_truth) => {
             let scores = [Protocol::Easy, Protocol::Medium, Protocol::Hard]
-                .map(|p| retrieval::evaluate(&rankings, &ground_truth.iter().map(|g| g.relevant(p)).collect::<Vec<_>>(), &args.ks));
+                .map(|p| evaluate(&ground_truth.iter().map(|g| g.relevant(p)).collect::<Vec<_>>()));
             let [e, m, h] = scores.each_ref().map(percent);
             println!(">> {name}: mAP E: {:.2}, M: {:.2}, H: {:.2}", e.0, m.0, h.0);
             println!(">> {name}: mP@k E: [{}], M: [{}], H: [{}]", e.1, m.1, h.1);
         }
         None => {
             let relevant = retrieval::class_relevance(&database, &queries)?;
-            let (map, precision) = percent(&retrieval::evaluate(&rankings, &relevant, &args.ks));
+            let (map, precision) = percent(&evaluate(&relevant));
             println!(">> {name}: mAP: {map:.2}");
             println!(">> {name}: mP@k: [{precision}]");
         }

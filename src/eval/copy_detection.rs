@@ -11,7 +11,7 @@ use burn::tensor::{Device, Tensor, TensorData};
 use rayon::prelude::*;
 
 use super::features::{FeatureKind, FeatureLayout, progress_bar};
-use super::retrieval::{Relevant, average_precision, rank};
+use super::retrieval::{Relevant, average_precision, similarities};
 use crate::data::augment::normalize_to_chw;
 use crate::data::dataset::Dataset;
 use crate::weights::{self, HostTensor};
@@ -186,11 +186,27 @@ pub fn positives(originals: &Dataset, block: &str, queries: &Dataset) -> Result<
         .collect()
 }
 
-/// The mAP of one block: each query's 20 nearest database images by cosine (features already
-/// whitened or not, normalised here), AP over those.
+/// The mAP of one block: each query's 20 nearest database images by cosine (L2-normalised
+/// features), AP over those (a positive ranked lower counts as missed). One similarity row per
+/// query in memory at a time, per thread.
 pub fn block_map(database: &[f32], queries: &[f32], dim: usize, relevant: &[Relevant]) -> f64 {
-    let rankings = rank(database, queries, dim);
-    let total: f64 = rankings.iter().zip(relevant).map(|(r, rel)| average_precision(&r[..r.len().min(RETRIEVED)], rel).unwrap_or(0.0)).sum();
+    let total: f64 = queries
+        .par_chunks(dim)
+        .zip(relevant)
+        .map(|(q, rel)| {
+            let sims = similarities(database, q);
+            let mut order: Vec<usize> = (0..sims.len()).collect();
+            let retrieved = RETRIEVED.min(order.len());
+            let by_rank = |&a: &usize, &b: &usize| sims[b].total_cmp(&sims[a]).then(a.cmp(&b));
+            if retrieved < order.len() {
+                order.select_nth_unstable_by(retrieved, by_rank);
+            }
+            order.truncate(retrieved);
+            order.sort_by(by_rank);
+            let positions: Vec<usize> = order.iter().enumerate().filter(|(_, id)| rel.positives.contains(id)).map(|(at, _)| at).collect();
+            average_precision(&positions, rel.positives.len())
+        })
+        .sum();
     total / relevant.len().max(1) as f64
 }
 

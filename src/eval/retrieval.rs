@@ -96,46 +96,48 @@ fn l2_normalize(v: &mut [f32]) {
     v.iter_mut().for_each(|x| *x /= norm);
 }
 
-/// For each query, the database indices by decreasing cosine similarity (features are
-/// L2-normalised; ties keep database order).
-pub fn rank(database: &[f32], queries: &[f32], dim: usize) -> Vec<Vec<usize>> {
-    use rayon::prelude::*;
-    queries
-        .par_chunks(dim)
-        .map(|q| {
-            let sims: Vec<f32> = database.chunks(dim).map(|d| d.iter().zip(q).map(|(a, b)| a * b).sum()).collect();
-            let mut order: Vec<usize> = (0..sims.len()).collect();
-            order.sort_by(|&a, &b| sims[b].total_cmp(&sims[a]));
-            order
-        })
-        .collect()
+/// Cosine similarities of one query to every database image (features are L2-normalised).
+pub fn similarities(database: &[f32], query: &[f32]) -> Vec<f32> {
+    database.chunks(query.len()).map(|d| d.iter().zip(query).map(|(a, b)| a * b).sum()).collect()
 }
 
-/// Where the positives land in `ranking` once junk is taken out (0-based, increasing).
-fn positive_positions(ranking: &[usize], relevant: &Relevant) -> Vec<usize> {
-    let mut positions = Vec::new();
-    let mut kept = 0;
-    for id in ranking {
-        if relevant.junk.contains(id) {
-            continue;
-        }
-        if relevant.positives.contains(id) {
-            positions.push(kept);
-        }
-        kept += 1;
+/// The ranking's order of database images `a` and `b` (`Less`: `a` first): higher similarity
+/// first, ties by database order.
+fn rank_order(sims: &[f32], a: usize, b: usize) -> std::cmp::Ordering {
+    sims[b].total_cmp(&sims[a]).then(a.cmp(&b))
+}
+
+/// Where the positives land in the ranking of the database by `sims` once junk is taken out
+/// (0-based, increasing), without sorting the database: one pass counts, for each positive,
+/// the kept images that rank above it. Memory stays at the similarity row, whatever the
+/// database's size.
+pub fn positive_positions(sims: &[f32], relevant: &Relevant) -> Vec<usize> {
+    let mut is_junk = vec![false; sims.len()];
+    relevant.junk.iter().filter(|&&j| j < sims.len()).for_each(|&j| is_junk[j] = true);
+    let mut positives: Vec<usize> = relevant.positives.iter().copied().filter(|&p| p < sims.len() && !is_junk[p]).collect();
+    positives.sort_unstable();
+    positives.dedup();
+    positives.sort_by(|&a, &b| rank_order(sims, a, b));
+    // above[t]: kept images ranked above the t-th positive, via differences.
+    let mut first_below = vec![0usize; positives.len() + 1];
+    for j in (0..sims.len()).filter(|&j| !is_junk[j]) {
+        let t = positives.partition_point(|&p| rank_order(sims, j, p).is_ge());
+        first_below[t] += 1;
     }
+    let mut above = 0;
+    positives.iter().enumerate().map(|(t, _)| {
+        above += first_below[t];
+        above
+    }).collect()
+}
+
+/// Average precision from the positions (0-based, increasing) of the positives found, out of
+/// `positives` in all, the revisited protocol's (and the Holidays package's) way: the
+/// precision-recall curve integrated by trapezoids, each positive adding a recall step of
+/// 1/positives between the precision just before it and at it.
+pub fn average_precision(positions: &[usize], positives: usize) -> f64 {
+    let step = 1.0 / positives as f64;
     positions
-}
-
-/// Average precision of one ranking, the revisited protocol's way: the precision-recall curve
-/// integrated by trapezoids, each positive adding a recall step of 1/positives between the
-/// precision just before it and at it. `None` for a query without positives.
-pub fn average_precision(ranking: &[usize], relevant: &Relevant) -> Option<f64> {
-    if relevant.positives.is_empty() {
-        return None;
-    }
-    let step = 1.0 / relevant.positives.len() as f64;
-    let ap = positive_positions(ranking, relevant)
         .iter()
         .enumerate()
         .map(|(found, &at)| {
@@ -143,36 +145,44 @@ pub fn average_precision(ranking: &[usize], relevant: &Relevant) -> Option<f64> 
             let at_it = (found + 1) as f64 / (at + 1) as f64;
             (before + at_it) / 2.0 * step
         })
-        .sum();
-    Some(ap)
+        .sum()
 }
 
-/// Precision at each k of one ranking, the revisited protocol's way: k is capped at the rank
-/// of the last positive, so a query with few positives is not punished for k beyond them.
-fn precision_at(ranking: &[usize], relevant: &Relevant, ks: &[usize]) -> Vec<f64> {
-    let positions: Vec<usize> = positive_positions(ranking, relevant).iter().map(|p| p + 1).collect();
-    let last = positions.last().copied().unwrap_or(0);
+/// Precision at each k, the revisited protocol's way: k is capped at the rank of the last
+/// positive, so a query with few positives is not punished for k beyond them.
+fn precision_at(positions: &[usize], ks: &[usize]) -> Vec<f64> {
+    let last = positions.last().map_or(0, |p| p + 1);
     ks.iter()
         .map(|&k| {
             let kq = k.min(last);
-            if kq == 0 { 0.0 } else { positions.iter().filter(|&&p| p <= kq).count() as f64 / kq as f64 }
+            if kq == 0 { 0.0 } else { positions.iter().filter(|&&p| p < kq).count() as f64 / kq as f64 }
         })
         .collect()
 }
 
-/// mAP and mean precision at `ks` over the queries that have positives.
-pub fn evaluate(rankings: &[Vec<usize>], relevant: &[Relevant], ks: &[usize]) -> Scores {
-    let mut ap_sum = 0.0;
-    let mut pr_sum = vec![0.0; ks.len()];
-    let mut counted = 0;
-    for (ranking, rel) in rankings.iter().zip(relevant) {
-        let Some(ap) = average_precision(ranking, rel) else { continue };
-        ap_sum += ap;
-        precision_at(ranking, rel, ks).iter().zip(&mut pr_sum).for_each(|(p, s)| *s += p);
-        counted += 1;
-    }
-    let n = counted.max(1) as f64;
-    Scores { map: ap_sum / n, precision_at: ks.iter().zip(pr_sum).map(|(&k, s)| (k, s / n)).collect() }
+/// mAP and mean precision at `ks` of every query against the database (L2-normalised
+/// features, `dim` wide), over the queries that have positives; one similarity row per query
+/// in memory at a time, per thread.
+pub fn evaluate(database: &[f32], queries: &[f32], dim: usize, relevant: &[Relevant], ks: &[usize]) -> Scores {
+    use rayon::prelude::*;
+    let progress = progress_bar(relevant.len() as u64);
+    let per_query: Vec<Option<(f64, Vec<f64>)>> = queries
+        .par_chunks(dim)
+        .zip(relevant)
+        .map(|(q, rel)| {
+            let scored = (!rel.positives.is_empty()).then(|| {
+                let positions = positive_positions(&similarities(database, q), rel);
+                (average_precision(&positions, rel.positives.len()), precision_at(&positions, ks))
+            });
+            progress.inc(1);
+            scored
+        })
+        .collect();
+    progress.finish_and_clear();
+    let scored: Vec<&(f64, Vec<f64>)> = per_query.iter().flatten().collect();
+    let n = scored.len().max(1) as f64;
+    let precision_at = ks.iter().enumerate().map(|(i, &k)| (k, scored.iter().map(|(_, p)| p[i]).sum::<f64>() / n)).collect();
+    Scores { map: scored.iter().map(|(ap, _)| ap).sum::<f64>() / n, precision_at }
 }
 
 /// One query's ground truth in the revisited datasets.
@@ -282,37 +292,64 @@ mod tests {
         Relevant { positives: positives.to_vec(), junk: junk.to_vec() }
     }
 
+    /// Similarities that rank the database in `order` (first = most similar).
+    fn sims_ranking(order: &[usize]) -> Vec<f32> {
+        let mut sims = vec![0.0; order.len()];
+        order.iter().enumerate().for_each(|(place, &id)| sims[id] = -(place as f32));
+        sims
+    }
+
+    fn ap(order: &[usize], relevant: &Relevant) -> f64 {
+        average_precision(&positive_positions(&sims_ranking(order), relevant), relevant.positives.len())
+    }
+
     /// Worked by hand. Ranking 0..6, positives {1, 3}: positions 1 and 3. The first positive
     /// steps from precision 0/1 to 1/2, the second from 1/3 to 2/4, each over a recall of ½:
     /// AP = ½·(0 + ½)/2 + ½·(⅓ + ½)/2 = 1/8 + 5/24 = 1/3.
     #[test]
     fn average_precision_by_trapezoids() {
         let ranking: Vec<usize> = (0..6).collect();
-        assert!((average_precision(&ranking, &rel(&[1, 3], &[])).unwrap() - 1.0 / 3.0).abs() < 1e-12);
+        assert!((ap(&ranking, &rel(&[1, 3], &[])) - 1.0 / 3.0).abs() < 1e-12);
         // First place: (1 + 1)/2 = 1.
-        assert_eq!(average_precision(&ranking, &rel(&[0], &[])), Some(1.0));
+        assert_eq!(ap(&ranking, &rel(&[0], &[])), 1.0);
         // Junk 0 and 2 removed: positives 1 and 3 move to positions 0 and 1, AP 1.
-        assert_eq!(average_precision(&ranking, &rel(&[1, 3], &[0, 2])), Some(1.0));
-        // A positive that is never ranked counts as missed: ½·[(1 + 1)/2] = 0.5.
-        assert_eq!(average_precision(&[0, 1, 2], &rel(&[0, 9], &[])), Some(0.5));
-        assert_eq!(average_precision(&ranking, &rel(&[], &[1])), None);
+        assert_eq!(ap(&ranking, &rel(&[1, 3], &[0, 2])), 1.0);
+        // A positive the database does not hold counts as missed: ½·[(1 + 1)/2] = 0.5.
+        assert_eq!(ap(&[0, 1, 2], &rel(&[0, 9], &[])), 0.5);
+        // Reversed ranking: positives 3 and 1 land at 2 and 4.
+        assert_eq!(positive_positions(&sims_ranking(&[5, 4, 3, 2, 1, 0]), &rel(&[1, 3], &[])), vec![2, 4]);
+    }
+
+    /// Positions agree with sorting the database, ties broken by database order.
+    #[test]
+    fn positions_match_a_sorted_ranking() {
+        let sims = [0.5f32, 0.9, 0.5, -0.2, 0.9, 0.1, 0.5];
+        let mut order: Vec<usize> = (0..sims.len()).collect();
+        order.sort_by(|&a, &b| sims[b].total_cmp(&sims[a]).then(a.cmp(&b)));
+        let relevant = rel(&[6, 0, 4], &[1]);
+        let kept: Vec<usize> = order.iter().copied().filter(|i| *i != 1).collect();
+        let mut expected: Vec<usize> = [6, 0, 4].iter().map(|p| kept.iter().position(|k| k == p).unwrap()).collect();
+        expected.sort();
+        assert_eq!(positive_positions(&sims, &relevant), expected);
     }
 
     /// Positives at 1-based ranks 2 and 4: k = 1 → 0/1; k = 5 capped at 4 → 2/4; k = 3 → 1/3.
     #[test]
     fn precision_at_k_caps_k_at_the_last_positive() {
-        let ranking: Vec<usize> = (0..6).collect();
-        let p = precision_at(&ranking, &rel(&[1, 3], &[]), &[1, 3, 5]);
-        assert_eq!(p, vec![0.0, 1.0 / 3.0, 0.5]);
+        assert_eq!(precision_at(&[1, 3], &[1, 3, 5]), vec![0.0, 1.0 / 3.0, 0.5]);
     }
 
     /// Queries without positives are left out of the means.
     #[test]
     fn evaluation_averages_over_queries_with_positives() {
-        let rankings = vec![(0..6).collect::<Vec<_>>(), vec![5, 4, 3, 2, 1, 0], (0..6).collect()];
+        // 2-d unit features: database along angles 0°, 30°, ..., 150°; queries at 0° and 150°.
+        let angle = |deg: f32| [deg.to_radians().cos(), deg.to_radians().sin()];
+        let database: Vec<f32> = (0..6).flat_map(|i| angle(30.0 * i as f32)).collect();
+        let queries: Vec<f32> = [0.0f32, 150.0, 0.0].iter().flat_map(|&d| angle(d)).collect();
+        // Query 0 ranks 0..6 in order, positives {1, 3}: AP 1/3; query 1 ranks 5 first: AP 1.
         let relevant = vec![rel(&[1, 3], &[]), rel(&[5], &[]), rel(&[], &[])];
-        let s = evaluate(&rankings, &relevant, &[1]);
-        assert!((s.map - (1.0 / 3.0 + 1.0) / 2.0).abs() < 1e-12);
+        let s = evaluate(&database, &queries, 2, &relevant, &[1]);
+        assert!((s.map - (1.0 / 3.0 + 1.0) / 2.0).abs() < 1e-12, "{s:?}");
         assert_eq!(s.precision_at, vec![(1, 0.5)]);
     }
 
@@ -322,12 +359,5 @@ mod tests {
         assert_eq!(q.relevant(Protocol::Easy), rel(&[1], &[3, 2]));
         assert_eq!(q.relevant(Protocol::Medium), rel(&[1, 2], &[3]));
         assert_eq!(q.relevant(Protocol::Hard), rel(&[2], &[3, 1]));
-    }
-
-    #[test]
-    fn ranking_is_by_cosine_similarity() {
-        let database = [1.0, 0.0, 0.0, 1.0, 0.6, 0.8];
-        let queries = [0.0, 1.0, 1.0, 0.0];
-        assert_eq!(rank(&database, &queries, 2), vec![vec![1, 2, 0], vec![0, 2, 1]]);
     }
 }
