@@ -118,6 +118,24 @@ fn extract_then_knn_from_the_files_equals_knn_on_images() {
     let (ok, _, err) = dino(&args);
     assert!(ok, "{err}");
     assert_eq!(read_npy(&wide.join("features.npy")).shape, vec![8, 192]);
+    // --pooling: the mean patch token (interleaved with the cls token, as the reference's
+    // linear evaluation) or its GeM with p = 4 (after it). By the power-mean inequality the
+    // GeM of each channel (of tokens clamped at 1e-6) is at least the plain mean.
+    let pooled = |pooling: &str| {
+        let out = dir.join(pooling);
+        let args = [&["extract", "--data", FASHION_MNIST, "--subset", "8", "--pooling", pooling, "--output_dir", out.to_str().unwrap()], &model[..]].concat();
+        let (ok, _, err) = dino(&args);
+        assert!(ok, "{err}");
+        read_npy(&out.join("features.npy"))
+    };
+    let (mean, gem) = (pooled("mean"), pooled("gem"));
+    assert_eq!((mean.shape.clone(), gem.shape.clone()), (vec![8, 128], vec![8, 128]));
+    for (m, g) in mean.values.chunks(128).zip(gem.values.chunks(128)) {
+        for d in 0..64 {
+            assert!((m[2 * d] - g[d]).abs() < 1e-6, "the cls parts agree");
+            assert!(g[64 + d] >= m[2 * d + 1] - 1e-6, "GeM {} below the mean {}", g[64 + d], m[2 * d + 1]);
+        }
+    }
     let args = [&["extract", "--data", FASHION_MNIST, "--subset", "8", "--n_last_blocks", "5", "--output_dir", wide.to_str().unwrap()], &model[..]].concat();
     let (ok, _, err) = dino(&args);
     assert!(!ok && err.contains("--n_last_blocks"), "{err}");

@@ -56,6 +56,13 @@ fn attention_maps_of_a_photo() {
     let kept: f64 = (0..12 * 21).filter(|&i| mask.get_pixel((i % 21) as u32 * 8, (i / 21) as u32 * 8)[0] == 255).map(|i| mean[i]).sum();
     assert!(kept / mean.iter().sum::<f64>() >= 0.6);
 
+    // The reference's --image_size H W: exactly 60 x 90, cropped to multiples of 8: 88 x 56.
+    let exact = out.join("exact");
+    let args = [&["attention", "--image_path", photo.to_str().unwrap(), "--output_dir", exact.to_str().unwrap(), "--image_size", "60", "90"], &model[..]].concat();
+    let (ok, _, err) = dino(&args);
+    assert!(ok, "{err}");
+    assert_eq!(png_size(&exact.join("image.png")), (88, 56));
+
     let (ok, _, err) = dino(&["attention", "--image_path", "/nonexistent.png", "--random_init"]);
     assert!(!ok && err.contains("--image_path /nonexistent.png"), "{err}");
     let (ok, _, err) = dino(&[&["attention", "--image_path", photo.to_str().unwrap(), "--threshold", "1.5"], &model[..]].concat());

@@ -72,6 +72,20 @@ fn revisited_layout_scores_easy_medium_and_hard() {
         assert_eq!(score(&out, ">> rtiny: mP@k", "E: [1:"), 100.0, "{out}");
     }
 
+    // With a feature cache, a second run reads the features back and scores the same; other
+    // settings compute them anew.
+    let cache = root.join("cache");
+    let cached_run = |imsize: &str| {
+        let args = [&["retrieval", "--data_path", root.to_str().unwrap(), "--dataset", "rtiny", "--features_cache", cache.to_str().unwrap()], &MODEL[..], &[imsize]].concat();
+        let (ok, out, err) = dino(&args);
+        assert!(ok, "{err}");
+        (out, err.contains("features read from"))
+    };
+    let (first, reused) = cached_run("64");
+    assert!(!reused && cache.join("database/features.npy").exists() && cache.join("queries/files.txt").exists());
+    assert_eq!(cached_run("64"), (first, true));
+    assert!(!cached_run("48").1, "another --imsize must not reuse the features");
+
     // A missing ground truth is one line naming the file.
     std::fs::remove_file(root.join("rtiny/gnd_rtiny.pkl")).unwrap();
     let (ok, _, err) = dino(&[&["retrieval", "--data_path", root.to_str().unwrap(), "--dataset", "rtiny"], &MODEL[..], &["64"]].concat());
@@ -137,6 +151,11 @@ fn copy_detection_blocks_whitening_and_distractors() {
     assert_eq!(fitted, expected);
     assert!(whitening.exists());
     assert_eq!(run(&["--whitening_file", whitening.to_str().unwrap()]), expected);
+    let cache = root.join("cache");
+    let cached = ["--whitening_path", frames.to_str().unwrap(), "--features_cache", cache.to_str().unwrap()];
+    assert_eq!(run(&cached), expected);
+    assert!(cache.join("queries/crops/10/features.npy").exists() && cache.join("whitening/features.npy").exists());
+    assert_eq!(run(&cached), expected);
 
     let (ok, _, err) = dino(&[&["copy-detection", "--data_path", frames.to_str().unwrap()], &model[..]].concat());
     assert!(!ok && err.trim().lines().count() == 1 && err.contains("Copydays block 'original'"), "{err}");

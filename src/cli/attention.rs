@@ -24,10 +24,11 @@ pub struct AttentionArgs {
     pub output_dir: PathBuf,
     #[command(flatten)]
     pub backbone: BackboneArgs,
-    /// The shorter side is resized to this (aspect kept; 0: native size), then the image is
-    /// cropped to a multiple of the patch size.
-    #[arg(long, default_value_t = 480)]
-    pub image_size: usize,
+    /// One number: the shorter side is resized to it (aspect kept; 0: native size). Two, H W
+    /// (the reference's form): the image is resized to exactly H × W. Then it is cropped to a
+    /// multiple of the patch size.
+    #[arg(long, num_args = 1..=2, default_values_t = [480])]
+    pub image_size: Vec<usize>,
     /// Masks keep the patches holding this share of each head's attention mass (0: no masks).
     #[arg(long, default_value_t = 0.6)]
     pub threshold: f64,
@@ -46,14 +47,20 @@ pub fn run(args: AttentionArgs) -> Result<()> {
     let vit = backbone.network.vit("attention maps")?;
     let p = vit.patch_size();
 
-    // Resize so the shorter side is --image_size, then keep the top-left multiple of the patch.
+    // Resize (the shorter side to --image_size, or to exactly H x W), then keep the top-left
+    // multiple of the patch.
     let (w, h) = (img.width() as f64, img.height() as f64);
-    let scale = if args.image_size == 0 { 1.0 } else { args.image_size as f64 / w.min(h) };
-    let (width, height) = (((w * scale).round() as usize) / p * p, ((h * scale).round() as usize) / p * p);
+    let (scale_x, scale_y) = match args.image_size[..] {
+        [0] => (1.0, 1.0),
+        [side] => (side as f64 / w.min(h), side as f64 / w.min(h)),
+        [height, width] => (width as f64 / w, height as f64 / h),
+        _ => unreachable!("clap takes one or two values"),
+    };
+    let (width, height) = (((w * scale_x).round() as usize) / p * p, ((h * scale_y).round() as usize) / p * p);
     if width == 0 || height == 0 {
-        bail!("--image_path {}: {}x{} is smaller than one {p}-pixel patch at --image_size {}", args.image_path.display(), w, h, args.image_size);
+        bail!("--image_path {}: {}x{} is smaller than one {p}-pixel patch at --image_size {:?}", args.image_path.display(), w, h, args.image_size);
     }
-    let pixels = resize_crop_to(&img, (0.0, 0.0, width as f64 / scale, height as f64 / scale), width, height);
+    let pixels = resize_crop_to(&img, (0.0, 0.0, width as f64 / scale_x, height as f64 / scale_y), width, height);
     let shown = image::RgbImage::from_raw(width as u32, height as u32, pixels.iter().map(|&v| (v * 255.0).round() as u8).collect())
         .expect("buffer size");
 

@@ -43,6 +43,13 @@ pub struct Backbone {
 }
 
 impl BackboneArgs {
+    /// What makes these flags' backbone this backbone, for feature caches: the flags and the
+    /// weights file's size and modification time.
+    pub fn fingerprint(&self) -> String {
+        let file = self.pretrained_weights.as_ref().and_then(|p| std::fs::metadata(p).ok()).map(|m| (m.len(), m.modified().ok()));
+        format!("{self:?} {file:?}")
+    }
+
     /// True when weights or --random_init name a backbone.
     pub fn given(&self) -> bool {
         self.pretrained_weights.is_some() || self.random_init

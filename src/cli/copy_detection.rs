@@ -10,6 +10,7 @@ use clap::Args;
 use super::backbone::BackboneArgs;
 use super::eval_args::PrecisionArgs;
 use crate::eval::copy_detection::{self, LAYOUT, Setup};
+use crate::eval::features::FeatureCache;
 
 #[derive(Debug, Args)]
 #[command(rename_all = "snake_case")]
@@ -38,6 +39,10 @@ pub struct CopyDetectionArgs {
     /// Images per forward pass.
     #[arg(long, default_value_t = 16)]
     pub batch_size_per_gpu: usize,
+    /// Keep the features here (`dino extract`'s format, a folder per image set) and reuse them
+    /// on the next run with the same images and settings.
+    #[arg(long)]
+    pub features_cache: Option<PathBuf>,
 }
 
 pub fn run(args: CopyDetectionArgs) -> Result<()> {
@@ -55,7 +60,9 @@ pub fn run(args: CopyDetectionArgs) -> Result<()> {
         imsize: args.imsize,
         batch: args.batch_size_per_gpu,
     };
-    for (block, map) in copy_detection::evaluate(network.kind(LAYOUT), &setup, &device)? {
+    let settings = format!("{} {:?} imsize {} copy detection", args.backbone.fingerprint(), args.precision.precision, args.imsize);
+    let cache = args.features_cache.as_deref().map(|dir| FeatureCache { dir, settings });
+    for (block, map) in copy_detection::evaluate(network.kind(LAYOUT), &setup, cache.as_ref(), &device)? {
         println!("eval on {block} mAP={:.3}", map);
     }
     Ok(())

@@ -41,6 +41,19 @@ pub struct ExtractArgs {
     /// Use only N images, drawn per class in proportion (seeded; 0: all).
     #[arg(long, default_value_t = 0)]
     pub subset: usize,
+    /// What follows the cls token(s): nothing (cls), the mean patch token (mean, as
+    /// --avgpool_patchtokens), or the GeM (p = 4) of the patch tokens (gem: copy detection's
+    /// features).
+    #[arg(long, value_enum, default_value = "cls")]
+    pub pooling: Pooling,
+}
+
+/// Pooling of the last block's patch tokens in an extracted feature.
+#[derive(Debug, Clone, Copy, PartialEq, clap::ValueEnum)]
+pub enum Pooling {
+    Cls,
+    Mean,
+    Gem,
 }
 
 /// Parses --split.
@@ -58,7 +71,11 @@ pub fn run(args: ExtractArgs) -> Result<()> {
     let backbone = args.backbone.load(&device)?;
     check_last_blocks(&backbone.network, args.n_last_blocks)?;
     let transform = args.transform.transform(backbone.trained_size)?;
-    let layout = FeatureLayout { n_last_blocks: args.n_last_blocks, avgpool_patchtokens: args.avgpool_patchtokens, gem_patchtokens: None };
+    let layout = FeatureLayout {
+        n_last_blocks: args.n_last_blocks,
+        avgpool_patchtokens: args.avgpool_patchtokens || args.pooling == Pooling::Mean,
+        gem_patchtokens: (args.pooling == Pooling::Gem).then_some(crate::eval::copy_detection::GEM_EXPONENT),
+    };
     let network = args.precision.prepare(&backbone.network)?;
     let started = std::time::Instant::now();
     let features = extract(network.kind(layout), &dataset, transform, args.transform.batch_size, &device)?;

@@ -9,8 +9,8 @@ use clap::Args;
 
 use super::backbone::BackboneArgs;
 use super::eval_args::{PrecisionArgs, open_dataset};
-use crate::data::dataset::IdxSplit;
-use crate::eval::features::FeatureLayout;
+use crate::data::dataset::{Dataset, IdxSplit};
+use crate::eval::features::{FeatureCache, FeatureLayout};
 use crate::eval::retrieval::{self, Protocol, Revisited};
 
 #[derive(Debug, Args)]
@@ -44,6 +44,10 @@ pub struct RetrievalArgs {
     /// The k of the mean precision at k.
     #[arg(long, num_args = 1.., default_values_t = [1, 5, 10])]
     pub ks: Vec<usize>,
+    /// Keep the features here (`dino extract`'s format, a folder per image set) and reuse them
+    /// on the next run with the same images and settings.
+    #[arg(long)]
+    pub features_cache: Option<PathBuf>,
 }
 
 pub fn run(args: RetrievalArgs) -> Result<()> {
@@ -66,8 +70,17 @@ pub fn run(args: RetrievalArgs) -> Result<()> {
     let backbone = args.backbone.load(&device)?;
     let network = args.precision.prepare(&backbone.network)?;
     let kind = network.kind(FeatureLayout::CLS);
-    let (database_features, dim) = retrieval::features(kind, &database, args.imsize, args.multiscale, &device)?;
-    let (query_features, _) = retrieval::features(kind, &queries, args.imsize, args.multiscale, &device)?;
+    let settings = format!("{} {:?} imsize {} multiscale {}", args.backbone.fingerprint(), args.precision.precision, args.imsize, args.multiscale);
+    let cache = args.features_cache.as_deref().map(|dir| FeatureCache { dir, settings });
+    let features = |set: &str, images: &Dataset| {
+        let compute = || retrieval::features(kind, images, args.imsize, args.multiscale, &device);
+        match &cache {
+            Some(cache) => cache.get(set, images, compute),
+            None => compute(),
+        }
+    };
+    let (database_features, dim) = features("database", &database)?;
+    let (query_features, _) = features("queries", &queries)?;
     eprintln!("features: {} database, {} queries, dim {dim}", database.len(), queries.len());
     let evaluate = |relevant: &[retrieval::Relevant]| retrieval::evaluate(&database_features, &query_features, dim, relevant, &args.ks);
     let percent = |s: &retrieval::Scores| (100.0 * s.map, s.precision_at.iter().map(|(k, p)| format!("{k}: {:.2}", 100.0 * p)).collect::<Vec<_>>().join(", "));

@@ -10,7 +10,7 @@ use anyhow::{Context, Result, bail};
 use burn::tensor::{Device, Tensor, TensorData};
 use rayon::prelude::*;
 
-use super::features::{FeatureKind, FeatureLayout, progress_bar};
+use super::features::{FeatureCache, FeatureKind, FeatureLayout, progress_bar};
 use super::retrieval::{Relevant, average_precision, similarities};
 use crate::data::augment::normalize_to_chw;
 use crate::data::dataset::Dataset;
@@ -221,18 +221,25 @@ pub struct Setup {
 }
 
 /// Runs the protocol; returns each block's mAP (fraction) in `BLOCKS` order.
-pub fn evaluate(kind: FeatureKind, setup: &Setup, device: &Device) -> Result<Vec<(String, f64)>> {
+pub fn evaluate(kind: FeatureKind, setup: &Setup, cache: Option<&FeatureCache>, device: &Device) -> Result<Vec<(String, f64)>> {
+    let cached = |set: &str, images: &Dataset| {
+        let compute = || features(kind, images, setup.imsize, setup.batch, device);
+        match cache {
+            Some(cache) => cache.get(set, images, compute),
+            None => compute(),
+        }
+    };
     let copydays = Copydays::open(&setup.data_path)?;
-    let (mut database, dim) = features(kind, &copydays.originals, setup.imsize, setup.batch, device)?;
+    let (mut database, dim) = cached("original", &copydays.originals)?;
     if let Some(dir) = &setup.distractors {
         let distractors = Dataset::open_folder(dir).with_context(|| format!("--distractors_path {}", dir.display()))?;
         eprintln!("{} distractors", distractors.len());
-        database.extend(features(kind, &distractors, setup.imsize, setup.batch, device)?.0);
+        database.extend(cached("distractors", &distractors)?.0);
     }
     let whitening = match (&setup.whitening_images, &setup.whitening_file) {
         (Some(dir), file) => {
             let images = Dataset::open_folder(dir).with_context(|| format!("--whitening_path {}", dir.display()))?;
-            let w = Whitening::fit(&features(kind, &images, setup.imsize, setup.batch, device)?.0, dim)?;
+            let w = Whitening::fit(&cached("whitening", &images)?.0, dim)?;
             if let Some(file) = file {
                 w.save(file).with_context(|| format!("--whitening_file {}", file.display()))?;
             }
@@ -251,7 +258,7 @@ pub fn evaluate(kind: FeatureKind, setup: &Setup, device: &Device) -> Result<Vec
     let mut scores = Vec::new();
     for (name, queries) in &copydays.blocks {
         let relevant = positives(&copydays.originals, name, queries)?;
-        let mut q = features(kind, queries, setup.imsize, setup.batch, device)?.0;
+        let mut q = cached(&format!("queries/{name}"), queries)?.0;
         if let Some(w) = &whitening {
             w.apply(&mut q);
         }

@@ -246,3 +246,36 @@ pub fn progress_bar(len: u64) -> ProgressBar {
     bar.set_style(ProgressStyle::with_template("{bar:40} {pos}/{len} images, {per_sec}, eta {eta}").expect("valid template"));
     bar
 }
+
+/// Features kept on disk between runs of a tool, in `dino extract`'s format (`features.npy`,
+/// `files.txt`) plus `settings.txt`: one folder per image set under the cache folder. A set is
+/// reused only when its file list and its settings (backbone, sizes, pooling: whatever
+/// `settings` says) are exactly those of this run; otherwise it is computed and rewritten.
+pub struct FeatureCache<'a> {
+    pub dir: &'a std::path::Path,
+    pub settings: String,
+}
+
+impl FeatureCache<'_> {
+    /// The features of `images` under the name `set`, read back or computed by `compute`.
+    pub fn get(&self, set: &str, images: &Dataset, compute: impl FnOnce() -> Result<(Vec<f32>, usize)>) -> Result<(Vec<f32>, usize)> {
+        let dir = self.dir.join(set);
+        let files: String = (0..images.len()).map(|i| images.describe(i) + "\n").collect();
+        let same = |name: &str, expected: &str| std::fs::read_to_string(dir.join(name)).is_ok_and(|text| text == expected);
+        if same("files.txt", &files) && same("settings.txt", &self.settings) {
+            let array = crate::npy::read(&dir.join("features.npy"))?;
+            if let [n, dim] = array.shape[..]
+                && n == images.len()
+            {
+                eprintln!("{set}: {n} features read from {}", dir.display());
+                return Ok((array.values.iter().map(|&v| v as f32).collect(), dim));
+            }
+        }
+        let (values, dim) = compute()?;
+        std::fs::create_dir_all(&dir).with_context(|| format!("--features_cache {}: cannot create", dir.display()))?;
+        crate::npy::write_f32(&dir.join("features.npy"), &values, &[images.len(), dim])?;
+        std::fs::write(dir.join("files.txt"), files)?;
+        std::fs::write(dir.join("settings.txt"), &self.settings)?;
+        Ok((values, dim))
+    }
+}
