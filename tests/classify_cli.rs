@@ -247,8 +247,8 @@ fn bf16_features_match_f32_and_keep_knn_accuracy() {
     assert!(!ok && err.contains("--precision bf16") && err.contains("ResNet"), "{err}");
 }
 
-/// The reference's layout and names: `--data_path DIR` (DIR/train and DIR/val, class folders)
-/// and `--batch_size_per_gpu`. Each val image is a copy of a train image, so its nearest
+/// The reference's layout and names: `--data_path DIR` (DIR/train and DIR/val, class folders),
+/// `--batch_size_per_gpu`, and its launcher and loader flags. Each val image is a copy of a train image, so its nearest
 /// neighbour is its copy whatever the random backbone computes: 1-NN top-1 is 100%.
 #[test]
 fn knn_takes_the_reference_data_path_layout() {
@@ -269,8 +269,11 @@ fn knn_takes_the_reference_data_path_layout() {
     }
     let root = root.to_str().unwrap();
     let model = ["--random_init", "--arch", "vit_micro", "--patch_size", "8", "--image_size", "32", "--center_crop", "1"];
-    let (ok, out, err) = dino(&[&["knn", "--data_path", root, "--nb_knn", "1", "--batch_size_per_gpu", "2"], &model[..]].concat());
+    // The reference's plumbing flags are accepted as pasted; --use_cuda says what it does not do.
+    let plumbing = ["--use_cuda", "True", "--num_workers", "10", "--dist_url", "env://", "--local_rank", "0"];
+    let (ok, out, err) = dino(&[&["knn", "--data_path", root, "--nb_knn", "1", "--batch_size_per_gpu", "2"], &model[..], &plumbing[..]].concat());
     assert!(ok, "{err}");
+    assert!(err.contains("--use_cuda is ignored"), "{err}");
     assert_eq!(results(&out), vec![(1, 100.0, 100.0)], "{out}");
     let (ok, _, err) = dino(&[&["knn", "--data_path", root, "--train_data", root], &model[..]].concat());
     assert!(!ok && err.contains("--data_path"), "{err}");

@@ -8,7 +8,7 @@ use burn::tensor::Device;
 use clap::Args;
 
 use super::backbone::BackboneArgs;
-use super::eval_args::PrecisionArgs;
+use super::eval_args::{PrecisionArgs, ReferencePlumbing};
 use crate::eval::copy_detection::{self, LAYOUT, Setup};
 use crate::eval::features::FeatureCache;
 
@@ -32,6 +32,8 @@ pub struct CopyDetectionArgs {
     #[command(flatten)]
     pub backbone: BackboneArgs,
     #[command(flatten)]
+    pub reference: ReferencePlumbing,
+    #[command(flatten)]
     pub precision: PrecisionArgs,
     /// Side of the square every image is resized to.
     #[arg(long, default_value_t = 320)]
@@ -46,6 +48,7 @@ pub struct CopyDetectionArgs {
 }
 
 pub fn run(args: CopyDetectionArgs) -> Result<()> {
+    args.reference.note();
     let device = Device::flex();
     let backbone = args.backbone.load(&device)?;
     if backbone.network.vit("copy detection").is_err() {

@@ -25,6 +25,32 @@ pub struct TransformArgs {
     pub batch_size: usize,
 }
 
+/// Flags of the reference's evaluation scripts that are plumbing there (its launcher, CUDA,
+/// loader workers), accepted so that its command lines run as pasted, and hidden from --help:
+/// the launcher's mean nothing here, image decoding uses every core, and evaluation runs on
+/// the CPU (`--use_cuda true` says so on stderr).
+#[derive(Debug, Args)]
+#[command(rename_all = "snake_case")]
+pub struct ReferencePlumbing {
+    #[arg(long, hide = true)]
+    pub dist_url: Option<String>,
+    #[arg(long, hide = true)]
+    pub local_rank: Option<usize>,
+    #[arg(long, hide = true)]
+    pub num_workers: Option<usize>,
+    #[arg(long, hide = true, action = clap::ArgAction::Set, value_parser = crate::cli::bool_value)]
+    pub use_cuda: Option<bool>,
+}
+
+impl ReferencePlumbing {
+    /// Says on stderr what a pasted flag does not do here.
+    pub fn note(&self) {
+        if self.use_cuda == Some(true) {
+            eprintln!("note: --use_cuda is ignored: evaluation runs on the CPU");
+        }
+    }
+}
+
 /// The labelled train/test pair of knn and linear: two paths, or the reference's one folder
 /// holding `train/` and `val/`.
 #[derive(Debug, Args)]

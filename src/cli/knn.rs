@@ -9,7 +9,7 @@ use burn::tensor::Device;
 use clap::Args;
 
 use super::backbone::BackboneArgs;
-use super::eval_args::{LabelledPairArgs, PrecisionArgs, TransformArgs};
+use super::eval_args::{LabelledPairArgs, PrecisionArgs, ReferencePlumbing, TransformArgs};
 use crate::eval::features::{FeatureKind, FeatureLayout, extract};
 use crate::eval::knn::{LabelledFeatures, knn_accuracy};
 use crate::npy;
@@ -21,6 +21,8 @@ pub struct KnnArgs {
     pub data: LabelledPairArgs,
     #[command(flatten)]
     pub backbone: BackboneArgs,
+    #[command(flatten)]
+    pub reference: ReferencePlumbing,
     /// Use the raw centre-crop pixels as features (baseline).
     #[arg(long, default_value_t = false)]
     pub pixels: bool,
@@ -49,6 +51,7 @@ pub struct KnnArgs {
 }
 
 pub fn run(args: KnnArgs) -> Result<()> {
+    args.reference.note();
     let device = Device::flex();
     let sources = [args.backbone.given(), args.pixels, args.train_features.is_some()].iter().filter(|&&b| b).count();
     if sources != 1 {

@@ -15,7 +15,7 @@ use rand::{Rng, SeedableRng};
 use rayon::prelude::*;
 
 use super::backbone::BackboneArgs;
-use super::eval_args::{LabelledPairArgs, PrecisionArgs, check_last_blocks, eval_transform};
+use super::eval_args::{LabelledPairArgs, PrecisionArgs, ReferencePlumbing, check_last_blocks, eval_transform};
 use crate::data::augment::{flip_horizontal, normalize_to_chw, random_resized_crop_box, resize_crop};
 use crate::data::dataset::Dataset;
 use crate::data::loader::{epoch_order, mix_seed};
@@ -34,6 +34,8 @@ pub struct LinearArgs {
     pub output_dir: PathBuf,
     #[command(flatten)]
     pub backbone: BackboneArgs,
+    #[command(flatten)]
+    pub reference: ReferencePlumbing,
     #[command(flatten)]
     pub precision: PrecisionArgs,
     /// Concatenate the cls tokens of the last n blocks (reference: 4 for ViT-S, 1 for ViT-B;
@@ -112,6 +114,7 @@ fn batch_features(
 }
 
 pub fn run(args: LinearArgs) -> Result<()> {
+    args.reference.note();
     let device = Device::flex();
     if args.epochs == 0 || args.batch_size_per_gpu == 0 || args.val_freq == 0 {
         bail!("--epochs, --batch_size_per_gpu and --val_freq must be positive");

@@ -8,7 +8,7 @@ use burn::tensor::Device;
 use clap::Args;
 
 use super::backbone::BackboneArgs;
-use super::eval_args::{PrecisionArgs, open_dataset};
+use super::eval_args::{PrecisionArgs, ReferencePlumbing, open_dataset};
 use crate::data::dataset::{Dataset, IdxSplit};
 use crate::eval::features::{FeatureCache, FeatureLayout};
 use crate::eval::retrieval::{self, Protocol, Revisited};
@@ -34,6 +34,8 @@ pub struct RetrievalArgs {
     #[command(flatten)]
     pub backbone: BackboneArgs,
     #[command(flatten)]
+    pub reference: ReferencePlumbing,
+    #[command(flatten)]
     pub precision: PrecisionArgs,
     /// Images are shrunk (aspect kept, never enlarged) so that their longer side is at most this.
     #[arg(long, default_value_t = 224)]
@@ -51,6 +53,7 @@ pub struct RetrievalArgs {
 }
 
 pub fn run(args: RetrievalArgs) -> Result<()> {
+    args.reference.note();
     let device = Device::flex();
     if args.ks.contains(&0) {
         bail!("--ks values must be positive");

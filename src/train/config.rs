@@ -267,6 +267,14 @@ pub struct TrainConfig {
     #[arg(long, hide = true, action = clap::ArgAction::Set, value_parser = crate::cli::bool_value)]
     #[serde(skip)]
     pub use_fp16: Option<bool>,
+    /// The reference's launcher plumbing, accepted so its command lines parse; meaningless
+    /// here (several processes come from an MPI launcher, see the README).
+    #[arg(long, hide = true)]
+    #[serde(skip)]
+    pub dist_url: Option<String>,
+    #[arg(long, hide = true)]
+    #[serde(skip)]
+    pub local_rank: Option<usize>,
 }
 
 fn one_process() -> usize {
@@ -491,6 +499,7 @@ mod tests {
         assert_eq!((c.data.to_str(), c.norm_last_layer, c.use_bn_in_head), (Some("/images"), false, true));
         assert!(resolve(&["dino", "train", "--norm_last_layer", "maybe"]).is_err());
         assert!(resolve(&["dino", "train", "--use_fp16", "False"]).is_ok());
+        assert!(resolve(&["dino", "train", "--dist_url", "env://", "--local_rank", "0"]).is_ok());
         let deit = resolve(&["dino", "train", "--arch", "deit_small"]).unwrap();
         assert_eq!(deit.vit().map(|v| (v.embed_dim, v.num_heads)), Some((384, 6)), "DINO's first name for vit_small");
         assert!(resolve(&["dino", "train", "--use_fp16", "True"]).unwrap_err().to_string().contains("--precision bf16"));
