@@ -129,4 +129,7 @@ fn video_segmentation_of_a_real_sequence() {
 
     let (ok, _, err) = dino(&["video-seg", "--frames", frames.to_str().unwrap(), "--first_mask", data.join("astronaut.png").to_str().unwrap(), "--output_dir", masks.to_str().unwrap(), "--random_init"]);
     assert!(!ok && err.contains("--first_mask"), "{err}");
+    // The reference's whole-DAVIS command line is refused in one line saying how to run a video.
+    let (ok, _, err) = dino(&["video-seg", "--data_path", "/data/DAVIS", "--bs", "6", "--output_dir", masks.to_str().unwrap(), "--random_init"]);
+    assert!(!ok && err.trim().lines().count() == 1 && err.contains("--frames /data/DAVIS/JPEGImages/480p/VIDEO"), "{err}");
 }

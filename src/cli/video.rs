@@ -21,11 +21,17 @@ use crate::weights::HostTensor;
 #[command(rename_all = "snake_case")]
 pub struct VideoArgs {
     /// Folder of frames, in file-name order.
-    #[arg(long)]
-    pub frames: PathBuf,
+    #[arg(long, required_unless_present = "data_path")]
+    pub frames: Option<PathBuf>,
     /// The first frame's mask: an indexed-palette (or gray) PNG, 0 = background, 1.. = objects.
-    #[arg(long)]
-    pub first_mask: PathBuf,
+    #[arg(long, required_unless_present = "data_path")]
+    pub first_mask: Option<PathBuf>,
+    /// The reference's DAVIS root (it segments every video): refused in one line that says
+    /// how to run a video here. Hidden, as is its --bs.
+    #[arg(long, hide = true)]
+    pub data_path: Option<PathBuf>,
+    #[arg(long, hide = true)]
+    pub bs: Option<usize>,
     /// Where a mask PNG per frame is written (named after the frame).
     #[arg(long)]
     pub output_dir: PathBuf,
@@ -77,14 +83,18 @@ fn patch_features(vit: &VisionTransformer, frame: &image::RgbImage, (w, h): (usi
 
 pub fn run(args: VideoArgs) -> Result<()> {
     let device = Device::flex();
-    let frames = image_files(&args.frames, false).with_context(|| format!("--frames {}", args.frames.display()))?;
+    let (Some(frames_dir), Some(first_mask)) = (&args.frames, &args.first_mask) else {
+        let root = args.data_path.as_deref().unwrap_or(std::path::Path::new("DAVIS")).display().to_string();
+        bail!("--data_path: video-seg segments one video per run; give --frames {root}/JPEGImages/480p/VIDEO --first_mask {root}/Annotations/480p/VIDEO/00000.png (and --gt {root}/Annotations/480p/VIDEO for J and F)");
+    };
+    let frames = image_files(frames_dir, false).with_context(|| format!("--frames {}", frames_dir.display()))?;
     if frames.is_empty() {
-        bail!("--frames {}: no image files", args.frames.display());
+        bail!("--frames {}: no image files", frames_dir.display());
     }
-    let first = LabelMap::read(&args.first_mask).with_context(|| format!("--first_mask {}", args.first_mask.display()))?;
+    let first = LabelMap::read(first_mask).with_context(|| format!("--first_mask {}", first_mask.display()))?;
     let classes = *first.labels.iter().max().unwrap_or(&0) as usize + 1;
     if classes < 2 {
-        bail!("--first_mask {}: no object (all pixels are 0)", args.first_mask.display());
+        bail!("--first_mask {}: no object (all pixels are 0)", first_mask.display());
     }
     let gt_files = match &args.gt {
         Some(dir) => {
@@ -105,7 +115,7 @@ pub fn run(args: VideoArgs) -> Result<()> {
     let frame0 = decode_file(&frames[0]).with_context(|| format!("{}", frames[0].display()))?;
     let (ori_w, ori_h) = (frame0.width() as usize, frame0.height() as usize);
     if (first.width, first.height) != (ori_w, ori_h) {
-        bail!("--first_mask {}: {}x{} but the frames are {ori_w}x{ori_h}", args.first_mask.display(), first.width, first.height);
+        bail!("--first_mask {}: {}x{} but the frames are {ori_w}x{ori_h}", first_mask.display(), first.width, first.height);
     }
     let size = input_size(ori_w, ori_h, args.scale, p);
     if size.0 == 0 || size.1 == 0 {
