@@ -70,6 +70,9 @@ pub fn run(args: RetrievalArgs) -> Result<()> {
         }
         _ => bail!("give --data_path and --dataset (revisited Oxford/Paris), or --database and --queries (class folders)"),
     };
+    if database.is_empty() || queries.is_empty() {
+        bail!("{name}: {} database images and {} queries; both must be non-empty", database.len(), queries.len());
+    }
     let backbone = args.backbone.load(&device)?;
     let network = args.precision.prepare(&backbone.network)?;
     let kind = network.kind(FeatureLayout::CLS);

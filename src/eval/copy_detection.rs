@@ -151,6 +151,9 @@ impl Copydays {
             Ok(Dataset::Folder { labels: vec![None; files.len()], files, classes: Vec::new() })
         };
         let originals = block("original")?;
+        if originals.is_empty() {
+            bail!("--data_path {}: Copydays block 'original' holds no images", root.display());
+        }
         let blocks = BLOCKS.iter().filter(|b| root.join(b).is_dir()).map(|b| Ok((b.to_string(), block(b)?))).collect::<Result<Vec<_>>>()?;
         Ok(Self { originals, blocks })
     }

@@ -249,33 +249,80 @@ pub fn progress_bar(len: u64) -> ProgressBar {
 
 /// Features kept on disk between runs of a tool, in `dino extract`'s format (`features.npy`,
 /// `files.txt`) plus `settings.txt`: one folder per image set under the cache folder. A set is
-/// reused only when its file list and its settings (backbone, sizes, pooling: whatever
-/// `settings` says) are exactly those of this run; otherwise it is computed and rewritten.
+/// reused only when its file list and its settings are exactly those of this run: the tool's
+/// `settings` (backbone, sizes, pooling), this format's version, and every image file's
+/// canonical path, size and modification time; otherwise it is computed and rewritten, with
+/// `settings.txt` removed first and written last, so a run that dies midway leaves no set that
+/// looks valid.
 pub struct FeatureCache<'a> {
     pub dir: &'a std::path::Path,
     pub settings: String,
 }
 
+/// Bumped whenever what a cached feature holds changes.
+const FEATURE_CACHE_VERSION: u32 = 1;
+
 impl FeatureCache<'_> {
     /// The features of `images` under the name `set`, read back or computed by `compute`.
     pub fn get(&self, set: &str, images: &Dataset, compute: impl FnOnce() -> Result<(Vec<f32>, usize)>) -> Result<(Vec<f32>, usize)> {
+        use std::hash::{Hash, Hasher};
         let dir = self.dir.join(set);
         let files: String = (0..images.len()).map(|i| images.describe(i) + "\n").collect();
-        let same = |name: &str, expected: &str| std::fs::read_to_string(dir.join(name)).is_ok_and(|text| text == expected);
-        if same("files.txt", &files) && same("settings.txt", &self.settings) {
-            let array = crate::npy::read(&dir.join("features.npy"))?;
-            if let [n, dim] = array.shape[..]
-                && n == images.len()
-            {
-                eprintln!("{set}: {n} features read from {}", dir.display());
-                return Ok((array.values.iter().map(|&v| v as f32).collect(), dim));
+        let mut stamp = std::collections::hash_map::DefaultHasher::new();
+        if let Dataset::Folder { files, .. } = images {
+            for f in files {
+                let meta = std::fs::metadata(f).ok();
+                (std::fs::canonicalize(f).ok(), meta.as_ref().map(|m| m.len()), meta.and_then(|m| m.modified().ok())).hash(&mut stamp);
             }
         }
-        let (values, dim) = compute()?;
+        let settings = format!("{}\nformat {FEATURE_CACHE_VERSION}, images {:016x}\n", self.settings, stamp.finish());
+        let same = |name: &str, expected: &str| std::fs::read_to_string(dir.join(name)).is_ok_and(|text| text == expected);
+        if same("files.txt", &files)
+            && same("settings.txt", &settings)
+            && let Ok(array) = crate::npy::read(&dir.join("features.npy"))
+            && let [n, dim] = array.shape[..]
+            && n == images.len()
+        {
+            eprintln!("{set}: {n} features read from {}", dir.display());
+            return Ok((array.values.iter().map(|&v| v as f32).collect(), dim));
+        }
         std::fs::create_dir_all(&dir).with_context(|| format!("--features_cache {}: cannot create", dir.display()))?;
+        let _ = std::fs::remove_file(dir.join("settings.txt"));
+        let (values, dim) = compute()?;
         crate::npy::write_f32(&dir.join("features.npy"), &values, &[images.len(), dim])?;
         std::fs::write(dir.join("files.txt"), files)?;
-        std::fs::write(dir.join("settings.txt"), &self.settings)?;
+        std::fs::write(dir.join("settings.txt"), settings)?;
         Ok((values, dim))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The cache gives back what was computed for the same images and settings, and computes
+    /// anew when a setting or an image file changes, or after a run that died while computing.
+    #[test]
+    fn feature_cache_reuses_only_what_matches() {
+        let dir = std::env::temp_dir().join(format!("dino-feature-cache-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let files: Vec<std::path::PathBuf> = (0..2).map(|i| dir.join(format!("{i}.png"))).collect();
+        let write = |path: &std::path::Path, value: u8, side: u32| image::RgbImage::from_pixel(side, side, image::Rgb([value; 3])).save(path).unwrap();
+        write(&files[0], 10, 4);
+        write(&files[1], 20, 4);
+        let images = Dataset::Folder { labels: vec![None; 2], files: files.clone(), classes: Vec::new() };
+        let store = dir.join("cache");
+        let cache = |settings: &str| FeatureCache { dir: &store, settings: settings.to_string() };
+        let computed = |v: f32| move || -> Result<(Vec<f32>, usize)> { Ok((vec![v, v, v, v], 2)) };
+        let never = || -> Result<(Vec<f32>, usize)> { panic!("should have been read back") };
+        assert_eq!(cache("a").get("set", &images, computed(1.0)).unwrap(), (vec![1.0; 4], 2));
+        assert_eq!(cache("a").get("set", &images, never).unwrap(), (vec![1.0; 4], 2));
+        assert_eq!(cache("b").get("set", &images, computed(2.0)).unwrap().0, vec![2.0; 4], "other settings");
+        write(&files[1], 30, 6);
+        assert_eq!(cache("b").get("set", &images, computed(3.0)).unwrap().0, vec![3.0; 4], "an image changed");
+        assert!(cache("c").get("set", &images, || anyhow::bail!("killed")).is_err());
+        assert_eq!(cache("b").get("set", &images, computed(4.0)).unwrap().0, vec![4.0; 4], "a dead run leaves nothing valid");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
