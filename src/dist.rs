@@ -107,6 +107,12 @@ impl Dist {
         self.local_size
     }
 
+    /// This process's share of the machine's cores (at least one).
+    pub fn cores(&self) -> usize {
+        let machine = std::thread::available_parallelism().map_or(1, |n| n.get());
+        (machine / self.local_size).max(1)
+    }
+
     /// Rank 0 alone writes checkpoints, logs and plots and talks on the terminal.
     pub fn is_main(&self) -> bool {
         self.rank == 0

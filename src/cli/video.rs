@@ -13,6 +13,7 @@ use super::backbone::BackboneArgs;
 use crate::data::augment::{normalize_to_chw, resize_crop_to};
 use crate::data::dataset::{decode_file, image_files};
 use crate::data::palette::LabelMap;
+use crate::eval::features::l2_normalize_rows;
 use crate::eval::video::{self, PropagationConfig};
 use crate::model::VisionTransformer;
 use crate::weights::HostTensor;
@@ -77,7 +78,7 @@ fn patch_features(vit: &VisionTransformer, frame: &image::RgbImage, (w, h): (usi
     let tokens = vit.intermediate_layers(x, 1).pop().expect("one layer");
     let [_, n, d] = tokens.dims();
     let mut features = HostTensor::from_tensor(tokens.slice_dim(1, 1..n).reshape([n - 1, d])).values;
-    video::normalize_rows(&mut features, d);
+    l2_normalize_rows(&mut features, d);
     features
 }
 

@@ -10,9 +10,9 @@ use anyhow::{Context, Result, bail};
 use burn::tensor::{Device, Tensor, TensorData};
 use rayon::prelude::*;
 
-use super::features::{FeatureCache, FeatureKind, FeatureLayout, progress_bar};
+use super::features::{FeatureCache, FeatureKind, FeatureLayout, l2_normalize_rows, progress_bar};
 use super::retrieval::{Relevant, average_precision, similarities};
-use crate::data::augment::normalize_to_chw;
+use crate::data::augment::{normalize_to_chw, resize_crop};
 use crate::data::dataset::Dataset;
 use crate::weights::{self, HostTensor};
 
@@ -45,8 +45,8 @@ pub fn features(kind: FeatureKind, images: &Dataset, imsize: usize, batch: usize
             .par_iter()
             .map(|&i| {
                 let img = images.load(i).with_context(|| images.describe(i))?;
-                let small = image::imageops::resize(&img, imsize as u32, imsize as u32, image::imageops::FilterType::CatmullRom);
-                Ok(normalize_to_chw(&small.as_raw().iter().map(|&v| v as f32 / 255.0).collect::<Vec<_>>()))
+                let whole = (0.0, 0.0, img.width() as f64, img.height() as f64);
+                Ok(normalize_to_chw(&resize_crop(&img, whole, imsize)))
             })
             .collect::<Result<_>>()?;
         let x = Tensor::<4>::from_data(TensorData::new(pixels.concat(), [chunk.len(), 3, imsize, imsize]), device);
@@ -131,13 +131,6 @@ impl Whitening {
         }
         Ok(Self { mean: mean.values, projection: projection.values })
     }
-}
-
-fn l2_normalize_rows(values: &mut [f32], dim: usize) {
-    values.par_chunks_mut(dim).for_each(|row| {
-        let norm = row.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-12);
-        row.iter_mut().for_each(|v| *v /= norm);
-    });
 }
 
 /// The Copydays folders: `original` (the database) and the query blocks present under `root`.

@@ -247,6 +247,14 @@ pub fn progress_bar(len: u64) -> ProgressBar {
     bar
 }
 
+/// Divides each row of [n, dim] features by its L2 norm (rows of zeros stay zero).
+pub fn l2_normalize_rows(values: &mut [f32], dim: usize) {
+    values.par_chunks_mut(dim).for_each(|row| {
+        let norm = row.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-12);
+        row.iter_mut().for_each(|v| *v /= norm);
+    });
+}
+
 /// Features kept on disk between runs of a tool, in `dino extract`'s format (`features.npy`,
 /// `files.txt`) plus `settings.txt`: one folder per image set under the cache folder. A set is
 /// reused only when its file list and its settings are exactly those of this run: the tool's

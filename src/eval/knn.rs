@@ -27,12 +27,7 @@ impl LabelledFeatures {
 
     /// Divides each row by its L2 norm (rows of zeros stay zero).
     pub fn l2_normalize(&mut self) {
-        for row in self.values.chunks_mut(self.dim) {
-            let norm = row.iter().map(|v| v * v).sum::<f32>().sqrt();
-            if norm > 0.0 {
-                row.iter_mut().for_each(|v| *v /= norm);
-            }
-        }
+        super::features::l2_normalize_rows(&mut self.values, self.dim);
     }
 }
 

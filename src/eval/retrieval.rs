@@ -13,7 +13,7 @@ use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
 use burn::tensor::{Device, Tensor, TensorData};
 use image::RgbImage;
 
-use super::features::{FeatureKind, progress_bar};
+use super::features::{FeatureKind, l2_normalize_rows, progress_bar};
 use crate::data::augment::normalize_to_chw;
 use crate::data::dataset::Dataset;
 use crate::pth;
@@ -63,8 +63,8 @@ pub fn features(kind: FeatureKind, images: &Dataset, imsize: usize, multiscale: 
             }
         }
         let mut f = sum.expect("at least one scale");
-        l2_normalize(&mut f);
         dim = f.len();
+        l2_normalize_rows(&mut f, dim);
         values.extend(f);
         progress.inc(1);
     }
@@ -89,11 +89,6 @@ fn thumbnail_tensor(img: &RgbImage, imsize: usize, patch: usize, device: &Device
     let small = if (tw, th) == (w, h) { img.clone() } else { image::imageops::resize(img, tw as u32, th as u32, image::imageops::FilterType::Lanczos3) };
     let hwc: Vec<f32> = small.as_raw().iter().map(|&v| v as f32 / 255.0).collect();
     Ok(Tensor::from_data(TensorData::new(normalize_to_chw(&hwc), [1, 3, th, tw]), device))
-}
-
-fn l2_normalize(v: &mut [f32]) {
-    let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
-    v.iter_mut().for_each(|x| *x /= norm);
 }
 
 /// Cosine similarities of one query to every database image (features are L2-normalised).

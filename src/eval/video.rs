@@ -25,14 +25,6 @@ pub struct Context<'a> {
     pub labels: &'a [f32],
 }
 
-/// Per-position L2 normalisation of [n, dim] features.
-pub fn normalize_rows(features: &mut [f32], dim: usize) {
-    for row in features.chunks_mut(dim) {
-        let norm = row.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-12);
-        row.iter_mut().for_each(|v| *v /= norm);
-    }
-}
-
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     // Eight independent sums so the compiler can vectorise.
     let mut acc = [0f32; 8];

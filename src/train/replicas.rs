@@ -143,13 +143,15 @@ fn replace_gradients(model: &DinoModel, grads: &mut Gradients, flat: &[f32]) {
     assert!(scatter.flat.is_empty(), "gradient buffer longer than the model's gradients");
 }
 
-/// Test hook for the divergence check: `DINO_TEST_PERTURB_RANK=r` nudges one weight of rank r
-/// after every step, as a rank with a faulty memory or a nondeterministic kernel would.
-pub fn perturb_for_test(dist: &Dist, student: DinoModel) -> DinoModel {
-    let wanted = std::env::var("DINO_TEST_PERTURB_RANK").ok().and_then(|r| r.parse::<usize>().ok());
-    if wanted != Some(dist.rank()) {
-        return student;
-    }
+/// Test hook for the divergence check: true on rank r when `DINO_TEST_PERTURB_RANK=r`, whose
+/// student then gets [`nudge_for_test`] after every step, as a rank with a faulty memory or a
+/// nondeterministic kernel would.
+pub fn perturbed_for_test(dist: &Dist) -> bool {
+    std::env::var("DINO_TEST_PERTURB_RANK").ok().and_then(|r| r.parse::<usize>().ok()) == Some(dist.rank())
+}
+
+/// Moves the student's first weight by 1e-3.
+pub fn nudge_for_test(student: DinoModel) -> DinoModel {
     struct Nudge(bool);
     impl ModuleMapper for Nudge {
         fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {

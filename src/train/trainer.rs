@@ -75,9 +75,7 @@ pub fn run(cfg: &TrainConfig) -> Result<()> {
     // any of them ends them all rather than leaving the others waiting in a collective.
     crate::dist::abort_job_on_panic();
     if std::env::var_os("RAYON_NUM_THREADS").is_none() {
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let threads = (cores / dist.local_size()).max(1);
-        rayon::ThreadPoolBuilder::new().num_threads(threads).build_global().context("compute threads")?;
+        rayon::ThreadPoolBuilder::new().num_threads(dist.cores()).build_global().context("compute threads")?;
     }
     match train(cfg, &dist) {
         Ok(outcome) => {
@@ -119,8 +117,7 @@ pub fn train(cfg: &TrainConfig, dist: &Dist) -> Result<Outcome> {
         bail!("--data {}: {} images is less than one batch of {}", cfg.data.display(), dataset.len(), batch_description(cfg));
     }
     let crops = cfg.crops();
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let workers = if cfg.num_workers == 0 { (cores / dist.local_size()).max(1) } else { cfg.num_workers };
+    let workers = if cfg.num_workers == 0 { dist.cores() } else { cfg.num_workers };
     let pool = Arc::new(rayon::ThreadPoolBuilder::new().num_threads(workers).build()?);
     let knn = if main && cfg.knn_every > 0 { Some(OnlineKnn::open(cfg)?) } else { None };
     if main {
@@ -180,6 +177,7 @@ pub fn train(cfg: &TrainConfig, dist: &Dist) -> Result<Outcome> {
         (None, Some(_)) => None,
     };
     let mut calibration = Calibration::new(budget);
+    let perturbed = replicas::perturbed_for_test(dist);
     let (g, l) = (crops.global_size, crops.local_size);
 
     loop {
@@ -231,7 +229,9 @@ pub fn train(cfg: &TrainConfig, dist: &Dist) -> Result<Outcome> {
                     frozen: &frozen,
                 };
                 state.student = state.optimizer.step(state.student, out.grads, &settings);
-                state.student = replicas::perturb_for_test(dist, state.student);
+                if perturbed {
+                    state.student = replicas::nudge_for_test(state.student);
+                }
                 state.teacher = update_teacher(state.teacher, &state.student, values.teacher_momentum);
 
                 let metrics = StepMetrics { step: it, loss: out.loss, teacher_entropy: out.teacher_entropy, kl: out.kl, lr: values.lr };
