@@ -136,13 +136,12 @@ impl Dist {
     /// Replaces every value of `values` by its sum over all ranks, in double precision (counts,
     /// metrics).
     pub fn sum_f64(&self, values: &mut [f64]) {
-        #[cfg(feature = "mpi")]
-        if let Some(mpi) = &self.mpi {
-            use mpi::collective::{CommunicatorCollectives, SystemOperation};
-            let scratch = values.to_vec();
-            mpi.world.all_reduce_into(&scratch[..], values, SystemOperation::sum());
-        }
-        let _ = values;
+        self.group().sum_f64(values);
+    }
+
+    /// The job's processes as a small copyable handle, for sums inside a computation.
+    pub fn group(&self) -> Group {
+        Group { ranks: self.world_size }
     }
 
     /// Overwrites `bytes` on every rank with rank 0's (all ranks pass buffers of one length).
@@ -198,6 +197,42 @@ impl Dist {
             mpi.world.abort(code);
         }
         std::process::exit(code)
+    }
+}
+
+/// The job's processes as seen from inside a computation: SyncBatchNorm sums its per-channel
+/// statistics, and their gradients, over the batches of every rank with it. Unlike [`Dist`] it
+/// is `Copy`, `Send` and `'static`, so a backward step recorded in burn's graph can keep one.
+/// Its sums run on the thread that calls them, which in training is the main thread (MPI is
+/// initialised for that thread alone to call it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Group {
+    ranks: usize,
+}
+
+impl Group {
+    /// One process: every sum is the value itself.
+    pub fn single() -> Self {
+        Self { ranks: 1 }
+    }
+
+    pub fn ranks(&self) -> usize {
+        self.ranks
+    }
+
+    /// Replaces every value of `values` by its sum over all ranks, in double precision. Every
+    /// rank must call it in the same order, with buffers of one length.
+    pub fn sum_f64(&self, values: &mut [f64]) {
+        #[cfg(feature = "mpi")]
+        if self.ranks > 1 {
+            use mpi::collective::{CommunicatorCollectives, SystemOperation};
+            // A group of several ranks only comes from a `Dist` connected over MPI, whose
+            // universe lives as long as the job.
+            let world = mpi::topology::SimpleCommunicator::world();
+            let scratch = values.to_vec();
+            world.all_reduce_into(&scratch[..], values, SystemOperation::sum());
+        }
+        let _ = values;
     }
 }
 

@@ -136,7 +136,7 @@ fn resnet_train_mode_matches_pytorch() {
     let p = dino::pretrained::load(&pth("resnet.pth"), "teacher", None, &dev).unwrap();
     let dino::model::Network::ResNet(resnet) = p.network else { panic!("not recognised as a ResNet") };
     let resnet = resnet.fork(&ad).train();
-    let features = resnet.forward_train(fx.tensor::<4>("resnet.train.input", &ad));
+    let features = resnet.forward_train(fx.tensor::<4>("resnet.train.input", &ad), dino::dist::Group::single());
     assert_tensor_close("train-mode features", features.clone(), fx.host("resnet.train.features"), 1e-5);
     let grads = (features * fx.tensor::<2>("resnet.train.weights", &ad)).sum().backward();
     let block = |s: usize| &resnet.layers[s][0];

@@ -67,7 +67,7 @@ fn head_output_matches_pytorch() {
     let dev = device();
     let head = head_config(&fx.config["head"]).init(&mut StdRng::seed_from_u64(1), &dev);
     let head = weights::import(head, &fx.tensors, "weights.").unwrap();
-    assert_tensor_close("head", head.forward(fx.tensor("input", &dev)), fx.host("output"), TOL);
+    assert_tensor_close("head", head.forward(fx.tensor("input", &dev), dino::dist::Group::single()), fx.host("output"), TOL);
 }
 
 /// A head with BatchNorm normalises each batch with its own statistics and folds them into the
@@ -80,7 +80,7 @@ fn batchnorm_head_uses_batch_statistics_for_the_teacher_too() {
     let head = head_config(&fx.config["head"]).init(&mut StdRng::seed_from_u64(1), &dev);
     let head = weights::import(head, &fx.tensors, "weights.").unwrap();
     for i in 0..2 {
-        assert_tensor_close(&format!("output {i}"), head.forward(fx.tensor(&format!("input{i}"), &dev)), fx.host(&format!("output{i}")), TOL);
+        assert_tensor_close(&format!("output {i}"), head.forward(fx.tensor(&format!("input{i}"), &dev), dino::dist::Group::single()), fx.host(&format!("output{i}")), TOL);
     }
     let after: std::collections::HashMap<String, HostTensor> = weights::export(&head).into_iter().collect();
     let mut checked = 0;
@@ -152,8 +152,8 @@ fn training_steps_match_pytorch() {
         let global = global.reshape([2 * batch, 3, gh, gw]);
         let local = local.reshape([(ncrops - 2) * batch, 3, lh, lw]);
 
-        let teacher_out = teacher.forward(std::slice::from_ref(&global), None);
-        let student_out = student.forward(&[global.autodiff(), local.autodiff()], None);
+        let teacher_out = teacher.forward(std::slice::from_ref(&global), None, dino::dist::Group::single());
+        let student_out = student.forward(&[global.autodiff(), local.autodiff()], None, dino::dist::Group::single());
         let out = loss_fn.forward(student_out, teacher_out, teacher_temp, &Dist::single());
         assert_tensor_close(&format!("loss {i}"), out.loss.clone(), fx.host(&format!("step{i}.loss")), TOL);
         assert_tensor_close(&format!("center {i}"), loss_fn.center.clone(), fx.host(&format!("step{i}.center")), TOL);

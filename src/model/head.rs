@@ -9,6 +9,7 @@ use rand::Rng;
 use serde::{Deserialize, Serialize};
 
 use super::batch_norm::{BatchNorm, Stats};
+use crate::dist::Group;
 use super::init::uniform;
 use super::linear;
 
@@ -81,15 +82,15 @@ pub struct DinoHead {
 impl DinoHead {
     /// The head's output. Its BatchNorm (with `use_bn`) always normalises with the batch's
     /// statistics: the head only runs in training, where the reference keeps student and
-    /// teacher in train mode.
-    pub fn forward(&self, x: Tensor<2>) -> Tensor<2> {
+    /// teacher in train mode; `group` holds the processes whose batches form the batch.
+    pub fn forward(&self, x: Tensor<2>, group: Group) -> Tensor<2> {
         let last = self.mlp.len() - 1;
         let mut x = x;
         for (i, layer) in self.mlp.iter().enumerate() {
             x = layer.forward(x);
             if i < last {
                 if let Some(bn) = self.bn.get(i) {
-                    x = bn.forward(x, Stats::Batch);
+                    x = bn.forward(x, Stats::Batch(group));
                 }
                 x = gelu(x);
             }

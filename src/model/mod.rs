@@ -13,6 +13,8 @@ use burn::nn::Linear;
 use burn::tensor::{Device, Tensor};
 use rand::Rng;
 
+use crate::dist::Group;
+
 pub use head::{DinoHead, DinoHeadConfig};
 pub use resnet::{ResNet, ResNetConfig};
 pub use vit::{VisionTransformer, VitConfig};
@@ -38,11 +40,11 @@ impl Network {
 
     /// Image features [B, D] as training computes them: a ViT with stochastic depth drawn
     /// from `rng` when one is given, a ResNet with BatchNorm on the batch's statistics (the
-    /// reference keeps the teacher in train mode too).
-    pub fn forward_train(&self, x: Tensor<4>, rng: Option<&mut rand::rngs::StdRng>) -> Tensor<2> {
+    /// reference keeps the teacher in train mode too) over the batches of `group`'s processes.
+    pub fn forward_train(&self, x: Tensor<4>, rng: Option<&mut rand::rngs::StdRng>, group: Group) -> Tensor<2> {
         match self {
             Network::Vit(v) => v.forward_train(x, rng),
-            Network::ResNet(r) => r.forward_train(x),
+            Network::ResNet(r) => r.forward_train(x, group),
         }
     }
 
@@ -122,13 +124,14 @@ impl DinoModel {
     /// Runs crops through the network. Each element of `crop_groups` holds all crops of one
     /// resolution, stacked view-major ([views * B, 3, H, W]); each group is one backbone
     /// batch (so a ResNet's BatchNorm sees one resolution at a time, as in the reference), and
-    /// the head runs once on all features. Output rows keep the input order.
-    pub fn forward(&self, crop_groups: &[Tensor<4>], mut rng: Option<&mut rand::rngs::StdRng>) -> Tensor<2> {
+    /// the head runs once on all features. Output rows keep the input order. BatchNorm's
+    /// batch statistics span the batches of `group`'s processes.
+    pub fn forward(&self, crop_groups: &[Tensor<4>], mut rng: Option<&mut rand::rngs::StdRng>, group: Group) -> Tensor<2> {
         let mut features = Vec::with_capacity(crop_groups.len());
         for crops in crop_groups {
-            features.push(self.backbone.forward_train(crops.clone(), rng.as_deref_mut()));
+            features.push(self.backbone.forward_train(crops.clone(), rng.as_deref_mut(), group));
         }
-        self.head.forward(Tensor::cat(features, 0))
+        self.head.forward(Tensor::cat(features, 0), group)
     }
 }
 

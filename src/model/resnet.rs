@@ -15,6 +15,7 @@ use burn::tensor::{Device, Tensor, TensorData};
 use rand::Rng;
 
 use super::batch_norm::{BatchNorm, Stats};
+use crate::dist::Group;
 use super::init::normal;
 use crate::weights::HostTensor;
 
@@ -156,9 +157,9 @@ impl ResNet {
     }
 
     /// As `forward` in training mode: BatchNorm uses the batch statistics and updates its
-    /// running averages.
-    pub fn forward_train(&self, x: Tensor<4>) -> Tensor<2> {
-        self.run(x, Stats::Batch)
+    /// running averages; the batch spans `group`'s processes.
+    pub fn forward_train(&self, x: Tensor<4>, group: Group) -> Tensor<2> {
+        self.run(x, Stats::Batch(group))
     }
 
     fn run(&self, x: Tensor<4>, stats: Stats) -> Tensor<2> {

@@ -13,7 +13,7 @@ use burn::tensor::{Device, Gradients, Tensor, TensorData};
 use rand::rngs::StdRng;
 
 use super::loss::DinoLoss;
-use crate::dist::Dist;
+use crate::dist::{Dist, Group};
 use crate::engine::matmul::Element;
 use crate::engine::{InferenceVit, Precision, StudentVit};
 use crate::model::DinoModel;
@@ -57,9 +57,9 @@ pub fn forward_backward(
 ) -> Result<StepOutput> {
     let engine_runs = student.backbone.vit("").is_ok_and(|vit| crate::engine::engine_runs(vit, device));
     let (teacher_out, student_out, backbone_backward) = match precision {
-        Precision::Bf16 => engine_forward::<u16>(student, teacher, crops, rng, device)?,
-        Precision::F32 if engine_runs => engine_forward::<f32>(student, teacher, crops, rng, device)?,
-        Precision::F32 => burn_forward(student, teacher, crops, rng, device),
+        Precision::Bf16 => engine_forward::<u16>(student, teacher, crops, rng, dist.group(), device)?,
+        Precision::F32 if engine_runs => engine_forward::<f32>(student, teacher, crops, rng, dist.group(), device)?,
+        Precision::F32 => burn_forward(student, teacher, crops, rng, dist.group(), device),
     };
     let out = loss_fn.forward(student_out, teacher_out, teacher_temp, dist);
     let loss = out.loss.clone().into_scalar::<f32>() as f64;
@@ -80,7 +80,7 @@ pub fn forward_backward(
 type Forward<'a> = (Tensor<2>, Tensor<2>, Option<Box<dyn FnOnce(&mut Gradients) + 'a>>);
 
 /// Both networks through burn: autodiff computes every gradient.
-fn burn_forward<'a>(student: &DinoModel, teacher: &DinoModel, crops: &Crops, rng: &mut StdRng, device: &Device) -> Forward<'a> {
+fn burn_forward<'a>(student: &DinoModel, teacher: &DinoModel, crops: &Crops, rng: &mut StdRng, group: Group, device: &Device) -> Forward<'a> {
     let n = crops.images;
     let tensor = |pixels: &[f32], count, size| Tensor::<4>::from_data(TensorData::new(pixels.to_vec(), [count, 3, size, size]), device);
     let global = tensor(&crops.global, 2 * n, crops.global_size);
@@ -88,19 +88,19 @@ fn burn_forward<'a>(student: &DinoModel, teacher: &DinoModel, crops: &Crops, rng
     if crops.local_number > 0 {
         student_groups.push(tensor(&crops.local, crops.local_number * n, crops.local_size).autodiff());
     }
-    (teacher.forward(&[global], None), student.forward(&student_groups, Some(rng)), None)
+    (teacher.forward(&[global], None, group), student.forward(&student_groups, Some(rng), group), None)
 }
 
 /// Both ViT backbones on the engine at `E` products, the heads through burn: the student's
 /// features enter burn's graph as a leaf, and the returned backward pass takes the leaf's
 /// gradient through the engine and puts the backbone's gradients into burn's.
-fn engine_forward<'a, E: Element>(student: &'a DinoModel, teacher: &DinoModel, crops: &Crops, rng: &mut StdRng, device: &Device) -> Result<Forward<'a>> {
+fn engine_forward<'a, E: Element>(student: &'a DinoModel, teacher: &DinoModel, crops: &Crops, rng: &mut StdRng, group: Group, device: &Device) -> Result<Forward<'a>> {
     let n = crops.images;
     let (g, l) = (crops.global_size, crops.local_size);
     let teacher_vit = InferenceVit::<E>::new(teacher.backbone.vit("the engine")?)?;
     let teacher_features = teacher_vit.features(&crops.global, 2 * n, (g, g));
     let dim = teacher_features.len() / (2 * n);
-    let teacher_out = teacher.head.forward(Tensor::from_data(TensorData::new(teacher_features, [2 * n, dim]), device));
+    let teacher_out = teacher.head.forward(Tensor::from_data(TensorData::new(teacher_features, [2 * n, dim]), device), group);
 
     let backbone = StudentVit::<E>::new(student.backbone.vit("the engine")?)?;
     let mut features = Vec::new();
@@ -113,7 +113,7 @@ fn engine_forward<'a, E: Element>(student: &'a DinoModel, teacher: &DinoModel, c
     }
     let rows = features.len() / dim;
     let leaf = Tensor::<2>::from_data(TensorData::new(features, [rows, dim]), &device.clone().autodiff()).require_grad();
-    let student_out = student.head.forward(leaf.clone());
+    let student_out = student.head.forward(leaf.clone(), group);
     let backward = move |grads: &mut Gradients| {
         let d_features = HostTensor::from_tensor(leaf.grad(grads).expect("the features feed the loss")).values;
         let mut backbone_grads = backbone.zero_gradients();

@@ -101,8 +101,9 @@ pub fn train(cfg: &TrainConfig, dist: &Dist) -> Result<Outcome> {
         std::fs::create_dir_all(run_dir).with_context(|| format!("--output_dir {}: cannot create", run_dir.display()))?;
         std::fs::write(run_dir.join("config.json"), serde_json::to_string_pretty(cfg)?)?;
     }
-    if cfg.processes > 1 && cfg.vit().is_none() {
-        bail!("--arch {}: a ResNet trains in one process only (its BatchNorm statistics are not synchronised across processes)", cfg.arch);
+    let has_batch_norm = cfg.vit().is_none() || cfg.use_bn_in_head;
+    if cfg.processes > 1 && has_batch_norm && cfg.device != DeviceKind::Cpu {
+        bail!("--device {}: BatchNorm statistics are synchronised across processes on the CPU only (a ResNet or --use_bn_in_head under several processes)", format!("{:?}", cfg.device).to_lowercase());
     }
     let device = device_for(cfg.device, gpu_of(dist))?;
 
