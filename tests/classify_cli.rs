@@ -111,6 +111,20 @@ fn extract_then_knn_from_the_files_equals_knn_on_images() {
     assert!(ok, "{err}");
     assert_eq!(results(&from_files), results(&from_images));
     assert_eq!(results(&from_files).len(), 2);
+    // knn --pooling mean: the cls token with the mean patch token, as from files extracted so.
+    let (mean_train, mean_test) = (dir.join("mean_train"), dir.join("mean_test"));
+    for (split, out, n) in [("train", &mean_train, "1000"), ("test", &mean_test, "200")] {
+        let args = [&["extract", "--data", FASHION_MNIST, "--split", split, "--subset", n, "--pooling", "mean", "--output_dir", out.to_str().unwrap()], &model[..]].concat();
+        let (ok, _, err) = dino(&args);
+        assert!(ok, "{err}");
+    }
+    let (ok, mean_files, err) =
+        dino(&["knn", "--train_features", mean_train.to_str().unwrap(), "--test_features", mean_test.to_str().unwrap(), "--nb_knn", "10", "20"]);
+    assert!(ok, "{err}");
+    let (ok, mean_images, err) = dino(&[&knn_args[..], &["--pooling", "mean"]].concat());
+    assert!(ok, "{err}");
+    assert_eq!(results(&mean_files), results(&mean_images));
+    assert_ne!(results(&mean_images), results(&from_images), "the mean patch token changes the neighbours");
 
     // Several blocks and the patch mean widen the feature; a depth beyond the model's is refused.
     let wide = dir.join("wide");

@@ -6,7 +6,7 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 
 use crate::data::dataset::{Dataset, IdxSplit, SUBSET_SEED};
-use crate::eval::features::{EvalTransform, FeatureNetwork, Precision, REFERENCE_CROP};
+use crate::eval::features::{EvalTransform, FeatureLayout, FeatureNetwork, Precision, REFERENCE_CROP};
 use crate::model::Network;
 
 /// How evaluation images are prepared.
@@ -139,4 +139,27 @@ pub fn open_dataset(path: &Path, split: IdxSplit, subset: usize, flag: &str, lab
         bail!("{flag} {}: no labels (class subfolders or IDX label files are needed)", path.display());
     }
     Ok(d)
+}
+
+/// Pooling of the last block's patch tokens appended to the cls token(s) of a feature.
+#[derive(Debug, Clone, Copy, PartialEq, clap::ValueEnum)]
+pub enum Pooling {
+    /// Nothing: the cls token(s) alone (the reference's k-NN).
+    Cls,
+    /// The mean patch token (as --avgpool_patchtokens).
+    Mean,
+    /// The GeM (p = 4) of the patch tokens (copy detection's features).
+    Gem,
+}
+
+impl Pooling {
+    /// The feature of the cls tokens of the last `n_last_blocks` blocks, this pooling, and the
+    /// mean patch token too when `avgpool_patchtokens`.
+    pub fn layout(self, n_last_blocks: usize, avgpool_patchtokens: bool) -> FeatureLayout {
+        FeatureLayout {
+            n_last_blocks,
+            avgpool_patchtokens: avgpool_patchtokens || self == Pooling::Mean,
+            gem_patchtokens: (self == Pooling::Gem).then_some(crate::eval::copy_detection::GEM_EXPONENT),
+        }
+    }
 }

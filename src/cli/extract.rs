@@ -9,9 +9,9 @@ use burn::tensor::Device;
 use clap::Args;
 
 use super::backbone::BackboneArgs;
-use super::eval_args::{PrecisionArgs, TransformArgs, check_last_blocks, open_dataset};
+use super::eval_args::{Pooling, PrecisionArgs, TransformArgs, check_last_blocks, open_dataset};
 use crate::data::dataset::IdxSplit;
-use crate::eval::features::{FeatureLayout, extract};
+use crate::eval::features::extract;
 use crate::npy;
 
 #[derive(Debug, Args)]
@@ -48,14 +48,6 @@ pub struct ExtractArgs {
     pub pooling: Pooling,
 }
 
-/// Pooling of the last block's patch tokens in an extracted feature.
-#[derive(Debug, Clone, Copy, PartialEq, clap::ValueEnum)]
-pub enum Pooling {
-    Cls,
-    Mean,
-    Gem,
-}
-
 /// Parses --split.
 pub fn idx_split(split: &str) -> Result<IdxSplit> {
     match split {
@@ -71,11 +63,7 @@ pub fn run(args: ExtractArgs) -> Result<()> {
     let backbone = args.backbone.load(&device)?;
     check_last_blocks(&backbone.network, args.n_last_blocks)?;
     let transform = args.transform.transform(backbone.trained_size)?;
-    let layout = FeatureLayout {
-        n_last_blocks: args.n_last_blocks,
-        avgpool_patchtokens: args.avgpool_patchtokens || args.pooling == Pooling::Mean,
-        gem_patchtokens: (args.pooling == Pooling::Gem).then_some(crate::eval::copy_detection::GEM_EXPONENT),
-    };
+    let layout = args.pooling.layout(args.n_last_blocks, args.avgpool_patchtokens);
     let network = args.precision.prepare(&backbone.network)?;
     let started = std::time::Instant::now();
     let features = extract(network.kind(layout), &dataset, transform, args.transform.batch_size, &device)?;

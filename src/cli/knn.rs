@@ -9,8 +9,8 @@ use burn::tensor::Device;
 use clap::Args;
 
 use super::backbone::BackboneArgs;
-use super::eval_args::{LabelledPairArgs, PrecisionArgs, ReferencePlumbing, TransformArgs};
-use crate::eval::features::{FeatureKind, FeatureLayout, extract};
+use super::eval_args::{LabelledPairArgs, Pooling, PrecisionArgs, ReferencePlumbing, TransformArgs};
+use crate::eval::features::{FeatureKind, extract};
 use crate::eval::knn::{LabelledFeatures, knn_accuracy};
 use crate::npy;
 
@@ -37,6 +37,10 @@ pub struct KnnArgs {
     pub transform: TransformArgs,
     #[command(flatten)]
     pub precision: PrecisionArgs,
+    /// What follows the cls token in each feature: nothing (cls, the reference's k-NN), the
+    /// mean patch token (mean), or the GeM of the patch tokens (gem).
+    #[arg(long, value_enum, default_value = "cls")]
+    pub pooling: Pooling,
     /// Numbers of neighbours to report.
     #[arg(long, num_args = 1.., default_values_t = [10, 20, 100, 200])]
     pub nb_knn: Vec<usize>,
@@ -69,7 +73,7 @@ pub fn run(args: KnnArgs) -> Result<()> {
             let transform = args.transform.transform(backbone.as_ref().and_then(|b| b.trained_size))?;
             let network = backbone.as_ref().map(|b| args.precision.prepare(&b.network)).transpose()?;
             let kind = match &network {
-                Some(n) => n.kind(FeatureLayout::CLS),
+                Some(n) => n.kind(args.pooling.layout(1, false)),
                 None => FeatureKind::Pixels,
             };
             let batch = args.transform.batch_size;

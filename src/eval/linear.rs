@@ -1,14 +1,153 @@
-//! The linear probe: a linear classifier on frozen features, trained with cross-entropy and
-//! SGD with momentum (PyTorch's rule: v = m v + g, p -= lr v, no dampening) as the reference's
-//! linear evaluation does. The gradient is written out by hand: for logits z = W x + b and
-//! softmax p, dL/dz = (p - onehot) / batch.
+//! The reference's linear evaluation: the backbone stays frozen and a linear classifier on its
+//! features is trained with cross-entropy and SGD with momentum (PyTorch's rule: v = m v + g,
+//! p -= lr v, no dampening) under a per-epoch cosine schedule, on random-resized-crop + flip
+//! views (or on centre-crop features computed once), and scored on the test set. The gradient
+//! is written out by hand: for logits z = W x + b and softmax p, dL/dz = (p - onehot) / batch.
 
+use std::io::Write;
+
+use anyhow::{Result, bail};
 use burn::tensor::activation::{log_softmax, softmax};
 use burn::tensor::{Device, Tensor, TensorData};
-use rand::Rng;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 use rand_distr::{Distribution, Normal};
+use rayon::prelude::*;
 
+use crate::data::augment::{flip_horizontal, normalize_to_chw, random_resized_crop_box, resize_crop};
+use crate::data::dataset::Dataset;
+use crate::data::loader::{epoch_order, mix_seed};
+use crate::eval::features::{EvalTransform, FeatureKind, extract, progress_bar};
+use crate::eval::knn::LabelledFeatures;
 use crate::weights::HostTensor;
+
+/// How the probe is trained (`dino linear`'s flags, where their defaults are documented).
+#[derive(Debug, Clone, Copy)]
+pub struct ProbeSettings {
+    pub epochs: usize,
+    /// Learning rate at batch 256; scaled linearly with `batch_size`.
+    pub lr: f64,
+    pub batch_size: usize,
+    pub momentum: f64,
+    /// Random-resized-crop + flip views, their features recomputed each epoch (the
+    /// reference); false: centre-crop features computed once.
+    pub augment: bool,
+    /// Evaluate every N epochs (and after the last).
+    pub val_freq: usize,
+    pub seed: u64,
+}
+
+/// A trained probe and its scores on the test set after the last epoch.
+pub struct ProbeResult {
+    pub probe: LinearProbe,
+    pub top1: f64,
+    pub top5: f64,
+    /// The best top-1 over all evaluations.
+    pub best_top1: f64,
+}
+
+/// Trains a probe on `kind`'s features of `train` (`classes` outputs, features of `dim`) and
+/// scores it on `test` through `transform`, writing one JSON line per evaluation to `log`.
+#[allow(clippy::too_many_arguments)]
+pub fn train_probe(kind: FeatureKind, dim: usize, classes: usize, train: &Dataset, test: &Dataset, transform: EvalTransform, s: ProbeSettings, log: &mut impl Write, device: &Device) -> Result<ProbeResult> {
+    if s.epochs == 0 || s.batch_size == 0 || s.val_freq == 0 {
+        bail!("--epochs, --batch_size_per_gpu and --val_freq must be positive");
+    }
+    let extract_batch = s.batch_size.max(64);
+    eprintln!("test features ({} images)...", test.len());
+    let val = extract(kind, test, transform, extract_batch, device)?.into_labelled(test)?;
+    let cached = if s.augment {
+        None
+    } else {
+        eprintln!("train features ({} images, computed once: --augment false)...", train.len());
+        let f = extract(kind, train, transform, extract_batch, device)?.into_labelled(train)?;
+        if f.len() != train.len() {
+            bail!("--train_data: {} of {} images unreadable; remove them for --augment false", train.len() - f.len(), train.len());
+        }
+        Some(f)
+    };
+    let mut probe = LinearProbe::new(dim, classes, s.momentum, &mut StdRng::seed_from_u64(s.seed), device);
+    let base_lr = s.lr * s.batch_size as f64 / 256.0;
+    let (mut last, mut best_top1) = ((0.0, 0.0), 0.0f64);
+    for epoch in 0..s.epochs {
+        let lr = cosine_lr(base_lr, epoch, s.epochs);
+        let order = epoch_order(train.len(), s.seed, epoch);
+        let bar = progress_bar(train.len() as u64);
+        let (mut loss_sum, mut steps) = (0.0, 0);
+        for chunk in order.chunks(s.batch_size) {
+            if let Some((x, labels)) = batch_features(chunk, cached.as_ref(), (train, kind, transform.size), s.seed, epoch, device) {
+                loss_sum += probe.step(x, &labels, lr);
+                steps += 1;
+            }
+            bar.inc(chunk.len() as u64);
+        }
+        bar.finish_and_clear();
+        if !loss_sum.is_finite() {
+            bail!("the linear probe's loss became non-finite in epoch {epoch}; lower --lr");
+        }
+        if (epoch + 1) % s.val_freq == 0 || epoch + 1 == s.epochs {
+            let (top1, top5) = score(&probe, &val, extract_batch, device);
+            best_top1 = best_top1.max(top1);
+            last = (top1, top5);
+            let mean_loss = loss_sum / steps.max(1) as f64;
+            eprintln!("epoch {}/{}: train loss {mean_loss:.4}, lr {lr:.2e}, test top-1 {top1:.2}%, top-5 {top5:.2}%", epoch + 1, s.epochs);
+            let line = serde_json::json!({ "epoch": epoch, "train_loss": mean_loss, "lr": lr, "test_acc1": top1, "test_acc5": top5 });
+            writeln!(log, "{line}")?;
+        }
+    }
+    Ok(ProbeResult { probe, top1: last.0, top5: last.1, best_top1 })
+}
+
+/// Top-1 and top-5 accuracy (%) of `probe` on `val`, `batch` rows at a time.
+fn score(probe: &LinearProbe, val: &LabelledFeatures, batch: usize, device: &Device) -> (f64, f64) {
+    let (mut top1, mut top5) = (0, 0);
+    for (rows, labels) in val.values.chunks(batch * val.dim).zip(val.labels.chunks(batch)) {
+        let x = Tensor::<2>::from_data(TensorData::new(rows.to_vec(), [labels.len(), val.dim]), device);
+        let (h1, h5) = probe.hits(x, labels);
+        top1 += h1;
+        top5 += h5;
+    }
+    let percent = |hits: usize| 100.0 * hits as f64 / val.len() as f64;
+    (percent(top1), percent(top5))
+}
+
+/// A training batch's features: looked up in the cached ones, or computed on augmented views
+/// (crop boxes seeded per (seed, epoch, image)).
+fn batch_features(
+    indices: &[usize],
+    cached: Option<&LabelledFeatures>,
+    source: (&Dataset, FeatureKind, usize),
+    seed: u64,
+    epoch: usize,
+    device: &Device,
+) -> Option<(Tensor<2>, Vec<usize>)> {
+    if let Some(f) = cached {
+        let values: Vec<f32> = indices.iter().flat_map(|&i| f.values[i * f.dim..(i + 1) * f.dim].iter().copied()).collect();
+        let labels = indices.iter().map(|&i| f.labels[i]).collect();
+        return Some((Tensor::from_data(TensorData::new(values, [indices.len(), f.dim]), device), labels));
+    }
+    let (dataset, kind, size) = source;
+    let views: Vec<(Vec<f32>, usize)> = indices
+        .par_iter()
+        .filter_map(|&i| {
+            let img = dataset.load(i).map_err(|e| eprintln!("warning: skipped {}: {e:#}", dataset.describe(i))).ok()?;
+            let mut rng = StdRng::seed_from_u64(mix_seed(seed, epoch as u64, i as u64));
+            let (x, y, w, h) = random_resized_crop_box(img.width(), img.height(), (0.08, 1.0), &mut rng);
+            let mut px = resize_crop(&img, (x as f64, y as f64, w as f64, h as f64), size);
+            if rng.random_bool(0.5) {
+                flip_horizontal(&mut px, size);
+            }
+            Some((normalize_to_chw(&px), dataset.label(i).expect("labelled")))
+        })
+        .collect();
+    if views.is_empty() {
+        return None;
+    }
+    let n = views.len();
+    let (pixels, labels): (Vec<Vec<f32>>, Vec<usize>) = views.into_iter().unzip();
+    let x = Tensor::<4>::from_data(TensorData::new(pixels.concat(), [n, 3, size, size]), device);
+    Some((kind.features(x), labels))
+}
 
 /// Linear classifier [classes, dim] + bias, with its momentum buffers.
 pub struct LinearProbe {
