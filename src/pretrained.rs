@@ -33,7 +33,7 @@ pub struct Pretrained {
 pub fn load_vit(path: &Path, key: &str, arch: Option<&str>, device: &Device) -> Result<(VisionTransformer, VitConfig, usize)> {
     let p = load(path, key, arch, device)?;
     match (p.network, p.vit_config) {
-        (Network::Vit(vit), Some(config)) => Ok((vit, config, p.trained_size.unwrap_or(224))),
+        (Network::Vit(vit), Some(config)) => Ok((vit, config, p.trained_size.unwrap_or(crate::model::FALLBACK_IMAGE_SIZE))),
         _ => bail!("{}: a ViT is needed here; these weights are a ResNet", path.display()),
     }
 }

@@ -103,106 +103,122 @@ fn transpose_2d(shape: &[usize], values: &[f32]) -> (Vec<usize>, Vec<f32>) {
     (vec![c, r], out)
 }
 
-/// The dotted path of the parameter a visitor or mapper is at ("blocks.0.attn.qkv.weight").
-/// Enum variants (`Network::Vit`) add no segment, so a network's names are the same inside
-/// the enum as alone.
-#[derive(Default)]
-pub struct ModulePath(Vec<String>);
+/// What visits a module's float parameters, each with its dotted path
+/// ("blocks.0.attn.qkv.weight"). Enum variants (`Network::Vit`) add no segment, so a
+/// network's names are the same inside the enum as alone.
+pub trait ParamVisitor {
+    fn visit<const D: usize>(&mut self, path: &str, param: &Param<Tensor<D>>);
+}
 
-impl ModulePath {
-    pub fn enter(&mut self, name: &str, container_type: &str) {
-        self.0.push(if container_type.starts_with("Enum:") { String::new() } else { name.to_string() });
+/// What rebuilds a module's float parameters one by one, each with its dotted path.
+pub trait ParamMapper {
+    fn map<const D: usize>(&mut self, path: &str, param: Param<Tensor<D>>) -> Param<Tensor<D>>;
+}
+
+/// Visits every float parameter of `module` in the module's order.
+pub fn visit_params<M: Module, V: ParamVisitor>(module: &M, visitor: &mut V) {
+    module.visit(&mut Walk { path: Vec::new(), inner: visitor });
+}
+
+/// Rebuilds every float parameter of `module` in the module's order.
+pub fn map_params<M: Module, P: ParamMapper>(module: M, mapper: &mut P) -> M {
+    module.map(&mut Walk { path: Vec::new(), inner: mapper })
+}
+
+/// burn's walk over a module tree, keeping the path: the one place that walks it.
+struct Walk<'a, T> {
+    path: Vec<String>,
+    inner: &'a mut T,
+}
+
+impl<T> Walk<'_, T> {
+    fn enter(&mut self, name: &str, container_type: &str) {
+        self.path.push(if container_type.starts_with("Enum:") { String::new() } else { name.to_string() });
     }
 
-    pub fn exit(&mut self) {
-        self.0.pop();
-    }
-
-    pub fn joined(&self) -> String {
-        self.0.iter().filter(|s| !s.is_empty()).map(String::as_str).collect::<Vec<_>>().join(".")
+    fn joined(&self) -> String {
+        self.path.iter().filter(|s| !s.is_empty()).map(String::as_str).collect::<Vec<_>>().join(".")
     }
 }
 
-struct Paths {
-    path: ModulePath,
-    found: Vec<(String, usize)>,
-}
-
-impl ModuleVisitor for Paths {
+impl<V: ParamVisitor> ModuleVisitor for Walk<'_, V> {
     fn enter_module(&mut self, name: &str, container_type: &str) {
-        self.path.enter(name, container_type);
+        self.enter(name, container_type);
     }
     fn exit_module(&mut self, _: &str, _: &str) {
-        self.path.exit();
-    }
-    fn visit_float<const D: usize>(&mut self, _: &Param<Tensor<D>>) {
-        self.found.push((self.path.joined(), D));
-    }
-}
-
-fn param_paths<M: Module>(module: &M) -> Vec<(String, usize)> {
-    let mut v = Paths { path: ModulePath::default(), found: Vec::new() };
-    module.visit(&mut v);
-    v.found
-}
-
-struct Export {
-    path: ModulePath,
-    naming: Naming,
-    out: Vec<(String, HostTensor)>,
-}
-
-impl ModuleVisitor for Export {
-    fn enter_module(&mut self, name: &str, container_type: &str) {
-        self.path.enter(name, container_type);
-    }
-    fn exit_module(&mut self, _: &str, _: &str) {
-        self.path.exit();
+        self.path.pop();
     }
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-        let path = self.path.joined();
-        let HostTensor { shape, values } = HostTensor::from_tensor(param.val());
-        let (shape, values) = if is_transposed(&path, D) { transpose_2d(&shape, &values) } else { (shape, values) };
-        self.out.push((self.naming.official(&path), HostTensor { shape, values }));
+        let path = self.joined();
+        self.inner.visit(&path, param);
     }
+}
+
+impl<P: ParamMapper> ModuleMapper for Walk<'_, P> {
+    fn enter_module(&mut self, name: &str, container_type: &str) {
+        self.enter(name, container_type);
+    }
+    fn exit_module(&mut self, _: &str, _: &str) {
+        self.path.pop();
+    }
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        let path = self.joined();
+        self.inner.map(&path, param)
+    }
+}
+
+/// Every float parameter's path and rank.
+fn param_paths<M: Module>(module: &M) -> Vec<(String, usize)> {
+    struct Paths(Vec<(String, usize)>);
+    impl ParamVisitor for Paths {
+        fn visit<const D: usize>(&mut self, path: &str, _: &Param<Tensor<D>>) {
+            self.0.push((path.to_string(), D));
+        }
+    }
+    let mut paths = Paths(Vec::new());
+    visit_params(module, &mut paths);
+    paths.0
 }
 
 /// Every parameter of `module` under its official name, in PyTorch layout.
 pub fn export<M: Module>(module: &M) -> Vec<(String, HostTensor)> {
+    struct Export {
+        naming: Naming,
+        out: Vec<(String, HostTensor)>,
+    }
+    impl ParamVisitor for Export {
+        fn visit<const D: usize>(&mut self, path: &str, param: &Param<Tensor<D>>) {
+            let HostTensor { shape, values } = HostTensor::from_tensor(param.val());
+            let (shape, values) = if is_transposed(path, D) { transpose_2d(&shape, &values) } else { (shape, values) };
+            self.out.push((self.naming.official(path), HostTensor { shape, values }));
+        }
+    }
     let paths: Vec<String> = param_paths(module).into_iter().map(|(p, _)| p).collect();
-    let mut e = Export { path: ModulePath::default(), naming: Naming::of(&paths), out: Vec::new() };
-    module.visit(&mut e);
-    e.out
+    let mut export = Export { naming: Naming::of(&paths), out: Vec::new() };
+    visit_params(module, &mut export);
+    export.out
 }
 
 struct Import<'a> {
-    path: ModulePath,
     naming: Naming,
     prefix: &'a str,
     source: &'a HashMap<String, HostTensor>,
     errors: Vec<WeightsError>,
 }
 
-impl ModuleMapper for Import<'_> {
-    fn enter_module(&mut self, name: &str, container_type: &str) {
-        self.path.enter(name, container_type);
-    }
-    fn exit_module(&mut self, _: &str, _: &str) {
-        self.path.exit();
-    }
-    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
-        let path = self.path.joined();
-        let key = format!("{}{}", self.prefix, self.naming.official(&path));
+impl ParamMapper for Import<'_> {
+    fn map<const D: usize>(&mut self, path: &str, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        let key = format!("{}{}", self.prefix, self.naming.official(path));
         let Some(host) = self.source.get(&key) else {
             self.errors.push(WeightsError::Missing(key));
             return param;
         };
         let (shape, values) =
-            if is_transposed(&path, D) && host.shape.len() == 2 { transpose_2d(&host.shape, &host.values) } else { (host.shape.clone(), host.values.clone()) };
+            if is_transposed(path, D) && host.shape.len() == 2 { transpose_2d(&host.shape, &host.values) } else { (host.shape.clone(), host.values.clone()) };
         let expected = param.lazy_shape().to_vec();
         if shape != expected {
             // Report shapes in the file's own layout.
-            let expected = if is_transposed(&path, D) { vec![expected[1], expected[0]] } else { expected };
+            let expected = if is_transposed(path, D) { vec![expected[1], expected[0]] } else { expected };
             self.errors.push(WeightsError::Shape { key, found: host.shape.clone(), expected });
             return param;
         }
@@ -223,8 +239,8 @@ pub fn import<M: Module>(module: M, source: &HashMap<String, HostTensor>, prefix
     let paths: Vec<String> = param_paths(&module).into_iter().map(|(p, _)| p).collect();
     let naming = Naming::of(&paths);
     let expected: std::collections::HashSet<String> = paths.iter().map(|p| format!("{prefix}{}", naming.official(p))).collect();
-    let mut imp = Import { path: ModulePath::default(), naming, prefix, source, errors: Vec::new() };
-    let module = module.map(&mut imp);
+    let mut imp = Import { naming, prefix, source, errors: Vec::new() };
+    let module = map_params(module, &mut imp);
     let mut unexpected: Vec<&String> = source.keys().filter(|k| k.starts_with(prefix) && !expected.contains(*k)).collect();
     unexpected.sort();
     imp.errors.extend(unexpected.into_iter().map(|k| WeightsError::Unexpected(k.clone())));

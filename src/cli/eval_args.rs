@@ -7,7 +7,7 @@ use clap::Args;
 
 use crate::data::dataset::{Dataset, IdxSplit, SUBSET_SEED};
 use crate::eval::features::{EvalTransform, FeatureLayout, FeatureNetwork, Precision, REFERENCE_CROP};
-use crate::model::Network;
+use crate::model::{FALLBACK_IMAGE_SIZE, Network};
 
 /// How evaluation images are prepared.
 #[derive(Debug, Clone, Args)]
@@ -86,7 +86,7 @@ impl LabelledPairArgs {
 impl TransformArgs {
     /// The transform; `trained_size` is the checkpoint's global crop size when known.
     pub fn transform(&self, trained_size: Option<usize>) -> Result<EvalTransform> {
-        eval_transform(self.image_size.or(trained_size).unwrap_or(224), self.center_crop)
+        eval_transform(self.image_size.or(trained_size).unwrap_or(FALLBACK_IMAGE_SIZE), self.center_crop)
     }
 }
 

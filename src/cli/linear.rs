@@ -13,6 +13,7 @@ use super::backbone::BackboneArgs;
 use super::eval_args::{LabelledPairArgs, PrecisionArgs, ReferencePlumbing, check_last_blocks, eval_transform};
 use crate::eval::features::{FeatureLayout, REFERENCE_CROP, feature_dim};
 use crate::eval::linear::{ProbeSettings, train_probe};
+use crate::model::FALLBACK_IMAGE_SIZE;
 use crate::weights::{HostTensor, write_safetensors};
 
 #[derive(Debug, Args)]
@@ -69,14 +70,6 @@ pub struct LinearArgs {
 
 pub fn run(args: LinearArgs) -> Result<()> {
     args.reference.note();
-    let device = Device::flex();
-    let (train, test) = args.data.open((args.subset_train, args.subset_test))?;
-    let backbone = args.backbone.load(&device)?;
-    check_last_blocks(&backbone.network, args.n_last_blocks)?;
-    let transform = eval_transform(args.image_size.or(backbone.trained_size).unwrap_or(224), args.center_crop)?;
-    let layout = FeatureLayout { n_last_blocks: args.n_last_blocks, avgpool_patchtokens: args.avgpool_patchtokens, gem_patchtokens: None };
-    let network = args.precision.prepare(&backbone.network)?;
-    let classes = train.num_classes().unwrap_or(0).max(test.num_classes().unwrap_or(0));
     let settings = ProbeSettings {
         epochs: args.epochs,
         lr: args.lr,
@@ -86,6 +79,15 @@ pub fn run(args: LinearArgs) -> Result<()> {
         val_freq: args.val_freq,
         seed: args.seed,
     };
+    settings.validate()?;
+    let device = Device::flex();
+    let (train, test) = args.data.open((args.subset_train, args.subset_test))?;
+    let backbone = args.backbone.load(&device)?;
+    check_last_blocks(&backbone.network, args.n_last_blocks)?;
+    let transform = eval_transform(args.image_size.or(backbone.trained_size).unwrap_or(FALLBACK_IMAGE_SIZE), args.center_crop)?;
+    let layout = FeatureLayout { n_last_blocks: args.n_last_blocks, avgpool_patchtokens: args.avgpool_patchtokens, gem_patchtokens: None };
+    let network = args.precision.prepare(&backbone.network)?;
+    let classes = train.num_classes().unwrap_or(0).max(test.num_classes().unwrap_or(0));
 
     std::fs::create_dir_all(&args.output_dir).with_context(|| format!("--output_dir {}: cannot create", args.output_dir.display()))?;
     let log_path = args.output_dir.join("log.txt");

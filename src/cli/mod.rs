@@ -61,15 +61,15 @@ pub enum Command {
     /// Print the size of a backbone and its DINO head.
     ModelInfo {
         /// vit_micro, vit_tiny, vit_small, vit_base, resnet50 or resnet_micro.
-        #[arg(long, default_value = "vit_small")]
+        #[arg(long, default_value = crate::train::config::ARCH)]
         arch: String,
         /// Patch side (ViT only).
-        #[arg(long, default_value_t = 16)]
+        #[arg(long, default_value_t = crate::train::config::PATCH_SIZE)]
         patch_size: usize,
         /// Side of the training images.
-        #[arg(long, default_value_t = 224)]
+        #[arg(long, default_value_t = crate::train::config::GLOBAL_CROP_SIZE)]
         img_size: usize,
-        #[arg(long, default_value_t = 65536)]
+        #[arg(long, default_value_t = crate::train::config::OUT_DIM)]
         out_dim: usize,
     },
 }

@@ -9,7 +9,7 @@ use burn::tensor::Device;
 use clap::Args;
 
 use super::backbone::BackboneArgs;
-use crate::data::dataset::image_files;
+use crate::data::dataset::{image_files, image_size};
 use crate::data::palette::LabelMap;
 use crate::eval::video::{self, PropagationConfig, SegmentSettings};
 
@@ -68,6 +68,10 @@ pub fn run(args: VideoArgs) -> Result<()> {
     let classes = *first.labels.iter().max().unwrap_or(&0) as usize + 1;
     if classes < 2 {
         bail!("--first_mask {}: no object (all pixels are 0)", first_mask.display());
+    }
+    let (width, height) = image_size(&frames[0]).with_context(|| format!("{}", frames[0].display()))?;
+    if (first.width, first.height) != (width as usize, height as usize) {
+        bail!("--first_mask {}: {}x{} but the frames are {width}x{height}", first_mask.display(), first.width, first.height);
     }
     let gt_files = match &args.gt {
         Some(dir) => {

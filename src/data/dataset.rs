@@ -168,8 +168,7 @@ impl Dataset {
 /// Decodes one image file as RGB, whatever its extension says (the content decides), refusing
 /// headers over the pixel limit before decoding.
 pub fn decode_file(path: &Path) -> Result<RgbImage> {
-    let reader = image::ImageReader::open(path)?.with_guessed_format()?;
-    let (w, h) = reader.into_dimensions().context("unreadable image header")?;
+    let (w, h) = image_size(path)?;
     if w == 0 || h == 0 {
         bail!("empty image ({w}x{h})");
     }
@@ -181,6 +180,12 @@ pub fn decode_file(path: &Path) -> Result<RgbImage> {
     limits.max_alloc = Some(MAX_PIXELS * 8);
     reader.limits(limits);
     Ok(reader.decode()?.to_rgb8())
+}
+
+/// Width and height of an image file from its header, whatever its extension says.
+pub fn image_size(path: &Path) -> Result<(u32, u32)> {
+    let reader = image::ImageReader::open(path)?.with_guessed_format()?;
+    reader.into_dimensions().context("unreadable image header")
 }
 
 /// The image files under `dir` (by extension), sorted by path.

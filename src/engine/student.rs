@@ -632,13 +632,12 @@ fn transposed_weight<E: Element>(dense: &Dense<E>) -> &Packed<E> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use burn::module::Module;
     use burn::tensor::{Device, Distribution, Tensor};
     use rand::SeedableRng;
     use std::collections::HashMap;
 
     use crate::model::VitConfig;
-    use crate::weights::{ModulePath, export};
+    use crate::weights::{ParamVisitor, export, visit_params};
 
     /// Relative error |a - b| / |b| over a whole tensor.
     fn relative_error(a: &[f32], b: &[f32]) -> f64 {
@@ -685,24 +684,17 @@ mod tests {
         // burn's gradient of every parameter, by name.
         struct Collect<'a> {
             grads: &'a burn::tensor::Gradients,
-            path: ModulePath,
             found: HashMap<String, Vec<f32>>,
         }
-        impl burn::module::ModuleVisitor for Collect<'_> {
-            fn enter_module(&mut self, name: &str, kind: &str) {
-                self.path.enter(name, kind);
-            }
-            fn exit_module(&mut self, _: &str, _: &str) {
-                self.path.exit();
-            }
-            fn visit_float<const D: usize>(&mut self, param: &burn::module::Param<Tensor<D>>) {
+        impl ParamVisitor for Collect<'_> {
+            fn visit<const D: usize>(&mut self, path: &str, param: &burn::module::Param<Tensor<D>>) {
                 if let Some(g) = param.grad(self.grads) {
-                    self.found.insert(self.path.joined(), host(g));
+                    self.found.insert(path.to_string(), host(g));
                 }
             }
         }
-        let mut collect = Collect { grads: &autodiff, path: ModulePath::default(), found: HashMap::new() };
-        vit.visit(&mut collect);
+        let mut collect = Collect { grads: &autodiff, found: HashMap::new() };
+        visit_params(&vit, &mut collect);
         let named = grads.named();
         assert_eq!(named.len(), export(&vit).len(), "one gradient per parameter");
         for (name, got) in named {

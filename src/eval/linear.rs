@@ -37,6 +37,15 @@ pub struct ProbeSettings {
     pub seed: u64,
 }
 
+impl ProbeSettings {
+    pub fn validate(&self) -> Result<()> {
+        if self.epochs == 0 || self.batch_size == 0 || self.val_freq == 0 {
+            bail!("--epochs, --batch_size_per_gpu and --val_freq must be positive");
+        }
+        Ok(())
+    }
+}
+
 /// A trained probe and its scores on the test set after the last epoch.
 pub struct ProbeResult {
     pub probe: LinearProbe,
@@ -50,9 +59,7 @@ pub struct ProbeResult {
 /// scores it on `test` through `transform`, writing one JSON line per evaluation to `log`.
 #[allow(clippy::too_many_arguments)]
 pub fn train_probe(kind: FeatureKind, dim: usize, classes: usize, train: &Dataset, test: &Dataset, transform: EvalTransform, s: ProbeSettings, log: &mut impl Write, device: &Device) -> Result<ProbeResult> {
-    if s.epochs == 0 || s.batch_size == 0 || s.val_freq == 0 {
-        bail!("--epochs, --batch_size_per_gpu and --val_freq must be positive");
-    }
+    s.validate()?;
     let extract_batch = s.batch_size.max(64);
     eprintln!("test features ({} images)...", test.len());
     let val = extract(kind, test, transform, extract_batch, device)?.into_labelled(test)?;

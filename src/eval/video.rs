@@ -218,7 +218,7 @@ pub fn segment(vit: &VisionTransformer, frames: &[PathBuf], first: &LabelMap, cl
     let frame0 = decode_file(&frames[0]).with_context(|| format!("{}", frames[0].display()))?;
     let (ori_w, ori_h) = (frame0.width() as usize, frame0.height() as usize);
     if (first.width, first.height) != (ori_w, ori_h) {
-        bail!("--first_mask: {}x{} but the frames are {ori_w}x{ori_h}", first.width, first.height);
+        bail!("the first mask is {}x{} but the frames are {ori_w}x{ori_h}", first.width, first.height);
     }
     let size = input_size(ori_w, ori_h, s.scale, p);
     if size.0 == 0 || size.1 == 0 {

@@ -9,9 +9,9 @@ use rand::Rng;
 use serde::{Deserialize, Serialize};
 
 use super::batch_norm::{BatchNorm, Stats};
-use crate::dist::Group;
 use super::init::uniform;
 use super::linear;
+use crate::dist::Group;
 
 /// Shape of the head; defaults are the reference's.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -29,9 +29,14 @@ pub struct DinoHeadConfig {
     pub bottleneck_dim: usize,
 }
 
+/// Width of the head's hidden layers (the reference's DINOHead default; `--head_hidden_dim`).
+pub const HIDDEN_DIM: usize = 2048;
+/// Width of the bottleneck before the last layer (the reference's; `--head_bottleneck_dim`).
+pub const BOTTLENECK_DIM: usize = 256;
+
 impl DinoHeadConfig {
     pub fn new(in_dim: usize, out_dim: usize) -> Self {
-        Self { in_dim, out_dim, use_bn: false, norm_last_layer: true, nlayers: 3, hidden_dim: 2048, bottleneck_dim: 256 }
+        Self { in_dim, out_dim, use_bn: false, norm_last_layer: true, nlayers: 3, hidden_dim: HIDDEN_DIM, bottleneck_dim: BOTTLENECK_DIM }
     }
 
     pub fn init(&self, rng: &mut impl Rng, device: &Device) -> DinoHead {

@@ -19,6 +19,10 @@ pub use head::{DinoHead, DinoHeadConfig};
 pub use resnet::{ResNet, ResNetConfig};
 pub use vit::{VisionTransformer, VitConfig};
 
+/// Side of a network's input when neither a flag nor the weights give one (the reference's
+/// 224, the size its official weights were trained at).
+pub const FALLBACK_IMAGE_SIZE: usize = 224;
+
 /// Every `--arch` name, for error messages.
 pub const ARCHITECTURES: &str = "vit_micro, vit_tiny, vit_small, vit_base, resnet50, resnet_micro";
 

@@ -11,7 +11,21 @@ use serde::{Deserialize, Serialize};
 use super::optim::OptimizerKind;
 use crate::engine::Precision;
 use crate::data::augment::MultiCropConfig;
-use crate::model::{ARCHITECTURES, DinoHeadConfig, Network, ResNetConfig, VitConfig};
+use super::loss::{CENTER_MOMENTUM, STUDENT_TEMP};
+use crate::model::{ARCHITECTURES, DinoHeadConfig, Network, ResNetConfig, VitConfig, head};
+
+/// The reference's backbone, patch, prototypes and crop size (main_dino.py), which `dino
+/// model-info` shares.
+pub const ARCH: &str = "vit_small";
+pub const PATCH_SIZE: usize = 16;
+pub const OUT_DIM: usize = 65536;
+pub const GLOBAL_CROP_SIZE: usize = 224;
+
+/// The online k-NN of `--knn_every`: neighbours and vote temperature (the reference's k-NN
+/// evaluation), images per feature batch.
+pub const ONLINE_KNN_K: usize = 20;
+pub const ONLINE_KNN_TEMPERATURE: f64 = 0.07;
+pub const ONLINE_KNN_BATCH: usize = 256;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -117,13 +131,13 @@ pub struct TrainConfig {
     /// Backbone: vit_tiny, vit_small, vit_base (or vit_micro, a 4-block test size), resnet50
     /// (or resnet_micro, a test size). A ResNet brings the reference's ResNet recipe (SGD,
     /// lr 0.03, weight decay 1e-4, crop scales 0.14-1 / 0.05-0.14) for settings not given.
-    #[arg(long, default_value = "vit_small")]
+    #[arg(long, default_value = ARCH)]
     pub arch: String,
     /// Patch side in pixels (ViT only).
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = PATCH_SIZE)]
     pub patch_size: usize,
     /// Number of prototypes K of the head's last layer.
-    #[arg(long, default_value_t = 65536)]
+    #[arg(long, default_value_t = OUT_DIM)]
     pub out_dim: usize,
     /// Fix the last layer's weight-norm gain at 1 (more stable).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_parser = crate::cli::bool_value)]
@@ -132,11 +146,11 @@ pub struct TrainConfig {
     #[arg(long, default_value_t = false, action = clap::ArgAction::Set, value_parser = crate::cli::bool_value)]
     pub use_bn_in_head: bool,
     /// Width of the head's hidden layers (the reference's DINOHead default).
-    #[arg(long, default_value_t = 2048)]
+    #[arg(long, default_value_t = head::HIDDEN_DIM)]
     #[serde(default = "default_head_hidden_dim")]
     pub head_hidden_dim: usize,
     /// Width of the head's bottleneck before the weight-normalised last layer.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = head::BOTTLENECK_DIM)]
     #[serde(default = "default_head_bottleneck_dim")]
     pub head_bottleneck_dim: usize,
     /// Stochastic depth rate of the student's last block.
@@ -155,6 +169,15 @@ pub struct TrainConfig {
     /// Epochs of linear teacher-temperature warm-up.
     #[arg(long, default_value_t = 0)]
     pub warmup_teacher_temp_epochs: usize,
+    /// Temperature of the student's softmax (a fixed value in the reference).
+    #[arg(long, default_value_t = STUDENT_TEMP)]
+    #[serde(default = "default_student_temp")]
+    pub student_temp: f64,
+    /// Momentum of the centre: an EMA of the teacher's batch-mean output (fixed in the
+    /// reference).
+    #[arg(long, default_value_t = CENTER_MOMENTUM)]
+    #[serde(default = "default_center_momentum")]
+    pub center_momentum: f64,
 
     /// Update rule: adamw (the ViT recipe) or sgd with momentum 0.9 (the ResNet recipe).
     #[arg(long, value_enum, default_value = "adamw")]
@@ -190,7 +213,7 @@ pub struct TrainConfig {
     pub epochs: usize,
 
     /// Side of the global crops in pixels.
-    #[arg(long, default_value_t = 224)]
+    #[arg(long, default_value_t = GLOBAL_CROP_SIZE)]
     pub global_crop_size: usize,
     /// Side of the local crops in pixels.
     #[arg(long, default_value_t = 96)]
@@ -238,9 +261,9 @@ pub struct TrainConfig {
     /// fractions of that plan. The run stops cleanly with a checkpoint at the budget.
     #[arg(long, default_value_t = 0.0)]
     pub max_minutes: f64,
-    /// Weighted k-NN accuracy of the teacher every N epochs (and when the time budget stops
-    /// the run), logged with the epoch (0: never). Train features come from --data, which must
-    /// be labelled; test features from --val_data.
+    /// Weighted 20-NN accuracy (T = 0.07, the cls token) of the teacher every N epochs (and
+    /// when the time budget stops the run), logged with the epoch (0: never). Train features
+    /// come from --data, which must be labelled; test features from --val_data.
     #[arg(long, default_value_t = 0)]
     #[serde(default)]
     pub knn_every: usize,
@@ -290,11 +313,19 @@ fn default_blur_sigma() -> Vec<f64> {
 }
 
 fn default_head_hidden_dim() -> usize {
-    2048
+    head::HIDDEN_DIM
 }
 
 fn default_head_bottleneck_dim() -> usize {
-    256
+    head::BOTTLENECK_DIM
+}
+
+fn default_student_temp() -> f64 {
+    STUDENT_TEMP
+}
+
+fn default_center_momentum() -> f64 {
+    CENTER_MOMENTUM
 }
 
 impl TrainConfig {
@@ -374,6 +405,12 @@ impl TrainConfig {
         }
         if !(0.0..=1.0).contains(&self.momentum_teacher) {
             bail!("--momentum_teacher must be within [0, 1]");
+        }
+        if !(0.0..=1.0).contains(&self.center_momentum) {
+            bail!("--center_momentum must be within [0, 1]");
+        }
+        if !(self.student_temp > 0.0 && self.teacher_temp > 0.0 && self.warmup_teacher_temp > 0.0) {
+            bail!("--student_temp, --teacher_temp and --warmup_teacher_temp must be positive");
         }
         if self.precision == Precision::Bf16 {
             if !is_vit {
@@ -490,6 +527,24 @@ mod tests {
         std::fs::write(&file, "lr = \"fast\"\n").unwrap();
         assert!(resolve(&["dino", "train", "--config", f]).is_err());
         assert!(resolve(&["dino", "train", "--global_crops_scale", "0.5", "0.2"]).is_err());
+    }
+
+    /// The loss constants the reference fixes are flags with its values as defaults; a config
+    /// written before they were flags (a checkpoint's) reads them as those defaults.
+    #[test]
+    fn loss_constants_are_flags_with_the_reference_values() {
+        let c = resolve(&["dino", "train"]).unwrap();
+        assert_eq!((c.student_temp, c.center_momentum), (0.1, 0.9));
+        let c = resolve(&["dino", "train", "--student_temp", "0.2", "--center_momentum", "0.5"]).unwrap();
+        assert_eq!((c.student_temp, c.center_momentum), (0.2, 0.5));
+        assert!(resolve(&["dino", "train", "--student_temp", "0"]).unwrap_err().to_string().contains("--student_temp"));
+        assert!(resolve(&["dino", "train", "--center_momentum", "1.5"]).unwrap_err().to_string().contains("--center_momentum"));
+        let mut old = serde_json::to_value(resolve(&["dino", "train"]).unwrap()).unwrap();
+        let fields = old.as_object_mut().unwrap();
+        fields.remove("student_temp");
+        fields.remove("center_momentum");
+        let c: super::TrainConfig = serde_json::from_value(old).unwrap();
+        assert_eq!((c.student_temp, c.center_momentum), (0.1, 0.9));
     }
 
     /// A reference command line's spellings: `--data_path`, booleans as True/off/1.

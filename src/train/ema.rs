@@ -2,48 +2,34 @@
 //! running statistics are buffers, not parameters: as in the reference, the teacher keeps its
 //! own (from its own forward passes).
 
-use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
+use burn::module::{Module, Param};
 use burn::tensor::Tensor;
 
 use crate::model::resnet::is_running_statistic;
-use crate::weights::ModulePath;
+use crate::weights::{ParamMapper, ParamVisitor, map_params, visit_params};
 
 /// Every float parameter of a module, flattened, in visiting order, without autodiff.
 #[derive(Default)]
 struct Collect {
-    path: ModulePath,
     params: Vec<Tensor<1>>,
 }
 
-impl ModuleVisitor for Collect {
-    fn enter_module(&mut self, name: &str, container_type: &str) {
-        self.path.enter(name, container_type);
-    }
-    fn exit_module(&mut self, _: &str, _: &str) {
-        self.path.exit();
-    }
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-        if !is_running_statistic(&self.path.joined()) {
+impl ParamVisitor for Collect {
+    fn visit<const D: usize>(&mut self, path: &str, param: &Param<Tensor<D>>) {
+        if !is_running_statistic(path) {
             self.params.push(param.val().without_autodiff().detach().flatten(0, D - 1));
         }
     }
 }
 
 struct Blend {
-    path: ModulePath,
     student: std::vec::IntoIter<Tensor<1>>,
     momentum: f64,
 }
 
-impl ModuleMapper for Blend {
-    fn enter_module(&mut self, name: &str, container_type: &str) {
-        self.path.enter(name, container_type);
-    }
-    fn exit_module(&mut self, _: &str, _: &str) {
-        self.path.exit();
-    }
-    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
-        if is_running_statistic(&self.path.joined()) {
+impl ParamMapper for Blend {
+    fn map<const D: usize>(&mut self, path: &str, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        if is_running_statistic(path) {
             return param;
         }
         let student = self.student.next().expect("teacher and student have the same parameters");
@@ -60,10 +46,10 @@ impl ModuleMapper for Blend {
 /// The two modules must have the same structure (the teacher starts as a copy of the student).
 pub fn update_teacher<M: Module>(teacher: M, student: &M, momentum: f64) -> M {
     let mut collect = Collect::default();
-    student.visit(&mut collect);
+    visit_params(student, &mut collect);
     let count = collect.params.len();
-    let mut blend = Blend { path: ModulePath::default(), student: collect.params.into_iter(), momentum };
-    let teacher = teacher.map(&mut blend);
+    let mut blend = Blend { student: collect.params.into_iter(), momentum };
+    let teacher = map_params(teacher, &mut blend);
     assert!(blend.student.next().is_none(), "student has more parameters than the teacher ({count})");
     teacher
 }

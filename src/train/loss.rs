@@ -8,6 +8,11 @@ use burn::tensor::{Device, Tensor, TensorData};
 use crate::dist::Dist;
 use crate::weights::HostTensor;
 
+/// The student's softmax temperature in the reference (`--student_temp`).
+pub const STUDENT_TEMP: f64 = 0.1;
+/// The centre's EMA momentum in the reference (`--center_momentum`).
+pub const CENTER_MOMENTUM: f64 = 0.9;
+
 #[derive(Debug, Clone)]
 pub struct DinoLoss {
     /// Views per image the student sees (2 global + local crops).
@@ -29,12 +34,13 @@ pub struct LossOutput {
 }
 
 impl DinoLoss {
+    /// The loss with the reference's student temperature and centre momentum, and a zero centre.
     pub fn new(out_dim: usize, ncrops: usize, device: &Device) -> Self {
         assert!(ncrops >= 2, "DINO needs at least the two global views");
         Self {
             ncrops,
-            student_temp: 0.1,
-            center_momentum: 0.9,
+            student_temp: STUDENT_TEMP,
+            center_momentum: CENTER_MOMENTUM,
             center: Tensor::zeros([1, out_dim], device),
         }
     }

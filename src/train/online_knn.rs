@@ -1,11 +1,12 @@
 //! The k-NN monitor of `dino train --knn_every N`: the teacher backbone's weighted k-NN top-1
-//! (k = 20, T = 0.07, the reference's evaluation transform at the global crop size) on a
-//! labelled train/validation pair, opened once when training starts.
+//! (`ONLINE_KNN_K` neighbours at `ONLINE_KNN_TEMPERATURE`, the reference's evaluation
+//! transform at the global crop size) on a labelled train/validation pair, opened once when
+//! training starts.
 
 use anyhow::{Context, Result, bail};
 use burn::tensor::Device;
 
-use super::config::TrainConfig;
+use super::config::{ONLINE_KNN_BATCH, ONLINE_KNN_K, ONLINE_KNN_TEMPERATURE, TrainConfig};
 use crate::data::dataset::{Dataset, IdxSplit, SUBSET_SEED};
 use crate::eval::features::{EvalTransform, FeatureLayout, REFERENCE_CROP, extract, network_features};
 use crate::eval::knn::knn_accuracy;
@@ -38,17 +39,17 @@ impl OnlineKnn {
         Ok(Self { train, val, transform: EvalTransform { size: cfg.global_crop_size, crop: REFERENCE_CROP } })
     }
 
-    /// Top-1 accuracy (percent) of the 20-NN classifier on `backbone`'s features (a ViT's cls
+    /// Top-1 accuracy (percent) of the k-NN classifier on `backbone`'s features (a ViT's cls
     /// token, a ResNet's pooled output with its running statistics).
     pub fn top1(&self, backbone: &Network, device: &Device) -> Result<f64> {
         let kind = network_features(backbone, FeatureLayout::CLS);
-        let mut train = extract(kind, &self.train, self.transform, 256, device)?.into_labelled(&self.train)?;
-        let mut val = extract(kind, &self.val, self.transform, 256, device)?.into_labelled(&self.val)?;
+        let mut train = extract(kind, &self.train, self.transform, ONLINE_KNN_BATCH, device)?.into_labelled(&self.train)?;
+        let mut val = extract(kind, &self.val, self.transform, ONLINE_KNN_BATCH, device)?.into_labelled(&self.val)?;
         if train.is_empty() || val.is_empty() {
             bail!("online k-NN: no readable labelled images");
         }
         train.l2_normalize();
         val.l2_normalize();
-        Ok(knn_accuracy(&train, &val, &[20], 0.07, device)[0].top1)
+        Ok(knn_accuracy(&train, &val, &[ONLINE_KNN_K], ONLINE_KNN_TEMPERATURE, device)[0].top1)
     }
 }

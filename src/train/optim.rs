@@ -6,12 +6,12 @@
 
 use std::collections::HashMap;
 
-use burn::module::{Module, ModuleMapper, Param};
+use burn::module::{Module, Param};
 use burn::tensor::{Device, Gradients, Tensor, TensorData};
 use clap::ValueEnum;
 use serde::{Deserialize, Serialize};
 
-use crate::weights::{HostTensor, ModulePath};
+use crate::weights::{HostTensor, ParamMapper, map_params};
 
 /// Which update rule trains the student.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ValueEnum)]
@@ -72,7 +72,7 @@ impl Optimizer {
 
     /// Applies one step to every parameter of `module` that has a gradient in `grads`.
     pub fn step<M: Module>(&mut self, module: M, grads: Gradients, settings: &StepSettings) -> M {
-        module.map(&mut StepMapper { optim: self, grads, settings, path: ModulePath::default() })
+        map_params(module, &mut StepMapper { optim: self, grads, settings })
     }
 
     fn update<const D: usize>(&mut self, name: String, value: Tensor<D>, grad: Tensor<D>, s: &StepSettings) -> Tensor<D> {
@@ -187,28 +187,18 @@ struct StepMapper<'a, 'b> {
     optim: &'a mut Optimizer,
     grads: Gradients,
     settings: &'a StepSettings<'b>,
-    path: ModulePath,
 }
 
-impl ModuleMapper for StepMapper<'_, '_> {
-    fn enter_module(&mut self, name: &str, container_type: &str) {
-        self.path.enter(name, container_type);
-    }
-
-    fn exit_module(&mut self, _name: &str, _container_type: &str) {
-        self.path.exit();
-    }
-
-    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
-        let name = self.path.joined();
+impl ParamMapper for StepMapper<'_, '_> {
+    fn map<const D: usize>(&mut self, path: &str, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
         let Some(grad) = param.grad_remove(&mut self.grads) else {
             return param;
         };
-        if (self.settings.frozen)(&name) {
+        if (self.settings.frozen)(path) {
             return param;
         }
         param.map(|value| {
-            let updated = self.optim.update(name, value.without_autodiff().detach(), grad, self.settings);
+            let updated = self.optim.update(path.to_string(), value.without_autodiff().detach(), grad, self.settings);
             Tensor::from_inner(updated).require_grad()
         })
     }

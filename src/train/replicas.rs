@@ -7,7 +7,7 @@ use std::hash::{Hash, Hasher};
 use std::path::Path;
 
 use anyhow::{Result, bail};
-use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
+use burn::module::Param;
 use burn::tensor::{Device, Gradients, Tensor, TensorData};
 
 use super::checkpoint::{self, TrainState};
@@ -15,7 +15,7 @@ use super::config::TrainConfig;
 use super::step::StepOutput;
 use crate::dist::Dist;
 use crate::model::DinoModel;
-use crate::weights::HostTensor;
+use crate::weights::{HostTensor, ParamMapper, ParamVisitor, map_params, visit_params};
 
 /// Rank 0's training state and loss centre on every rank: a fresh run starts from rank 0's
 /// initial weights, a resumed one from the checkpoint rank 0 read (the other ranks need not see
@@ -92,13 +92,13 @@ pub fn check_in_step(dist: &Dist, student: &DinoModel, when: &str) -> Result<()>
 /// A 64-bit checksum of every parameter's bits, in module order.
 fn fingerprint(model: &DinoModel) -> u64 {
     struct Fingerprint(std::collections::hash_map::DefaultHasher);
-    impl ModuleVisitor for Fingerprint {
-        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+    impl ParamVisitor for Fingerprint {
+        fn visit<const D: usize>(&mut self, _: &str, param: &Param<Tensor<D>>) {
             HostTensor::from_tensor(param.val()).values.iter().for_each(|v| v.to_bits().hash(&mut self.0));
         }
     }
     let mut f = Fingerprint(Default::default());
-    model.visit(&mut f);
+    visit_params(model, &mut f);
     f.0.finish()
 }
 
@@ -108,15 +108,15 @@ fn gradients_flat(model: &DinoModel, grads: &Gradients) -> Vec<f32> {
         grads: &'a Gradients,
         out: Vec<f32>,
     }
-    impl ModuleVisitor for Gather<'_> {
-        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+    impl ParamVisitor for Gather<'_> {
+        fn visit<const D: usize>(&mut self, _: &str, param: &Param<Tensor<D>>) {
             if let Some(grad) = param.val().grad(self.grads) {
                 self.out.extend(HostTensor::from_tensor(grad).values);
             }
         }
     }
     let mut gather = Gather { grads, out: Vec::new() };
-    model.visit(&mut gather);
+    visit_params(model, &mut gather);
     gather.out
 }
 
@@ -127,8 +127,8 @@ fn replace_gradients(model: &DinoModel, grads: &mut Gradients, flat: &[f32]) {
         grads: &'a mut Gradients,
         flat: &'a [f32],
     }
-    impl ModuleVisitor for Scatter<'_> {
-        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+    impl ParamVisitor for Scatter<'_> {
+        fn visit<const D: usize>(&mut self, _: &str, param: &Param<Tensor<D>>) {
             let value = param.val();
             let Some(grad) = value.grad(self.grads) else { return };
             let shape = grad.dims();
@@ -139,7 +139,7 @@ fn replace_gradients(model: &DinoModel, grads: &mut Gradients, flat: &[f32]) {
         }
     }
     let mut scatter = Scatter { grads, flat };
-    model.visit(&mut scatter);
+    visit_params(model, &mut scatter);
     assert!(scatter.flat.is_empty(), "gradient buffer longer than the model's gradients");
 }
 
@@ -153,13 +153,13 @@ pub fn perturbed_for_test(dist: &Dist) -> bool {
 /// Moves the student's first weight by 1e-3.
 pub fn nudge_for_test(student: DinoModel) -> DinoModel {
     struct Nudge(bool);
-    impl ModuleMapper for Nudge {
-        fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+    impl ParamMapper for Nudge {
+        fn map<const D: usize>(&mut self, _: &str, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
             if std::mem::replace(&mut self.0, true) {
                 return param;
             }
             param.map(|t| Tensor::from_inner(t.without_autodiff().detach().add_scalar(1e-3)).require_grad())
         }
     }
-    student.map(&mut Nudge(false))
+    map_params(student, &mut Nudge(false))
 }

@@ -1,23 +1,31 @@
-//! The models' part of one training iteration: teacher forward on the global crops, student
-//! forward on all crops, DINO loss and backward. A ViT on the CPU runs both backbones on our
-//! engine (`src/engine/`: f32 products at `--precision f32`, bf16 at bf16) and only the heads and
-//! the loss go through burn, the student's features entering burn's graph as a leaf whose
-//! gradient the engine's backward pass takes from there; everything else (ResNets, GPUs) goes
-//! through burn's autodiff.
+//! One training iteration of the method, the same for `dino train` and the benchmark
+//! ([`TrainStep`]): teacher forward on the global crops, student forward on all crops, DINO
+//! loss and backward ([`forward_backward`]), the gradients combined over the job's processes,
+//! the optimiser's step under the schedules' values, the teacher's EMA. A ViT on the CPU runs
+//! both backbones on our engine (`src/engine/`: f32 products at `--precision f32`, bf16 at
+//! bf16) and only the heads and the loss go through burn, the student's features entering
+//! burn's graph as a leaf whose gradient the engine's backward pass takes from there;
+//! everything else (ResNets, GPUs) goes through burn's autodiff.
 
 use std::collections::HashMap;
+use std::time::Instant;
 
 use anyhow::Result;
-use burn::module::{Module, ModuleVisitor, Param};
+use burn::module::Param;
 use burn::tensor::{Device, Gradients, Tensor, TensorData};
 use rand::rngs::StdRng;
 
+use super::checkpoint::TrainState;
+use super::ema::update_teacher;
 use super::loss::DinoLoss;
+use super::optim::StepSettings;
+use super::replicas;
+use super::schedule::StepValues;
 use crate::dist::{Dist, Group};
 use crate::engine::matmul::Element;
 use crate::engine::{InferenceVit, Precision, StudentVit};
 use crate::model::DinoModel;
-use crate::weights::{HostTensor, ModulePath};
+use crate::weights::{HostTensor, ParamVisitor, visit_params};
 
 /// One batch of normalised crops, view-major ([views · images, 3, size, size] each).
 pub struct Crops {
@@ -38,6 +46,71 @@ pub struct StepOutput {
     /// when burn runs it); the engine's backward pass puts the backbone's under the same
     /// parameters, so the optimiser finds all of them alike.
     pub grads: Gradients,
+}
+
+/// One training iteration, with what stays fixed across iterations: the job's processes, the
+/// device, the precision, gradient clipping and the loss (whose centre moves every step).
+pub struct TrainStep<'a> {
+    pub dist: &'a Dist,
+    pub device: Device,
+    pub precision: Precision,
+    /// Per-parameter gradient norm limit (`None`: no clipping).
+    pub clip_grad: Option<f64>,
+    pub loss: DinoLoss,
+    /// Test hook: nudges this process's weights after each update (`replicas`).
+    pub perturbed: bool,
+}
+
+/// What one iteration did: the global batch's loss terms and image count, and the seconds its
+/// parts took (on a GPU, where work is queued, the parts' boundaries blur).
+pub struct StepReport {
+    pub loss: f64,
+    pub teacher_entropy: f64,
+    pub kl: f64,
+    pub images: usize,
+    pub times: StepTimes,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+pub struct StepTimes {
+    pub forward_backward: f64,
+    /// Combining the gradients over the processes, waiting for the slowest included.
+    pub combine: f64,
+    pub optimizer: f64,
+    pub ema: f64,
+}
+
+impl TrainStep<'_> {
+    /// Trains `state` on one batch at the schedules' `values`; `drop_rng` draws the student's
+    /// stochastic depth. A non-finite loss leaves the weights as they were (the loss's centre has
+    /// already moved); the caller stops.
+    pub fn run(&mut self, mut state: TrainState, crops: &Crops, values: &StepValues, drop_rng: &mut StdRng) -> Result<(TrainState, StepReport)> {
+        let mut times = StepTimes::default();
+        let mut clock = Instant::now();
+        let mut lap = || {
+            let seconds = clock.elapsed().as_secs_f64();
+            clock = Instant::now();
+            seconds
+        };
+        let mut out = forward_backward(&state.student, &state.teacher, &mut self.loss, self.dist, crops, self.precision, drop_rng, values.teacher_temp, &self.device)?;
+        times.forward_backward = lap();
+        let images = replicas::combine_step(self.dist, &state.student, &mut out, crops.images);
+        times.combine = lap();
+        let mut report = StepReport { loss: out.loss, teacher_entropy: out.teacher_entropy, kl: out.kl, images, times };
+        if !out.loss.is_finite() {
+            return Ok((state, report));
+        }
+        let frozen = |name: &str| values.last_layer_frozen && name.contains("last_layer");
+        let settings = StepSettings { lr: values.lr, weight_decay: values.weight_decay, clip_grad: self.clip_grad, frozen: &frozen };
+        state.student = state.optimizer.step(state.student, out.grads, &settings);
+        if self.perturbed {
+            state.student = replicas::nudge_for_test(state.student);
+        }
+        report.times.optimizer = lap();
+        state.teacher = update_teacher(state.teacher, &state.student, values.teacher_momentum);
+        report.times.ema = lap();
+        Ok((state, report))
+    }
 }
 
 /// Teacher forward, student forward, loss and backward for one batch. `rng` draws the
@@ -132,18 +205,11 @@ fn engine_forward<'a, E: Element>(student: &'a DinoModel, teacher: &DinoModel, c
 fn attach_gradients(student: &DinoModel, backbone: Vec<(String, HostTensor)>, grads: &mut Gradients) {
     struct Attach<'a> {
         grads: &'a mut Gradients,
-        path: ModulePath,
         pending: HashMap<String, HostTensor>,
     }
-    impl ModuleVisitor for Attach<'_> {
-        fn enter_module(&mut self, name: &str, kind: &str) {
-            self.path.enter(name, kind);
-        }
-        fn exit_module(&mut self, _: &str, _: &str) {
-            self.path.exit();
-        }
-        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-            if let Some(grad) = self.pending.remove(&self.path.joined()) {
+    impl ParamVisitor for Attach<'_> {
+        fn visit<const D: usize>(&mut self, path: &str, param: &Param<Tensor<D>>) {
+            if let Some(grad) = self.pending.remove(path) {
                 let value = param.val();
                 let device = value.clone().without_autodiff().device();
                 value.grad_replace(self.grads, Tensor::from_data(TensorData::new(grad.values, grad.shape), &device));
@@ -151,7 +217,7 @@ fn attach_gradients(student: &DinoModel, backbone: Vec<(String, HostTensor)>, gr
         }
     }
     let pending = backbone.into_iter().map(|(name, g)| (format!("backbone.{name}"), g)).collect();
-    let mut attach = Attach { grads, path: ModulePath::default(), pending };
-    student.visit(&mut attach);
+    let mut attach = Attach { grads, pending };
+    visit_params(student, &mut attach);
     assert!(attach.pending.is_empty(), "engine gradients for unknown parameters: {:?}", attach.pending.keys().collect::<Vec<_>>());
 }

@@ -1,18 +1,19 @@
-//! `dino train`: the whole training run, top to bottom — data, models, schedules, then the loop
-//! of teacher forward, student forward, loss, backward (`step.rs`, at either precision),
-//! gradients combined over the job's processes (`replicas.rs`; nothing to combine in one
-//! process), clipped AdamW (or SGD) step and teacher EMA, with checkpoints, logs and a clean
+//! `dino train`, read top to bottom as the reference's main_dino.py: [`train`] sets up data,
+//! models and schedules, [`Run::train_one_epoch`] is the loop over batches, each of them one
+//! [`TrainStep`] (teacher forward, student forward, loss, backward, gradients combined over the
+//! job's processes, clipped AdamW or SGD step, teacher EMA), with checkpoints, logs and a clean
 //! stop on a time budget or a non-finite loss. Every process of an MPI job runs this loop on
 //! its share of each global batch; rank 0 alone writes files and talks on the terminal.
 
 use std::collections::HashMap;
 use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use burn::module::Module;
-use burn::tensor::Device;
+use burn::tensor::{Device, Tensor};
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
@@ -20,16 +21,15 @@ use serde_json::json;
 
 use super::checkpoint::{self, Progress, TrainState};
 use super::config::{DeviceKind, TrainConfig};
-use super::ema::update_teacher;
 use super::log::{StepMetrics, append_line, plot, read_knn_points, read_step_metrics};
 use super::loss::DinoLoss;
 use super::online_knn::OnlineKnn;
-use super::optim::{Optimizer, StepSettings};
+use super::optim::Optimizer;
 use super::replicas;
 use super::schedule::{Plan, Schedules, StepValues};
-use super::step::{Crops, forward_backward};
+use super::step::{Crops, TrainStep};
 use crate::data::dataset::{Dataset, IdxSplit};
-use crate::data::loader::{Shard, mix_seed, start_epoch, steps_per_epoch};
+use crate::data::loader::{Batch, Shard, mix_seed, start_epoch, steps_per_epoch};
 use crate::dist::Dist;
 use crate::model::DinoModel;
 use crate::pretrained;
@@ -91,15 +91,15 @@ pub fn run(cfg: &TrainConfig) -> Result<()> {
     }
 }
 
-/// The training loop of this process (`dist` says which of the job's processes it is).
+/// The training run of this process (`dist` says which of the job's processes it is): data,
+/// models and schedules, then epochs until the plan or the time budget ends.
 pub fn train(cfg: &TrainConfig, dist: &Dist) -> Result<Outcome> {
     let started = Instant::now();
     let cfg = &TrainConfig { processes: dist.world_size(), ..cfg.clone() };
     let main = dist.is_main();
-    let run_dir = &cfg.output_dir;
     if main {
-        std::fs::create_dir_all(run_dir).with_context(|| format!("--output_dir {}: cannot create", run_dir.display()))?;
-        std::fs::write(run_dir.join("config.json"), serde_json::to_string_pretty(cfg)?)?;
+        std::fs::create_dir_all(&cfg.output_dir).with_context(|| format!("--output_dir {}: cannot create", cfg.output_dir.display()))?;
+        std::fs::write(cfg.output_dir.join("config.json"), serde_json::to_string_pretty(cfg)?)?;
     }
     let has_batch_norm = cfg.vit().is_none() || cfg.use_bn_in_head;
     if cfg.processes > 1 && has_batch_norm && cfg.device != DeviceKind::Cpu {
@@ -110,31 +110,80 @@ pub fn train(cfg: &TrainConfig, dist: &Dist) -> Result<Outcome> {
     // Data: each process takes its share of every global batch.
     let mut dataset = Dataset::open(&cfg.data, IdxSplit::Train).with_context(|| format!("--data {}", cfg.data.display()))?;
     dataset.keep_subset(cfg.subset, cfg.seed);
-    let dataset = Arc::new(dataset);
-    let batch_size = cfg.batch_size_per_gpu;
-    let shard = Shard { rank: dist.rank(), ranks: dist.world_size() };
     let steps = steps_per_epoch(dataset.len(), cfg.global_batch());
     if steps == 0 {
         bail!("--data {}: {} images is less than one batch of {}", cfg.data.display(), dataset.len(), batch_description(cfg));
     }
-    let crops = cfg.crops();
     let workers = if cfg.num_workers == 0 { dist.cores() } else { cfg.num_workers };
-    let pool = Arc::new(rayon::ThreadPoolBuilder::new().num_threads(workers).build()?);
     let knn = if main && cfg.knn_every > 0 { Some(OnlineKnn::open(cfg)?) } else { None };
     if main {
         eprintln!("global batch {}, peak learning rate {:.3e}, {steps} steps per epoch", batch_description(cfg), super::schedule::peak_lr(cfg));
     }
 
     // Student, teacher (a copy that never gets gradients), loss, optimiser, schedules.
+    let mut loss = DinoLoss { student_temp: cfg.student_temp, center_momentum: cfg.center_momentum, ..DinoLoss::new(cfg.out_dim, cfg.crops().ncrops(), &device) };
+    let ckpt_path = cfg.output_dir.join("checkpoint.safetensors");
+    let (mut state, center) = initial_state(cfg, dist, &ckpt_path, dataset.len(), loss.center.clone(), &device)?;
+    loss.center = center;
+    // The student trains on the autodiff device; the teacher stays on the plain one.
+    state.student = state.student.fork(&device.clone().autodiff()).train();
+    let budget = (cfg.max_minutes > 0.0).then(|| Duration::from_secs_f64(cfg.max_minutes * 60.0));
+    // The plan the schedules run over: the one a resumed run fixed, the reference's --epochs,
+    // or, under a time budget, the steps it buys (fixed once the first steps are timed).
+    let schedules = match (state.progress.plan, budget) {
+        (Some(plan), _) => Some(Schedules::new(cfg, plan)),
+        (None, None) => Some(Schedules::new(cfg, Plan::epochs(cfg.epochs, steps))),
+        (None, Some(_)) => None,
+    };
+    let step = TrainStep {
+        dist,
+        device: device.clone(),
+        precision: cfg.precision,
+        clip_grad: (cfg.clip_grad > 0.0).then_some(cfg.clip_grad),
+        loss,
+        perturbed: replicas::perturbed_for_test(dist),
+    };
+    let mut run = Run {
+        cfg,
+        dist,
+        device,
+        dataset: Arc::new(dataset),
+        shard: Shard { rank: dist.rank(), ranks: dist.world_size() },
+        steps,
+        pool: Arc::new(rayon::ThreadPoolBuilder::new().num_threads(workers).build()?),
+        knn,
+        started,
+        budget,
+        calibration: Calibration::new(budget),
+        schedules,
+        step,
+        ckpt_path,
+    };
+    loop {
+        if run.plan_done(&state) {
+            return Ok(Outcome::Finished);
+        }
+        let end;
+        (state, end) = run.train_one_epoch(state)?;
+        if end == EpochEnd::BudgetReached {
+            return Ok(Outcome::TimeBudgetReached);
+        }
+    }
+}
+
+/// The state training starts from: fresh (or from `--pretrained_weights`), or the checkpoint
+/// being resumed, read by rank 0 and sent to the other processes; with the loss's centre
+/// (`fresh_center` for a fresh run).
+fn initial_state(cfg: &TrainConfig, dist: &Dist, ckpt_path: &Path, dataset_len: usize, fresh_center: Tensor<2>, device: &Device) -> Result<(TrainState, Tensor<2>)> {
+    let main = dist.is_main();
     let mut rng = StdRng::seed_from_u64(cfg.seed);
-    let backbone = cfg.init_backbone(&mut rng, &device);
-    let head = cfg.head(backbone.embed_dim()).init(&mut rng, &device);
+    let backbone = cfg.init_backbone(&mut rng, device);
+    let head = cfg.head(backbone.embed_dim()).init(&mut rng, device);
     let mut student = DinoModel { backbone, head };
-    let ckpt_path = run_dir.join("checkpoint.safetensors");
     // Rank 0 reads the checkpoint or the pretrained weights; the others receive its state.
     let resuming = main && ckpt_path.exists();
     if let Some(path) = cfg.pretrained_weights.as_ref().filter(|_| main && !resuming) {
-        let loaded = pretrained::load(path, "teacher", Some(&cfg.arch), &device).context("--pretrained_weights")?;
+        let loaded = pretrained::load(path, "teacher", Some(&cfg.arch), device).context("--pretrained_weights")?;
         let tensors: HashMap<String, HostTensor> = weights::export(&loaded.network).into_iter().collect();
         student.backbone = weights::import(student.backbone, &tensors, "")
             .with_context(|| match cfg.vit() {
@@ -144,9 +193,8 @@ pub fn train(cfg: &TrainConfig, dist: &Dist) -> Result<Outcome> {
         eprintln!("backbone initialised from {}", path.display());
     }
     let teacher = student.valid();
-    let mut loss_fn = DinoLoss::new(cfg.out_dim, crops.ncrops(), &device);
-    let (mut state, center) = if resuming {
-        let restored = checkpoint::load(&ckpt_path, student, teacher, &device)?;
+    let (state, center) = if resuming {
+        let restored = checkpoint::load(ckpt_path, student, teacher, device)?;
         if restored.config.processes != cfg.processes {
             bail!(
                 "{} was written by a run of {} process(es); resume it with {} (the global batch, the learning rate and the position in the epoch depend on it)",
@@ -163,33 +211,55 @@ pub fn train(cfg: &TrainConfig, dist: &Dist) -> Result<Outcome> {
         (restored.state, restored.center)
     } else {
         let progress = Progress { epoch: 0, step_in_epoch: 0, global_step: 0, plan: None };
-        (TrainState { student, teacher, optimizer: Optimizer::new(cfg.optimizer), progress }, loss_fn.center.clone())
+        (TrainState { student, teacher, optimizer: Optimizer::new(cfg.optimizer), progress }, fresh_center)
     };
-    replicas::check_same_run(dist, cfg, dataset.len())?;
-    (state, loss_fn.center) = replicas::state_from_main(dist, state, center, cfg, &device)?;
-    // The student trains on the autodiff device; the teacher stays on the plain one.
-    state.student = state.student.fork(&device.clone().autodiff()).train();
-    let budget = (cfg.max_minutes > 0.0).then(|| Duration::from_secs_f64(cfg.max_minutes * 60.0));
-    // The plan the schedules run over: the one a resumed run fixed, the reference's --epochs,
-    // or, under a time budget, the steps it buys (fixed once the first steps are timed).
-    let mut schedules = match (state.progress.plan, budget) {
-        (Some(plan), _) => Some(Schedules::new(cfg, plan)),
-        (None, None) => Some(Schedules::new(cfg, Plan::epochs(cfg.epochs, steps))),
-        (None, Some(_)) => None,
-    };
-    let mut calibration = Calibration::new(budget);
-    let perturbed = replicas::perturbed_for_test(dist);
-    let (g, l) = (crops.global_size, crops.local_size);
+    replicas::check_same_run(dist, cfg, dataset_len)?;
+    replicas::state_from_main(dist, state, center, cfg, device)
+}
 
-    loop {
-        if schedules.as_ref().is_some_and(|s| state.progress.global_step >= s.plan.total_steps()) {
-            return Ok(Outcome::Finished);
-        }
+/// How an epoch ended.
+#[derive(Debug, PartialEq)]
+enum EpochEnd {
+    /// Its data or the plan ran out; checkpoint, log line and plot are written.
+    Done,
+    /// The time budget stopped the run inside it, checkpoint written.
+    BudgetReached,
+}
+
+/// What one process's run holds from setup to the end, and the plan once it is fixed.
+struct Run<'a> {
+    cfg: &'a TrainConfig,
+    dist: &'a Dist,
+    device: Device,
+    dataset: Arc<Dataset>,
+    shard: Shard,
+    /// Steps per epoch.
+    steps: usize,
+    /// The loader's threads.
+    pool: Arc<rayon::ThreadPool>,
+    knn: Option<OnlineKnn>,
+    started: Instant,
+    budget: Option<Duration>,
+    calibration: Calibration,
+    /// `None` until a budgeted run has timed its first steps.
+    schedules: Option<Schedules>,
+    step: TrainStep<'a>,
+    ckpt_path: PathBuf,
+}
+
+impl Run<'_> {
+    fn plan_done(&self, state: &TrainState) -> bool {
+        self.schedules.as_ref().is_some_and(|s| state.progress.global_step >= s.plan.total_steps())
+    }
+
+    /// One epoch from the state's position in it: steps until its data, the plan or the time
+    /// budget runs out, then the epoch's checkpoint, log line and plot.
+    fn train_one_epoch(&mut self, mut state: TrainState) -> Result<(TrainState, EpochEnd)> {
+        let cfg = self.cfg;
         let epoch = state.progress.epoch;
-        let loader = start_epoch(dataset.clone(), crops.clone(), batch_size, shard, cfg.seed, epoch, state.progress.step_in_epoch, pool.clone());
-        let bar = progress_bar(main, steps as u64, state.progress.step_in_epoch as u64, epoch, cfg.epochs);
-        let mut sums = EpochSums::default();
-        let epoch_start = Instant::now();
+        let loader = start_epoch(self.dataset.clone(), cfg.crops(), cfg.batch_size_per_gpu, self.shard, cfg.seed, epoch, state.progress.step_in_epoch, self.pool.clone());
+        let bar = progress_bar(self.dist.is_main(), self.steps as u64, state.progress.step_in_epoch as u64, epoch, cfg.epochs);
+        let mut sums = EpochSums { started: Some(Instant::now()), ..EpochSums::default() };
         let mut values = StepValues::start(cfg);
         let mut plan_done = false;
         while !plan_done {
@@ -200,114 +270,134 @@ pub fn train(cfg: &TrainConfig, dist: &Dist) -> Result<Outcome> {
                 bar.suspend(|| eprintln!("warning: skipped {msg}"));
             }
             sums.skipped += batch.skipped.len();
-            let it = state.progress.global_step;
-            values = schedules.as_ref().map_or_else(|| StepValues::start(cfg), |s| s.at(it));
-            if batch.images == 0 && cfg.processes > 1 {
-                bail!("none of the images of this process's share of step {it} could be read (see the warnings above)");
-            }
-            if batch.images > 0 {
-                let n = batch.images;
-                let crops = Crops { images: n, global: batch.global, global_size: g, local: batch.local, local_size: l, local_number: crops.local_crops_number };
-                // Stochastic depth draws per step and process.
-                let mut drop_rng = StdRng::seed_from_u64(mix_seed(cfg.seed, it as u64, 0xD0 | (dist.rank() as u64) << 32));
-                let mut out = forward_backward(&state.student, &state.teacher, &mut loss_fn, dist, &crops, cfg.precision, &mut drop_rng, values.teacher_temp, &device)?;
-                let sync = Instant::now();
-                let n = replicas::combine_step(dist, &state.student, &mut out, n);
-                sums.sync += sync.elapsed();
-                if !out.loss.is_finite() {
-                    bail!(
-                        "loss is {} at epoch {epoch} step {}: stopping; the last good checkpoint is {}",
-                        out.loss,
-                        state.progress.step_in_epoch,
-                        ckpt_path.display()
-                    );
-                }
-                let frozen = |name: &str| values.last_layer_frozen && name.contains("last_layer");
-                let settings = StepSettings {
-                    lr: values.lr,
-                    weight_decay: values.weight_decay,
-                    clip_grad: (cfg.clip_grad > 0.0).then_some(cfg.clip_grad),
-                    frozen: &frozen,
-                };
-                state.student = state.optimizer.step(state.student, out.grads, &settings);
-                if perturbed {
-                    state.student = replicas::nudge_for_test(state.student);
-                }
-                state.teacher = update_teacher(state.teacher, &state.student, values.teacher_momentum);
-
-                let metrics = StepMetrics { step: it, loss: out.loss, teacher_entropy: out.teacher_entropy, kl: out.kl, lr: values.lr };
-                if main {
-                    append_line(&run_dir.join("metrics.jsonl"), &metrics)?;
-                }
-                sums.add(&metrics, n);
-            }
+            values = self.schedules.as_ref().map_or_else(|| StepValues::start(cfg), |s| s.at(state.progress.global_step));
+            state = self.train_step(state, batch, &values, &mut sums)?;
             state.progress.step_in_epoch += 1;
             state.progress.global_step += 1;
-            if schedules.is_none()
-                // Rank 0's clock fixes the plan for every process.
-                && let Some((plan, step_seconds)) = dist.broadcast(calibration.after_step(state.progress.global_step, started.elapsed(), cfg.epochs, steps))?
-            {
-                if main {
-                    bar.suspend(|| announce_plan(run_dir, cfg, &plan, step_seconds, dataset.len()))?;
-                }
-                state.progress.plan = Some(plan);
-                schedules = Some(Schedules::new(cfg, plan));
-            }
-            plan_done = schedules.as_ref().is_some_and(|s| state.progress.global_step >= s.plan.total_steps());
-            bar.inc(1);
-            bar.set_message(format!("loss {:.4}", sums.mean(sums.loss)));
-            let tenth = (steps / 10).max(1);
-            if main && bar.is_hidden() && state.progress.step_in_epoch % tenth == 0 {
-                eprintln!("epoch {}/{} step {}/{steps} loss {:.4} ({:.0}s)", epoch + 1, cfg.epochs, state.progress.step_in_epoch, sums.mean(sums.loss), epoch_start.elapsed().as_secs_f64());
-            }
-            let over_budget = !plan_done && budget.is_some() && dist.broadcast(budget.is_some_and(|b| started.elapsed() >= b))?;
-            let periodic = cfg.saveckp_steps > 0 && state.progress.global_step % cfg.saveckp_steps == 0;
+            self.fix_plan_once_timed(&mut state, &bar)?;
+            plan_done = self.plan_done(&state);
+            self.show_progress(&bar, &sums, &state.progress);
+            let budget_over = self.budget.is_some_and(|b| self.started.elapsed() >= b);
+            let over_budget = !plan_done && self.budget.is_some() && self.dist.broadcast(budget_over)?;
+            let periodic = cfg.saveckp_steps > 0 && state.progress.global_step.is_multiple_of(cfg.saveckp_steps);
             // Checkpoints inside an epoch here; the ends of epochs and of the plan save below.
-            if over_budget || (periodic && !plan_done && state.progress.step_in_epoch < steps) {
-                save_checkpoint(dist, &ckpt_path, &state, &loss_fn.center, cfg)?;
+            if over_budget || (periodic && !plan_done && state.progress.step_in_epoch < self.steps) {
+                save_checkpoint(self.dist, &self.ckpt_path, &state, &self.step.loss.center, cfg)?;
             }
             if over_budget {
                 bar.abandon();
-                if !main {
-                    return Ok(Outcome::TimeBudgetReached);
-                }
-                let knn_top1 = knn.as_ref().map(|k| k.top1(&state.teacher.backbone, &device)).transpose()?;
-                report_epoch(run_dir, cfg, epoch, &sums, epoch_start.elapsed(), state.progress.global_step, &values, knn_top1, true)?;
-                let unfinished = match &schedules {
-                    Some(s) => format!(" with {} planned steps left", s.plan.total_steps() - state.progress.global_step),
-                    None => " before its plan was fixed".into(),
-                };
-                eprintln!(
-                    "time budget of {} min reached at epoch {epoch} step {}{unfinished}; checkpoint saved to {}",
-                    cfg.max_minutes,
-                    state.progress.step_in_epoch,
-                    ckpt_path.display()
-                );
-                return Ok(Outcome::TimeBudgetReached);
+                self.report_budget_stop(&state, &sums, &values)?;
+                return Ok((state, EpochEnd::BudgetReached));
             }
         }
         drop(loader);
         bar.finish_and_clear();
+        let state = self.end_epoch(state, &sums, &values, plan_done)?;
+        Ok((state, EpochEnd::Done))
+    }
+
+    /// One iteration on a batch; a batch none of whose images could be read is skipped alone
+    /// and refused in a job of several processes (the others would wait for this one).
+    fn train_step(&mut self, state: TrainState, batch: Batch, values: &StepValues, sums: &mut EpochSums) -> Result<TrainState> {
+        let (cfg, it) = (self.cfg, state.progress.global_step);
+        if batch.images == 0 && cfg.processes > 1 {
+            bail!("none of the images of this process's share of step {it} could be read (see the warnings above)");
+        }
+        if batch.images == 0 {
+            return Ok(state);
+        }
+        let shape = cfg.crops();
+        let crops = Crops { images: batch.images, global: batch.global, global_size: shape.global_size, local: batch.local, local_size: shape.local_size, local_number: shape.local_crops_number };
+        // Stochastic depth draws per step and process.
+        let mut drop_rng = StdRng::seed_from_u64(mix_seed(cfg.seed, it as u64, 0xD0 | (self.dist.rank() as u64) << 32));
+        let (state, report) = self.step.run(state, &crops, values, &mut drop_rng)?;
+        sums.sync += Duration::from_secs_f64(report.times.combine);
+        if !report.loss.is_finite() {
+            let progress = &state.progress;
+            bail!("loss is {} at epoch {} step {}: stopping; the last good checkpoint is {}", report.loss, progress.epoch, progress.step_in_epoch, self.ckpt_path.display());
+        }
+        let metrics = StepMetrics { step: it, loss: report.loss, teacher_entropy: report.teacher_entropy, kl: report.kl, lr: values.lr };
+        if self.dist.is_main() {
+            append_line(&cfg.output_dir.join("metrics.jsonl"), &metrics)?;
+        }
+        sums.add(&metrics, report.images);
+        Ok(state)
+    }
+
+    /// Under a time budget, fixes the plan once the first steps are timed (rank 0's clock
+    /// decides for every process), says it and records it in the state.
+    fn fix_plan_once_timed(&mut self, state: &mut TrainState, bar: &ProgressBar) -> Result<()> {
+        if self.schedules.is_some() {
+            return Ok(());
+        }
+        let timed = self.calibration.after_step(state.progress.global_step, self.started.elapsed(), self.cfg.epochs, self.steps);
+        if let Some((plan, step_seconds)) = self.dist.broadcast(timed)? {
+            if self.dist.is_main() {
+                bar.suspend(|| announce_plan(&self.cfg.output_dir, self.cfg, &plan, step_seconds, self.dataset.len()))?;
+            }
+            state.progress.plan = Some(plan);
+            self.schedules = Some(Schedules::new(self.cfg, plan));
+        }
+        Ok(())
+    }
+
+    /// The bar on a terminal; a plain line every tenth of the epoch otherwise (rank 0).
+    fn show_progress(&self, bar: &ProgressBar, sums: &EpochSums, progress: &Progress) {
+        bar.inc(1);
+        bar.set_message(format!("loss {:.4}", sums.mean(sums.loss)));
+        let tenth = (self.steps / 10).max(1);
+        if self.dist.is_main() && bar.is_hidden() && progress.step_in_epoch.is_multiple_of(tenth) {
+            let seconds = sums.elapsed().as_secs_f64();
+            eprintln!("epoch {}/{} step {}/{} loss {:.4} ({seconds:.0}s)", progress.epoch + 1, self.cfg.epochs, progress.step_in_epoch, self.steps, sums.mean(sums.loss));
+        }
+    }
+
+    /// Rank 0's account of a run the time budget stopped inside an epoch.
+    fn report_budget_stop(&self, state: &TrainState, sums: &EpochSums, values: &StepValues) -> Result<()> {
+        if !self.dist.is_main() {
+            return Ok(());
+        }
+        let progress = &state.progress;
+        let knn_top1 = self.knn.as_ref().map(|k| k.top1(&state.teacher.backbone, &self.device)).transpose()?;
+        report_epoch(self.cfg, progress.epoch, sums, progress.global_step, values, knn_top1, true)?;
+        let unfinished = match &self.schedules {
+            Some(s) => format!(" with {} planned steps left", s.plan.total_steps() - progress.global_step),
+            None => " before its plan was fixed".into(),
+        };
+        eprintln!(
+            "time budget of {} min reached at epoch {} step {}{unfinished}; checkpoint saved to {}",
+            self.cfg.max_minutes,
+            progress.epoch,
+            progress.step_in_epoch,
+            self.ckpt_path.display()
+        );
+        Ok(())
+    }
+
+    /// The end of an epoch, or of the plan inside it: the checkpoint (and a numbered copy every
+    /// --saveckp_freq epochs), the online k-NN when due, the log line and the plot.
+    fn end_epoch(&self, mut state: TrainState, sums: &EpochSums, values: &StepValues, plan_done: bool) -> Result<TrainState> {
+        let (cfg, main) = (self.cfg, self.dist.is_main());
         if sums.steps == 0 && sums.skipped > 0 && main {
             bail!("--data {}: no readable images (all {} tried were skipped)", cfg.data.display(), sums.skipped);
         }
-
-        // End of the epoch, or of the plan inside it: checkpoint, log line, plot.
-        let whole_epoch = state.progress.step_in_epoch == steps;
+        let epoch = state.progress.epoch;
+        let whole_epoch = state.progress.step_in_epoch == self.steps;
         if whole_epoch {
             state.progress.epoch += 1;
             state.progress.step_in_epoch = 0;
         }
-        save_checkpoint(dist, &ckpt_path, &state, &loss_fn.center, cfg)?;
+        save_checkpoint(self.dist, &self.ckpt_path, &state, &self.step.loss.center, cfg)?;
         if !main {
-            continue;
+            return Ok(state);
         }
-        if whole_epoch && cfg.saveckp_freq > 0 && (epoch + 1) % cfg.saveckp_freq == 0 {
-            std::fs::copy(&ckpt_path, run_dir.join(format!("checkpoint{epoch:04}.safetensors")))?;
+        if whole_epoch && cfg.saveckp_freq > 0 && (epoch + 1).is_multiple_of(cfg.saveckp_freq) {
+            std::fs::copy(&self.ckpt_path, cfg.output_dir.join(format!("checkpoint{epoch:04}.safetensors")))?;
         }
-        let knn_due = plan_done || (epoch + 1) % cfg.knn_every.max(1) == 0;
-        let knn_top1 = knn.as_ref().filter(|_| knn_due).map(|k| k.top1(&state.teacher.backbone, &device)).transpose()?;
-        report_epoch(run_dir, cfg, epoch, &sums, epoch_start.elapsed(), state.progress.global_step, &values, knn_top1, !whole_epoch)?;
+        let knn_due = plan_done || (epoch + 1).is_multiple_of(cfg.knn_every.max(1));
+        let knn_top1 = self.knn.as_ref().filter(|_| knn_due).map(|k| k.top1(&state.teacher.backbone, &self.device)).transpose()?;
+        report_epoch(cfg, epoch, sums, state.progress.global_step, values, knn_top1, !whole_epoch)?;
+        Ok(state)
     }
 }
 
@@ -403,19 +493,9 @@ fn announce_plan(run_dir: &std::path::Path, cfg: &TrainConfig, plan: &Plan, step
 /// Appends the epoch's line to log.txt, prints it and redraws the plot. `values` are the
 /// schedules' values at the epoch's last step; `partial` marks an epoch cut short by the time
 /// budget or the end of the plan; `knn_top1` is the online k-NN result when one was due.
-#[allow(clippy::too_many_arguments)]
-fn report_epoch(
-    run_dir: &std::path::Path,
-    cfg: &TrainConfig,
-    epoch: usize,
-    sums: &EpochSums,
-    elapsed: Duration,
-    global_step: usize,
-    values: &StepValues,
-    knn_top1: Option<f64>,
-    partial: bool,
-) -> Result<()> {
-    let seconds = elapsed.as_secs_f64();
+fn report_epoch(cfg: &TrainConfig, epoch: usize, sums: &EpochSums, global_step: usize, values: &StepValues, knn_top1: Option<f64>, partial: bool) -> Result<()> {
+    let run_dir = &cfg.output_dir;
+    let seconds = sums.elapsed().as_secs_f64();
     let mut line = json!({
         "epoch": epoch,
         "global_step": global_step,
@@ -445,6 +525,8 @@ fn report_epoch(
 
 #[derive(Default)]
 struct EpochSums {
+    /// When the epoch's steps began (in this process).
+    started: Option<Instant>,
     steps: usize,
     images: usize,
     loss: f64,
@@ -467,6 +549,10 @@ impl EpochSums {
 
     fn mean(&self, sum: f64) -> f64 {
         sum / self.steps.max(1) as f64
+    }
+
+    fn elapsed(&self) -> Duration {
+        self.started.map_or(Duration::ZERO, |t| t.elapsed())
     }
 }
 

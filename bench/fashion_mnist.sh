@@ -3,7 +3,7 @@
 # (`--preset quick`), each with its schedules planned for its own budget of 10, 30 and 60
 # minutes, then the weighted 20-NN top-1 of each teacher on the full 60k/10k split, next to
 # the same network untrained and raw pixels.
-# Usage: scripts/bench_fashion_mnist.sh [OUTPUT_DIR] [extra dino train flags...]
+# Usage: bench/fashion_mnist.sh [OUTPUT_DIR] [extra dino train flags...]
 #        (default OUTPUT_DIR runs/bench-fmnist; takes 100 minutes plus evaluation)
 set -euo pipefail
 cd "$(dirname "$0")/.."

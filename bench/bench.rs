@@ -1,7 +1,7 @@
 //! Our side of the speed harness (bench/run.sh runs it next to bench/dino_step.py): one DINO
-//! training step — teacher forward on the global crops, student forward on all crops, loss,
-//! backward, clipped AdamW, teacher EMA — or feature extraction, timed part by part, at
-//! either precision.
+//! training step — `dino train`'s own `TrainStep`: teacher forward on the global crops, student
+//! forward on all crops, loss, backward, clipped AdamW, teacher EMA — or feature extraction,
+//! timed part by part, at either precision.
 //! Prints one JSON line: median seconds, images per second, peak RSS, and the step's parts.
 //!
 //!     cargo run --release --example bench -- --mode step --arch vit_tiny --patch 16 --batch 8 --out_dim 65536
@@ -27,7 +27,8 @@ use burn::tensor::{Distribution, Tensor};
 use dino::eval::features::{FeatureLayout, FeatureNetwork, Precision};
 use dino::model::{DinoHeadConfig, DinoModel, Network, VitConfig};
 use dino::dist::Dist;
-use dino::train::{ema, loss::DinoLoss, optim, step};
+use dino::train::schedule::StepValues;
+use dino::train::{checkpoint, loss::DinoLoss, optim, step};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 
@@ -89,11 +90,15 @@ fn main() {
     } else {
         let head = DinoHeadConfig { hidden_dim: hidden, bottleneck_dim: bottleneck, ..DinoHeadConfig::new(vit.embed_dim, out_dim) }.init(&mut rng, &dev);
         let student = DinoModel { backbone: dino::model::Network::Vit(backbone), head };
-        let mut teacher = student.valid();
-        let mut student = student.fork(&dev.clone().autodiff()).train();
-        let mut loss_fn = DinoLoss::new(out_dim, 2 + nlocal, &dev);
-        let mut adamw = optim::Optimizer::new(optim::OptimizerKind::Adamw);
-        let never = |_: &str| false;
+        let teacher = student.valid();
+        let student = student.fork(&dev.clone().autodiff()).train();
+        let optimizer = optim::Optimizer::new(optim::OptimizerKind::Adamw);
+        let progress = checkpoint::Progress { epoch: 0, step_in_epoch: 0, global_step: 0, plan: None };
+        let mut state = checkpoint::TrainState { student, teacher, optimizer, progress };
+        let dist = Dist::single();
+        let loss = DinoLoss::new(out_dim, 2 + nlocal, &dev);
+        let mut train_step = step::TrainStep { dist: &dist, device: dev.clone(), precision, clip_grad: Some(3.0), loss, perturbed: false };
+        let values = StepValues { lr: 1e-4, weight_decay: 0.04, teacher_momentum: 0.996, teacher_temp: 0.04, last_layer_frozen: false };
         for _ in 0..warmup + steps {
             let pixels = |count: usize, size: usize| {
                 let t = Tensor::<4>::random([count, 3, size, size], Distribution::Normal(0.0, 1.0), &dev);
@@ -101,17 +106,14 @@ fn main() {
             };
             let crops = step::Crops { images: batch, global: pixels(2 * batch, gsize), global_size: gsize, local: pixels(nlocal * batch, lsize), local_size: lsize, local_number: nlocal };
             let t0 = Instant::now();
-            let out = step::forward_backward(&student, &teacher, &mut loss_fn, &Dist::single(), &crops, precision, &mut rng, 0.04, &dev).expect("--precision available here");
-            let t1 = Instant::now();
-            let settings = optim::StepSettings { lr: 1e-4, weight_decay: 0.04, clip_grad: Some(3.0), frozen: &never };
-            student = adamw.step(student, out.grads, &settings);
-            let _ = student.head.last_layer.weight_v.val().into_data();
-            let t2 = Instant::now();
-            teacher = ema::update_teacher(teacher, &student, 0.996);
-            let _ = teacher.head.last_layer.weight_v.val().into_data();
-            let t3 = Instant::now();
-            times.push((t3 - t0).as_secs_f64());
-            parts.push([(t1 - t0).as_secs_f64(), (t2 - t1).as_secs_f64(), (t3 - t2).as_secs_f64()]);
+            let report;
+            (state, report) = train_step.run(state, &crops, &values, &mut rng).expect("--precision available here");
+            assert!(report.loss.is_finite(), "non-finite loss {}", report.loss);
+            // Waits for queued GPU work before the clock stops.
+            let _ = state.teacher.head.last_layer.weight_v.val().into_data();
+            times.push(t0.elapsed().as_secs_f64());
+            let t = report.times;
+            parts.push([t.forward_backward, t.optimizer, t.ema]);
         }
     }
     let m = median(times[warmup..].to_vec());
