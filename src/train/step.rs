@@ -85,7 +85,6 @@ impl TrainStep<'_> {
     /// stochastic depth. A non-finite loss leaves the weights as they were (the loss's centre has
     /// already moved); the caller stops.
     pub fn run(&mut self, mut state: TrainState, crops: &Crops, values: &StepValues, drop_rng: &mut StdRng) -> Result<(TrainState, StepReport)> {
-        let mut times = StepTimes::default();
         let mut clock = Instant::now();
         let mut lap = || {
             let seconds = clock.elapsed().as_secs_f64();
@@ -93,9 +92,9 @@ impl TrainStep<'_> {
             seconds
         };
         let mut out = forward_backward(&state.student, &state.teacher, &mut self.loss, self.dist, crops, self.precision, drop_rng, values.teacher_temp, &self.device)?;
-        times.forward_backward = lap();
+        let forward_backward_seconds = lap();
         let images = replicas::combine_step(self.dist, &state.student, &mut out, crops.images);
-        times.combine = lap();
+        let times = StepTimes { forward_backward: forward_backward_seconds, combine: lap(), ..StepTimes::default() };
         let mut report = StepReport { loss: out.loss, teacher_entropy: out.teacher_entropy, kl: out.kl, images, times };
         if !out.loss.is_finite() {
             return Ok((state, report));

@@ -137,7 +137,7 @@ pub fn train(cfg: &TrainConfig, dist: &Dist) -> Result<Outcome> {
     };
     let step = TrainStep {
         dist,
-        device: device.clone(),
+        device,
         precision: cfg.precision,
         clip_grad: (cfg.clip_grad > 0.0).then_some(cfg.clip_grad),
         loss,
@@ -146,7 +146,6 @@ pub fn train(cfg: &TrainConfig, dist: &Dist) -> Result<Outcome> {
     let mut run = Run {
         cfg,
         dist,
-        device,
         dataset: Arc::new(dataset),
         shard: Shard { rank: dist.rank(), ranks: dist.world_size() },
         steps,
@@ -230,7 +229,6 @@ enum EpochEnd {
 struct Run<'a> {
     cfg: &'a TrainConfig,
     dist: &'a Dist,
-    device: Device,
     dataset: Arc<Dataset>,
     shard: Shard,
     /// Steps per epoch.
@@ -358,7 +356,7 @@ impl Run<'_> {
             return Ok(());
         }
         let progress = &state.progress;
-        let knn_top1 = self.knn.as_ref().map(|k| k.top1(&state.teacher.backbone, &self.device)).transpose()?;
+        let knn_top1 = self.knn.as_ref().map(|k| k.top1(&state.teacher.backbone, &self.step.device)).transpose()?;
         report_epoch(self.cfg, progress.epoch, sums, progress.global_step, values, knn_top1, true)?;
         let unfinished = match &self.schedules {
             Some(s) => format!(" with {} planned steps left", s.plan.total_steps() - progress.global_step),
@@ -395,7 +393,7 @@ impl Run<'_> {
             std::fs::copy(&self.ckpt_path, cfg.output_dir.join(format!("checkpoint{epoch:04}.safetensors")))?;
         }
         let knn_due = plan_done || (epoch + 1).is_multiple_of(cfg.knn_every.max(1));
-        let knn_top1 = self.knn.as_ref().filter(|_| knn_due).map(|k| k.top1(&state.teacher.backbone, &self.device)).transpose()?;
+        let knn_top1 = self.knn.as_ref().filter(|_| knn_due).map(|k| k.top1(&state.teacher.backbone, &self.step.device)).transpose()?;
         report_epoch(cfg, epoch, sums, state.progress.global_step, values, knn_top1, !whole_epoch)?;
         Ok(state)
     }
