@@ -12,7 +12,7 @@ shift || true
 data=/usr/share/datasets/fashion-mnist
 cargo build --release >&2
 dino=target/release/dino
-knn=(knn --center_crop 1 --nb_knn 20)
+knn=(knn --data_path "$data" --center_crop 1 --nb_knn 20)
 for minutes in 10 30 60; do
   run="$out/${minutes}min"
   rm -rf "$run"

@@ -27,7 +27,7 @@ setting() { sed -n "s/^ *\"$1\": *\"\{0,1\}\([^\",]*\)\"\{0,1\},\{0,1\}$/\1/p" "
 arch=$(setting arch)
 patch=$(setting patch_size)
 size=$(setting global_crop_size)
-top1() { "$dino" knn --center_crop 1 --subset_train 10000 --subset_test 2000 --nb_knn 20 "$@" 2>/dev/null | sed -n 's/.*Top1: \([0-9.]*\).*/\1/p'; }
+top1() { "$dino" knn --data_path "$data" --center_crop 1 --subset_train 10000 --subset_test 2000 --nb_knn 20 "$@" 2>/dev/null | sed -n 's/.*Top1: \([0-9.]*\).*/\1/p'; }
 trained=$(top1 --checkpoint "$out/checkpoint.safetensors")
 untrained=$(top1 --random_init --arch "$arch" --patch_size "$patch" --image_size "$size")
 pixels=$(top1 --pixels --image_size "$size")

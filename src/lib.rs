@@ -9,8 +9,5 @@ pub mod dist;
 pub mod eval;
 pub mod engine;
 pub mod model;
-pub mod npy;
-pub mod pretrained;
-pub mod pth;
 pub mod train;
 pub mod weights;

@@ -8,9 +8,21 @@ use std::path::{Path, PathBuf};
 
 const FASHION_MNIST: &str = "/usr/share/datasets/fashion-mnist";
 
+/// Runs dino with Fashion-MNIST as the data of `train` (`--data`) and of `knn` and `linear`
+/// (`--data_path`, its train-* and t10k-* files) unless `args` name other data.
 fn dino(args: &[&str]) -> (bool, String, String) {
     assert!(Path::new(FASHION_MNIST).is_dir(), "these tests need `apt-get install dataset-fashion-mnist` (.ci/run does it)");
-    common::run_dino(args)
+    let names_data = args.iter().any(|a| ["--data", "--data_path", "--train_data", "--train_features"].contains(a));
+    let data_flag = match args.first() {
+        Some(&"train") if !names_data => Some("--data"),
+        Some(&("knn" | "linear")) if !names_data => Some("--data_path"),
+        _ => None,
+    };
+    let mut args = args.to_vec();
+    if let Some(flag) = data_flag {
+        args.extend([flag, FASHION_MNIST]);
+    }
+    common::run_dino(&args)
 }
 
 /// (k, top1, top5) for each result line.
@@ -69,8 +81,8 @@ fn knn_on_a_trained_checkpoint() {
 }
 
 /// Reads features.npy and labels.npy of an extract directory.
-fn read_npy(path: &Path) -> dino::npy::Array {
-    dino::npy::read(path).unwrap_or_else(|e| panic!("{e:#}"))
+fn read_npy(path: &Path) -> dino::weights::npy::Array {
+    dino::weights::npy::read(path).unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 #[test]
@@ -170,7 +182,7 @@ fn linear_probe_on_cached_and_augmented_features() {
     // Measured: 47.8% (random features, 2000 training images); chance is 10%.
     assert!(top1 > 35.0, "{stdout}");
     let bytes = std::fs::read(out.join("linear.safetensors")).unwrap();
-    let tensors = dino::train::checkpoint::read_tensors(&bytes, &out).unwrap();
+    let tensors = dino::weights::read_safetensors(&bytes, &out).unwrap().0;
     // 4 blocks x 64 channels by default.
     assert_eq!(tensors["linear.weight"].shape, vec![10, 256]);
     assert_eq!(tensors["linear.bias"].shape, vec![10]);
@@ -183,11 +195,11 @@ fn linear_probe_on_cached_and_augmented_features() {
     assert!(ok, "{err}");
     assert!(stdout.contains("Linear probe: Top1:"), "{stdout}");
     let bytes = std::fs::read(out.join("linear.safetensors")).unwrap();
-    assert_eq!(dino::train::checkpoint::read_tensors(&bytes, &out).unwrap()["linear.weight"].shape, vec![10, 128]);
+    assert_eq!(dino::weights::read_safetensors(&bytes, &out).unwrap().0["linear.weight"].shape, vec![10, 128]);
 }
 
 /// Smallest cosine similarity between corresponding rows of two feature matrices.
-fn min_row_cosine(a: &dino::npy::Array, b: &dino::npy::Array) -> f64 {
+fn min_row_cosine(a: &dino::weights::npy::Array, b: &dino::weights::npy::Array) -> f64 {
     let dim = a.shape[1];
     a.values
         .chunks(dim)
@@ -208,7 +220,7 @@ fn bf16_features_match_f32_and_keep_knn_accuracy() {
         let (ok, _, err) = dino(&[&["knn", "--precision", "bf16"], &model[..]].concat());
         assert!(!ok && err.contains("--precision bf16") && err.contains("AVX512-BF16"), "{err}");
     }
-    let (ok, _, err) = common::run_dino_with(&[&["knn", "--precision", "bf16"], &model[..]].concat(), &[("DINO_ENGINE_PATH", "sse9")]);
+    let (ok, _, err) = common::run_dino_with(&[&["knn", "--data_path", FASHION_MNIST, "--precision", "bf16"], &model[..]].concat(), &[("DINO_ENGINE_PATH", "sse9")]);
     assert!(!ok && err.trim().lines().count() == 1 && err.contains("DINO_ENGINE_PATH=sse9"), "{err}");
 
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("precision");
@@ -232,7 +244,7 @@ fn bf16_features_match_f32_and_keep_knn_accuracy() {
     let burn = extract("f32", Some("burn"));
     let max_diff = reference.values.iter().zip(&burn.values).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
     assert!(max_diff < 1e-3 && min_row_cosine(&reference, &burn) > 0.999_999, "f32 engine vs burn: max |diff| {max_diff}");
-    let (ok, _, err) = common::run_dino_with(&[&["knn", "--precision", "bf16"], &model[..]].concat(), &[("DINO_ENGINE_PATH", "burn")]);
+    let (ok, _, err) = common::run_dino_with(&[&["knn", "--data_path", FASHION_MNIST, "--precision", "bf16"], &model[..]].concat(), &[("DINO_ENGINE_PATH", "burn")]);
     assert!(!ok && err.trim().lines().count() == 1 && err.contains("DINO_ENGINE_PATH=burn"), "{err}");
     let paths = common::engine_paths("bf16 extraction");
     for &path in &paths {
@@ -249,7 +261,7 @@ fn bf16_features_match_f32_and_keep_knn_accuracy() {
     let dino = |args: &[&str]| common::run_dino_with(args, &best);
     let mut top1 = Vec::new();
     for precision in ["f32", "bf16"] {
-        let (ok, out, err) = dino(&[&["knn", "--nb_knn", "20", "--precision", precision], &model[..], &SUBSETS[..]].concat());
+        let (ok, out, err) = dino(&[&["knn", "--data_path", FASHION_MNIST, "--nb_knn", "20", "--precision", precision], &model[..], &SUBSETS[..]].concat());
         assert!(ok, "{err}");
         top1.push(results(&out)[0].1);
     }
@@ -257,7 +269,7 @@ fn bf16_features_match_f32_and_keep_knn_accuracy() {
 
     let (ok, _, err) = dino(&["extract", "--data", FASHION_MNIST, "--subset", "2", "--random_init", "--arch", "vit_micro", "--image_size", "4", "--precision", "bf16", "--output_dir", dir.join("small").to_str().unwrap()]);
     assert!(!ok && err.contains("--image_size 4 is smaller than the ViT's patch size 16"), "{err}");
-    let (ok, _, err) = dino(&["knn", "--random_init", "--arch", "resnet_micro", "--precision", "bf16"]);
+    let (ok, _, err) = dino(&["knn", "--data_path", FASHION_MNIST, "--random_init", "--arch", "resnet_micro", "--precision", "bf16"]);
     assert!(!ok && err.contains("--precision bf16") && err.contains("ResNet"), "{err}");
 }
 

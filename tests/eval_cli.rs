@@ -43,7 +43,7 @@ fn attention_maps_of_a_photo() {
         assert_eq!(png_size(&out.join(name)), expected, "{name}");
     }
     assert!(!out.join("attn-head2.png").exists(), "vit_micro has 2 heads");
-    let raw = dino::npy::read(&out.join("attention.npy")).unwrap();
+    let raw = dino::weights::npy::read(&out.join("attention.npy")).unwrap();
     assert_eq!(raw.shape, vec![2, 12, 21]);
     // Softmax rows: the patches' share is positive and below 1 (the cls token keeps the rest).
     for head in raw.values.chunks(12 * 21) {

@@ -69,7 +69,7 @@ fn finished(o: &Output) -> String {
 
 fn checkpoint(dir: &Path) -> std::collections::HashMap<String, dino::weights::HostTensor> {
     let path = dir.join("checkpoint.safetensors");
-    dino::train::checkpoint::read_tensors(&std::fs::read(&path).unwrap(), &path).unwrap()
+    dino::weights::read_safetensors(&std::fs::read(&path).unwrap(), &path).unwrap().0
 }
 
 fn step_losses(dir: &Path) -> Vec<f64> {

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 
 use burn::tensor::Device;
 use common::{Fixture, assert_tensor_close, run_dino};
-use dino::pretrained::load_vit;
+use dino::model::pretrained::load_vit;
 use dino::weights::{HostTensor, export};
 
 fn pth(name: &str) -> PathBuf {
@@ -63,7 +63,7 @@ fn export_then_load_round_trips_bit_exactly() {
     assert_eq!(bits(&reloaded.0), bits(&original.0));
     // The file holds the official names only: the keys of the PyTorch state dict.
     let bytes = std::fs::read(&out).unwrap();
-    let names = dino::train::checkpoint::read_tensors(&bytes, &out).unwrap();
+    let names = dino::weights::read_safetensors(&bytes, &out).unwrap().0;
     let mut keys: Vec<&String> = names.keys().collect();
     keys.sort();
     assert_eq!(keys.len(), 30);
@@ -110,9 +110,9 @@ fn extract_and_attention_with_an_official_file() {
     let features = dir.join("features");
     let (ok, _, err) = run_dino(&["extract", "--data", images.to_str().unwrap(), "--weights", weights.to_str().unwrap(), "--output_dir", features.to_str().unwrap()]);
     assert!(ok, "{err}");
-    let f = dino::npy::read(&features.join("features.npy")).unwrap();
+    let f = dino::weights::npy::read(&features.join("features.npy")).unwrap();
     assert_eq!(f.shape, vec![3, 64], "the file's 64-d cls feature at its 32-px training size");
-    assert_eq!(dino::npy::read(&features.join("labels.npy")).unwrap().values, vec![0.0, 0.0, 1.0]);
+    assert_eq!(dino::weights::npy::read(&features.join("labels.npy")).unwrap().values, vec![0.0, 0.0, 1.0]);
 
     let attention = dir.join("attention");
     let (ok, _, err) = run_dino(&[
@@ -133,7 +133,7 @@ fn resnet_train_mode_matches_pytorch() {
     let dev = Device::flex();
     let ad = dev.clone().autodiff();
     let fx = expected();
-    let p = dino::pretrained::load(&pth("resnet.pth"), "teacher", None, &dev).unwrap();
+    let p = dino::model::pretrained::load(&pth("resnet.pth"), "teacher", None, &dev).unwrap();
     let dino::model::Network::ResNet(resnet) = p.network else { panic!("not recognised as a ResNet") };
     let resnet = resnet.fork(&ad).train();
     let features = resnet.forward_train(fx.tensor::<4>("resnet.train.input", &ad), dino::dist::Group::single());
@@ -168,7 +168,7 @@ fn resnet_train_mode_matches_pytorch() {
 fn resnet_in_torchvision_layout_matches_pytorch_and_round_trips() {
     let dev = Device::flex();
     let fx = expected();
-    let p = dino::pretrained::load(&pth("resnet.pth"), "teacher", None, &dev).unwrap();
+    let p = dino::model::pretrained::load(&pth("resnet.pth"), "teacher", None, &dev).unwrap();
     let dino::model::Network::ResNet(resnet) = &p.network else { panic!("not recognised as a ResNet") };
     assert_eq!(resnet.stage_depths(), vec![2, 1, 1, 1]);
     assert_eq!(resnet.out_dim(), 128);
@@ -179,7 +179,7 @@ fn resnet_in_torchvision_layout_matches_pytorch_and_round_trips() {
     let out = dir.join("resnet.safetensors");
     let (ok, _, err) = run_dino(&["export", "--weights", pth("resnet.pth").to_str().unwrap(), "--output", out.to_str().unwrap()]);
     assert!(ok, "{err}");
-    let again = dino::pretrained::load(&out, "teacher", None, &dev).unwrap();
+    let again = dino::model::pretrained::load(&out, "teacher", None, &dev).unwrap();
     let dino::model::Network::ResNet(again) = &again.network else { panic!("export is not a ResNet") };
     let bits = |r: &dino::model::ResNet| -> Vec<(String, Vec<u32>)> { r.state_dict().into_iter().map(|(k, h)| (k, h.values.iter().map(|v| v.to_bits()).collect())).collect() };
     assert_eq!(bits(again), bits(resnet));

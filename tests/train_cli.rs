@@ -270,7 +270,7 @@ fn resnet_trains_with_its_recipe_and_resumes() {
     // BatchNorm statistics are checkpointed, moved away from their init (mean 0, variance 1),
     // and the teacher keeps its own (the EMA covers parameters only).
     let bytes = std::fs::read(out.join("checkpoint.safetensors")).unwrap();
-    let tensors = dino::train::checkpoint::read_tensors(&bytes, &out).unwrap();
+    let tensors = dino::weights::read_safetensors(&bytes, &out).unwrap().0;
     let student = &tensors["student.backbone.bn1.running_var"].values;
     let teacher = &tensors["teacher.backbone.bn1.running_var"].values;
     assert!(student.iter().any(|v| (v - 1.0).abs() > 0.05), "running variance never updated: {student:?}");
@@ -283,7 +283,7 @@ fn resnet_trains_with_its_recipe_and_resumes() {
     let o = dino().args(["export", "--weights", ckpt.to_str().unwrap(), "--output", exported.to_str().unwrap()]).output().unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let bytes = std::fs::read(&exported).unwrap();
-    let names = dino::train::checkpoint::read_tensors(&bytes, &exported).unwrap();
+    let names = dino::weights::read_safetensors(&bytes, &exported).unwrap().0;
     assert!(names.contains_key("layer4.0.downsample.1.running_var") && names.contains_key("conv1.weight"));
     let o = dino()
         .args(["knn", "--weights", ckpt.to_str().unwrap(), "--train_data", data, "--test_data", data, "--subset_train", "500", "--subset_test", "100"])
@@ -395,7 +395,8 @@ fn bad_input_gives_one_line_errors() {
     std::fs::create_dir_all(&unlabelled).unwrap();
     write_png(&unlabelled.join("a.png"), 1);
     let cases: Vec<(Vec<String>, &str)> = vec![
-        (vec!["train".into(), "--arch".into(), "vit_giant".into(), "--output_dir".into(), out.display().to_string()], "--arch"),
+        (vec!["train".into(), "--arch".into(), "vit_giant".into(), "--data".into(), out.display().to_string()], "--arch"),
+        (vec!["train".into(), "--output_dir".into(), out.display().to_string()], "--data is required"),
         (vec!["train".into(), "--data".into(), "/no/such/dir".into(), "--output_dir".into(), out.display().to_string()], "/no/such/dir"),
         (
             ["train", "--data", unlabelled.to_str().unwrap(), "--batch_size_per_gpu", "1", "--knn_every", "1", "--output_dir", out.to_str().unwrap()].map(String::from).to_vec(),
@@ -490,4 +491,50 @@ fn bf16_training_follows_f32() {
         }
         assert!(bf16_losses[7] < bf16_losses[0], "bf16 loss on {path} did not fall: {bf16_losses:?}");
     }
+}
+
+/// A checkpoint written in the first checkpoint format (tests/fixtures/make_checkpoint_v1.sh,
+/// by the code of 2026-12-02) still evaluates to the features that code extracted from it, and
+/// still resumes: its run goes on into a second epoch and is saved in today's format.
+#[test]
+fn a_format_1_checkpoint_evaluates_and_resumes() {
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/checkpoint_v1");
+    let out = scratch("format_1");
+    let o = dino()
+        .args(["extract", "--data", fashion_mnist(), "--split", "test", "--subset", "16", "--center_crop", "1", "--pretrained_weights"])
+        .arg(fixture.join("checkpoint.safetensors"))
+        .arg("--output_dir")
+        .arg(out.join("features"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let features = dino::weights::npy::read(&out.join("features/features.npy")).unwrap();
+    let expected = dino::weights::npy::read(&fixture.join("teacher_features.npy")).unwrap();
+    assert_eq!(features.shape, vec![16, 64]);
+    let actual: Vec<f32> = features.values.iter().map(|&v| v as f32).collect();
+    let expected: Vec<f32> = expected.values.iter().map(|&v| v as f32).collect();
+    assert!(common::relative_error(&actual, &expected) < 1e-5, "features drift: {}", common::relative_error(&actual, &expected));
+
+    let run = out.join("run");
+    std::fs::create_dir_all(&run).unwrap();
+    std::fs::copy(fixture.join("checkpoint.safetensors"), run.join("checkpoint.safetensors")).unwrap();
+    let args = format!(
+        "train --data {} --output_dir {} --preset quick --subset 64 --batch_size_per_gpu 16 --epochs 2 --warmup_epochs 1 --out_dim 64 \
+         --head_hidden_dim 32 --head_bottleneck_dim 16 --saveckp_freq 0 --num_workers 1 --seed 3",
+        fashion_mnist(),
+        run.display()
+    );
+    let o = run_args(&args);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success() && stderr.contains("resuming from") && stderr.contains("at epoch 1 step 0"), "{stderr}");
+    let epochs = json_lines(&run.join("log.txt"));
+    assert_eq!((epochs.len(), epochs[0]["epoch"].as_u64(), epochs[0]["global_step"].as_u64()), (1, Some(1), Some(8)));
+    let bytes = std::fs::read(run.join("checkpoint.safetensors")).unwrap();
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let record: serde_json::Value = serde_json::from_str(&header.metadata().as_ref().unwrap()["dino_train"]).unwrap();
+    assert_eq!((record["format"].as_u64(), record["progress"]["epoch"].as_u64()), (Some(2), Some(2)));
+}
+
+fn run_args(args: &str) -> Output {
+    run(&args.split_whitespace().map(String::from).collect::<Vec<_>>())
 }

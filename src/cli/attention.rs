@@ -11,7 +11,7 @@ use super::backbone::BackboneArgs;
 use crate::data::augment::{normalize_to_chw, resize_crop_to};
 use crate::data::dataset::decode_file;
 use crate::eval::attention::{blend, cls_attention, heatmap, mask_image, mass_mask};
-use crate::npy;
+use crate::weights::npy;
 
 #[derive(Debug, Args)]
 #[command(rename_all = "snake_case")]

@@ -9,7 +9,7 @@ use rand::SeedableRng;
 use rand::rngs::StdRng;
 
 use crate::model::{ARCHITECTURES, Network, ResNetConfig, VitConfig};
-use crate::pretrained;
+use crate::model::pretrained;
 
 /// Backbone flags shared by extract, knn, linear, attention and video-seg.
 #[derive(Debug, Clone, Args)]

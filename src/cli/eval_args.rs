@@ -51,18 +51,21 @@ impl ReferencePlumbing {
     }
 }
 
-/// The labelled train/test pair of knn and linear: two paths, or the reference's one folder
-/// holding `train/` and `val/`.
+/// The labelled train/test pair of knn and linear: two paths, or one directory holding both
+/// (the reference's `train/` and `val/`, or an IDX directory's train-* and t10k-* files).
 #[derive(Debug, Args)]
 #[command(rename_all = "snake_case")]
 pub struct LabelledPairArgs {
-    /// Labelled training images (a class-folder tree, or an IDX directory: its train-* files).
-    #[arg(long, default_value = "/usr/share/datasets/fashion-mnist")]
-    pub train_data: PathBuf,
-    /// Labelled test images (a class-folder tree, or an IDX directory: its t10k-* files).
-    #[arg(long, default_value = "/usr/share/datasets/fashion-mnist")]
-    pub test_data: PathBuf,
-    /// The reference's layout instead: DATA_PATH/train and DATA_PATH/val.
+    /// Labelled training images (a class-folder tree, or an IDX directory: its train-* files);
+    /// required unless --data_path.
+    #[arg(long)]
+    pub train_data: Option<PathBuf>,
+    /// Labelled test images (a class-folder tree, or an IDX directory: its t10k-* files);
+    /// required unless --data_path.
+    #[arg(long)]
+    pub test_data: Option<PathBuf>,
+    /// Both at once: DATA_PATH/train and DATA_PATH/val (the reference's layout), or an IDX
+    /// directory (its train-* and t10k-* files).
     #[arg(long, conflicts_with_all = ["train_data", "test_data"])]
     pub data_path: Option<PathBuf>,
 }
@@ -70,15 +73,18 @@ pub struct LabelledPairArgs {
 impl LabelledPairArgs {
     /// The train and test datasets (`subsets`: images kept of each, 0 for all).
     pub fn open(&self, subsets: (usize, usize)) -> Result<(Dataset, Dataset)> {
-        match &self.data_path {
-            Some(root) => Ok((
-                open_dataset(&root.join("train"), IdxSplit::Train, subsets.0, "--data_path (its train/)", true)?,
-                open_dataset(&root.join("val"), IdxSplit::Test, subsets.1, "--data_path (its val/)", true)?,
+        let open = |path: &Path, split, subset, flag: &str| open_dataset(path, split, subset, flag, true);
+        match (&self.data_path, &self.train_data, &self.test_data) {
+            (Some(root), ..) if root.join("train").is_dir() => Ok((
+                open(&root.join("train"), IdxSplit::Train, subsets.0, "--data_path (its train/)")?,
+                open(&root.join("val"), IdxSplit::Test, subsets.1, "--data_path (its val/)")?,
             )),
-            None => Ok((
-                open_dataset(&self.train_data, IdxSplit::Train, subsets.0, "--train_data", true)?,
-                open_dataset(&self.test_data, IdxSplit::Test, subsets.1, "--test_data", true)?,
-            )),
+            (Some(root), ..) if Dataset::holds_idx(root, IdxSplit::Train) && Dataset::holds_idx(root, IdxSplit::Test) => {
+                Ok((open(root, IdxSplit::Train, subsets.0, "--data_path")?, open(root, IdxSplit::Test, subsets.1, "--data_path")?))
+            }
+            (Some(root), ..) => bail!("--data_path {}: holds neither train/ and val/ folders nor IDX train-* and t10k-* files", root.display()),
+            (None, Some(train), Some(test)) => Ok((open(train, IdxSplit::Train, subsets.0, "--train_data")?, open(test, IdxSplit::Test, subsets.1, "--test_data")?)),
+            (None, ..) => bail!("--train_data and --test_data are required unless --data_path names one directory for both"),
         }
     }
 }

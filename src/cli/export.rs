@@ -11,9 +11,8 @@ use burn::tensor::Device;
 use clap::Args;
 
 use super::backbone::BackboneArgs;
-use crate::pretrained::EXPORT_METADATA;
 use crate::model::Network;
-use crate::weights::{export, write_safetensors};
+use crate::weights::{export, metadata, write_safetensors};
 
 #[derive(Debug, Args)]
 #[command(rename_all = "snake_case")]
@@ -36,8 +35,8 @@ pub fn run(args: ExportArgs) -> Result<()> {
             config.drop_path_rate = 0.0;
             let tensors = export(vit);
             let count = tensors.len();
-            let metadata = HashMap::from([(EXPORT_METADATA.to_string(), serde_json::to_string(&config)?)]);
-            write_safetensors(&args.output, tensors, metadata)?;
+            let meta = HashMap::from([(metadata::VIT_CONFIG.to_string(), serde_json::to_string(&config)?)]);
+            write_safetensors(&args.output, tensors, meta)?;
             eprintln!(
                 "{count} tensors (ViT width {}, depth {}, patch {}, trained at {} px) -> {}",
                 config.embed_dim,
@@ -50,7 +49,8 @@ pub fn run(args: ExportArgs) -> Result<()> {
         (Network::ResNet(resnet), _) => {
             let tensors = resnet.state_dict();
             let count = tensors.len();
-            write_safetensors(&args.output, tensors, HashMap::new())?;
+            let meta = loaded.trained_size.map(|size| (metadata::TRAINED_SIZE.to_string(), size.to_string()));
+            write_safetensors(&args.output, tensors, meta.into_iter().collect())?;
             eprintln!("{count} tensors (ResNet, stages {:?}, {}-d output) -> {}", resnet.stage_depths(), resnet.out_dim(), args.output.display());
         }
         (Network::Vit(_), None) => unreachable!("a loaded ViT has its shape"),

@@ -12,7 +12,7 @@ use super::backbone::BackboneArgs;
 use super::eval_args::{Pooling, PrecisionArgs, TransformArgs, check_last_blocks, open_dataset};
 use crate::data::dataset::IdxSplit;
 use crate::eval::features::extract;
-use crate::npy;
+use crate::weights::npy;
 
 #[derive(Debug, Args)]
 #[command(rename_all = "snake_case")]

@@ -12,7 +12,7 @@ use super::backbone::BackboneArgs;
 use super::eval_args::{LabelledPairArgs, Pooling, PrecisionArgs, ReferencePlumbing, TransformArgs};
 use crate::eval::features::{FeatureKind, extract};
 use crate::eval::knn::{LabelledFeatures, knn_accuracy};
-use crate::npy;
+use crate::weights::npy;
 
 #[derive(Debug, Args)]
 #[command(rename_all = "snake_case")]

@@ -36,6 +36,11 @@ pub enum Dataset {
 }
 
 impl Dataset {
+    /// Whether `dir` holds the IDX image file of `split`.
+    pub fn holds_idx(dir: &Path, split: IdxSplit) -> bool {
+        find_idx(dir, split, "images").is_some()
+    }
+
     /// Opens `path`: a directory holding IDX files (the split picks train or t10k), or any
     /// other directory, read as an image folder.
     pub fn open(path: &Path, split: IdxSplit) -> Result<Self> {

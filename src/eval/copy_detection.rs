@@ -122,7 +122,7 @@ impl Whitening {
 
     pub fn load(path: &Path) -> Result<Self> {
         let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
-        let mut tensors = crate::train::checkpoint::read_tensors(&bytes, path)?;
+        let (mut tensors, _) = weights::read_safetensors(&bytes, path)?;
         let mut take = |name: &str| tensors.remove(name).with_context(|| format!("{}: no '{name}' (not a whitening file)", path.display()));
         let (mean, projection) = (take("mean")?, take("projection")?);
         let dim = mean.values.len();

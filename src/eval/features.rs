@@ -287,7 +287,7 @@ impl FeatureCache<'_> {
         let same = |name: &str, expected: &str| std::fs::read_to_string(dir.join(name)).is_ok_and(|text| text == expected);
         if same("files.txt", &files)
             && same("settings.txt", &settings)
-            && let Ok(array) = crate::npy::read(&dir.join("features.npy"))
+            && let Ok(array) = crate::weights::npy::read(&dir.join("features.npy"))
             && let [n, dim] = array.shape[..]
             && n == images.len()
         {
@@ -297,7 +297,7 @@ impl FeatureCache<'_> {
         std::fs::create_dir_all(&dir).with_context(|| format!("--features_cache {}: cannot create", dir.display()))?;
         let _ = std::fs::remove_file(dir.join("settings.txt"));
         let (values, dim) = compute()?;
-        crate::npy::write_f32(&dir.join("features.npy"), &values, &[images.len(), dim])?;
+        crate::weights::npy::write_f32(&dir.join("features.npy"), &values, &[images.len(), dim])?;
         std::fs::write(dir.join("files.txt"), files)?;
         std::fs::write(dir.join("settings.txt"), settings)?;
         Ok((values, dim))

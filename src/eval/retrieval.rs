@@ -16,7 +16,7 @@ use image::RgbImage;
 use super::features::{FeatureKind, l2_normalize_rows, progress_bar};
 use crate::data::augment::normalize_to_chw;
 use crate::data::dataset::Dataset;
-use crate::pth;
+use crate::weights::pth;
 use crate::weights::HostTensor;
 
 /// The scales the reference's multi-scale features average over.

@@ -5,6 +5,7 @@ pub mod batch_norm;
 pub mod head;
 pub mod init;
 pub mod interpolate;
+pub mod pretrained;
 pub mod resnet;
 pub mod vit;
 

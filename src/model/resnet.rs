@@ -21,7 +21,7 @@ use crate::weights::HostTensor;
 
 /// Shape of a bottleneck ResNet: blocks per stage and the first stage's width (each stage
 /// doubles it; a block's output is 4x its width).
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct ResNetConfig {
     pub stage_depths: [usize; 4],
     pub width: usize,

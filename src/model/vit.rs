@@ -11,10 +11,14 @@ use burn::tensor::{Device, Tensor};
 use rand::Rng;
 use rand::rngs::StdRng;
 use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+
+use anyhow::{Context, bail};
 
 use super::init::{tensor_from_vec, trunc_normal, uniform};
 use super::interpolate::resample_grid;
 use super::{LayerNorm, linear};
+use crate::weights::HostTensor;
 
 /// Shape of a ViT. The presets follow the reference (`vit_tiny`, `vit_small`, `vit_base`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -98,6 +102,55 @@ impl VitConfig {
             blocks,
             norm: LayerNorm::new(d, device),
         }
+    }
+
+    /// The shape a ViT state dict (official key names) describes: width and depth from the
+    /// keys, patch size from the patch projection, training resolution from the position
+    /// embedding, and heads from `arch` when given (checked against the width), else from the
+    /// width (every DINO ViT uses 64-dim heads).
+    pub fn from_state_dict(tensors: &HashMap<String, HostTensor>, arch: Option<&str>) -> anyhow::Result<Self> {
+        let shape = |k: &str| tensors.get(k).map(|t| t.shape.as_slice());
+        let Some(&[1, 1, dim]) = shape("cls_token") else {
+            let mut keys: Vec<&String> = tensors.keys().collect();
+            keys.sort();
+            let some: Vec<&str> = keys.iter().take(4).map(|k| k.as_str()).collect();
+            bail!("not a ViT backbone: no 'cls_token' of shape [1, 1, D] (keys start: {})", some.join(", "));
+        };
+        let Some(&[d, 3, p, p2]) = shape("patch_embed.proj.weight") else {
+            bail!("key 'patch_embed.proj.weight': missing or not [D, 3, p, p]");
+        };
+        if d != dim || p != p2 {
+            bail!("key 'patch_embed.proj.weight': shape [{d}, 3, {p}, {p2}] does not fit cls_token width {dim}");
+        }
+        let Some(&[1, tokens, _]) = shape("pos_embed") else { bail!("key 'pos_embed': missing or not [1, N, D]") };
+        let side = ((tokens - 1) as f64).sqrt().round() as usize;
+        if side * side != tokens - 1 {
+            bail!("key 'pos_embed': {} patch positions do not form a square grid", tokens - 1);
+        }
+        let depth = tensors
+            .keys()
+            .filter_map(|k| k.strip_prefix("blocks.")?.split('.').next()?.parse::<usize>().ok())
+            .max()
+            .map_or(0, |m| m + 1);
+        if depth == 0 {
+            bail!("no 'blocks.N.*' keys: not a ViT backbone");
+        }
+        let Some(&[hidden, _]) = shape("blocks.0.mlp.fc1.weight") else { bail!("key 'blocks.0.mlp.fc1.weight': missing or not 2-D") };
+        if hidden % dim != 0 {
+            bail!("key 'blocks.0.mlp.fc1.weight': hidden width {hidden} is not a multiple of {dim}");
+        }
+        let num_heads = match arch {
+            Some(a) => {
+                let reference = Self::from_arch(a, p).with_context(|| format!("--arch: unknown architecture '{a}'"))?;
+                if reference.embed_dim != dim {
+                    bail!("--arch {a} has width {}, but the weights have width {dim}", reference.embed_dim);
+                }
+                reference.num_heads
+            }
+            None if dim % 64 == 0 => dim / 64,
+            None => bail!("cannot tell the number of heads of a {dim}-wide ViT; name the architecture with --arch"),
+        };
+        Ok(Self { img_size: side * p, patch_size: p, embed_dim: dim, depth, num_heads, mlp_ratio: hidden / dim, drop_path_rate: 0.0 })
     }
 }
 

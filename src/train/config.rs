@@ -104,10 +104,10 @@ pub enum DeviceKind {
 #[derive(Debug, Clone, Args, Serialize, Deserialize)]
 #[command(rename_all = "snake_case")]
 pub struct TrainConfig {
-    /// Training images: a folder (ImageFolder layout or flat) or a directory of IDX files
-    /// (also --data_path, the reference's name).
-    #[arg(long, alias = "data_path", default_value = "/usr/share/datasets/fashion-mnist")]
-    pub data: PathBuf,
+    /// Training images (required, on the command line or in --config): a folder (ImageFolder
+    /// layout or flat) or a directory of IDX files (also --data_path, the reference's name).
+    #[arg(long, alias = "data_path")]
+    pub data: Option<PathBuf>,
     /// Use only N images of --data, drawn per class in proportion with --seed (0: all).
     #[arg(long, default_value_t = 0)]
     pub subset: usize,
@@ -126,7 +126,6 @@ pub struct TrainConfig {
     /// of the evaluation commands takes: official .pth, `dino export`, a training checkpoint's
     /// teacher); the head starts fresh. Ignored when resuming.
     #[arg(long)]
-    #[serde(default)]
     pub pretrained_weights: Option<PathBuf>,
     /// Backbone: vit_tiny, vit_small, vit_base (or vit_micro, a 4-block test size), resnet50
     /// (or resnet_micro, a test size). A ResNet brings the reference's ResNet recipe (SGD,
@@ -147,11 +146,9 @@ pub struct TrainConfig {
     pub use_bn_in_head: bool,
     /// Width of the head's hidden layers (the reference's DINOHead default).
     #[arg(long, default_value_t = head::HIDDEN_DIM)]
-    #[serde(default = "default_head_hidden_dim")]
     pub head_hidden_dim: usize,
     /// Width of the head's bottleneck before the weight-normalised last layer.
     #[arg(long, default_value_t = head::BOTTLENECK_DIM)]
-    #[serde(default = "default_head_bottleneck_dim")]
     pub head_bottleneck_dim: usize,
     /// Stochastic depth rate of the student's last block.
     #[arg(long, default_value_t = 0.1)]
@@ -171,17 +168,14 @@ pub struct TrainConfig {
     pub warmup_teacher_temp_epochs: usize,
     /// Temperature of the student's softmax (a fixed value in the reference).
     #[arg(long, default_value_t = STUDENT_TEMP)]
-    #[serde(default = "default_student_temp")]
     pub student_temp: f64,
     /// Momentum of the centre: an EMA of the teacher's batch-mean output (fixed in the
     /// reference).
     #[arg(long, default_value_t = CENTER_MOMENTUM)]
-    #[serde(default = "default_center_momentum")]
     pub center_momentum: f64,
 
     /// Update rule: adamw (the ViT recipe) or sgd with momentum 0.9 (the ResNet recipe).
     #[arg(long, value_enum, default_value = "adamw")]
-    #[serde(default = "default_optimizer")]
     pub optimizer: OptimizerKind,
     /// Peak learning rate at batch 256 (scaled linearly with the batch size).
     #[arg(long, default_value_t = 0.0005)]
@@ -230,7 +224,6 @@ pub struct TrainConfig {
     /// Sigma range of the Gaussian blur in pixels of the crop (the reference's 0.1-2 suits
     /// 96-224-px crops; on a 28-px crop 2 px erases the detail).
     #[arg(long, num_args = 2, default_values_t = [0.1, 2.0])]
-    #[serde(default = "default_blur_sigma")]
     pub blur_sigma: Vec<f64>,
 
     /// Seed of everything random (init, data order, augmentation, drop path).
@@ -254,7 +247,6 @@ pub struct TrainConfig {
     /// matrix products in bf16 with f32 accumulation; weights, optimiser, heads and loss stay
     /// f32; see BENCHMARKS.md).
     #[arg(long, value_enum, default_value = "f32")]
-    #[serde(default)]
     pub precision: Precision,
     /// Time budget in minutes (0: none). The schedules are laid over the steps the budget buys,
     /// measured over the first steps (at most --epochs' worth); epoch-based settings become
@@ -265,25 +257,20 @@ pub struct TrainConfig {
     /// when the time budget stops the run), logged with the epoch (0: never). Train features
     /// come from --data, which must be labelled; test features from --val_data.
     #[arg(long, default_value_t = 0)]
-    #[serde(default)]
     pub knn_every: usize,
     /// Labelled images for the online k-NN (default: the t10k-* files when --data is an IDX
     /// directory).
     #[arg(long)]
-    #[serde(default)]
     pub val_data: Option<PathBuf>,
     /// Use only N images of --data / --val_data for the online k-NN, drawn per class in
     /// proportion (0: all).
     #[arg(long, default_value_t = 0)]
-    #[serde(default)]
     pub knn_train_subset: usize,
     #[arg(long, default_value_t = 0)]
-    #[serde(default)]
     pub knn_val_subset: usize,
     /// Processes the run spans: not a flag, set from the MPI launcher (`mpirun -np N`); the
     /// global batch is --batch_size_per_gpu times this, and the learning rate scales with it.
     #[arg(skip = 1usize)]
-    #[serde(default = "one_process")]
     pub processes: usize,
     /// The reference's fp16 switch, so its command lines parse: false is f32 (the default);
     /// true is refused in one line (fp16 is not built; --precision bf16 is the mixed precision).
@@ -300,35 +287,12 @@ pub struct TrainConfig {
     pub local_rank: Option<usize>,
 }
 
-fn one_process() -> usize {
-    1
-}
-
-fn default_optimizer() -> OptimizerKind {
-    OptimizerKind::Adamw
-}
-
-fn default_blur_sigma() -> Vec<f64> {
-    vec![0.1, 2.0]
-}
-
-fn default_head_hidden_dim() -> usize {
-    head::HIDDEN_DIM
-}
-
-fn default_head_bottleneck_dim() -> usize {
-    head::BOTTLENECK_DIM
-}
-
-fn default_student_temp() -> f64 {
-    STUDENT_TEMP
-}
-
-fn default_center_momentum() -> f64 {
-    CENTER_MOMENTUM
-}
-
 impl TrainConfig {
+    /// The training images (`validate` makes sure there are).
+    pub fn data(&self) -> &std::path::Path {
+        self.data.as_deref().expect("validated --data")
+    }
+
     /// Images per step over all processes.
     pub fn global_batch(&self) -> usize {
         self.batch_size_per_gpu * self.processes
@@ -382,6 +346,9 @@ impl TrainConfig {
     }
 
     pub fn validate(&self) -> Result<()> {
+        if self.data.is_none() {
+            bail!("--data is required: the training images (an image folder or a directory of IDX files)");
+        }
         let is_vit = VitConfig::from_arch(&self.arch, self.patch_size).is_some();
         if !is_vit && ResNetConfig::from_arch(&self.arch).is_none() {
             bail!("--arch: unknown architecture '{}' ({ARCHITECTURES})", self.arch);
@@ -490,7 +457,20 @@ pub(crate) fn resolve_args(args: &[&str]) -> Result<TrainConfig> {
 
 #[cfg(test)]
 mod tests {
-    use super::resolve_args as resolve;
+    /// Resolves a `dino train` command line, with `--data /images` unless it names its data.
+    fn resolve(args: &[&str]) -> anyhow::Result<super::TrainConfig> {
+        let mut args = args.to_vec();
+        if !args.iter().any(|a| *a == "--data" || *a == "--data_path") {
+            args.splice(2..2, ["--data", "/images"]);
+        }
+        super::resolve_args(&args)
+    }
+
+    #[test]
+    fn data_is_required() {
+        let e = super::resolve_args(&["dino", "train"]).unwrap_err().to_string();
+        assert!(e.starts_with("--data is required"), "{e}");
+    }
 
     #[test]
     fn defaults_preset_file_and_flags_resolve_in_order() {
@@ -529,8 +509,7 @@ mod tests {
         assert!(resolve(&["dino", "train", "--global_crops_scale", "0.5", "0.2"]).is_err());
     }
 
-    /// The loss constants the reference fixes are flags with its values as defaults; a config
-    /// written before they were flags (a checkpoint's) reads them as those defaults.
+    /// The loss constants the reference fixes are flags with its values as defaults.
     #[test]
     fn loss_constants_are_flags_with_the_reference_values() {
         let c = resolve(&["dino", "train"]).unwrap();
@@ -539,19 +518,13 @@ mod tests {
         assert_eq!((c.student_temp, c.center_momentum), (0.2, 0.5));
         assert!(resolve(&["dino", "train", "--student_temp", "0"]).unwrap_err().to_string().contains("--student_temp"));
         assert!(resolve(&["dino", "train", "--center_momentum", "1.5"]).unwrap_err().to_string().contains("--center_momentum"));
-        let mut old = serde_json::to_value(resolve(&["dino", "train"]).unwrap()).unwrap();
-        let fields = old.as_object_mut().unwrap();
-        fields.remove("student_temp");
-        fields.remove("center_momentum");
-        let c: super::TrainConfig = serde_json::from_value(old).unwrap();
-        assert_eq!((c.student_temp, c.center_momentum), (0.1, 0.9));
     }
 
     /// A reference command line's spellings: `--data_path`, booleans as True/off/1.
     #[test]
     fn reference_spellings_are_accepted() {
         let c = resolve(&["dino", "train", "--data_path", "/images", "--norm_last_layer", "False", "--use_bn_in_head", "on"]).unwrap();
-        assert_eq!((c.data.to_str(), c.norm_last_layer, c.use_bn_in_head), (Some("/images"), false, true));
+        assert_eq!((c.data().to_str(), c.norm_last_layer, c.use_bn_in_head), (Some("/images"), false, true));
         assert!(resolve(&["dino", "train", "--norm_last_layer", "maybe"]).is_err());
         assert!(resolve(&["dino", "train", "--use_fp16", "False"]).is_ok());
         assert!(resolve(&["dino", "train", "--dist_url", "env://", "--local_rank", "0"]).is_ok());

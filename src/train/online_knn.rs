@@ -21,13 +21,13 @@ pub struct OnlineKnn {
 impl OnlineKnn {
     /// Opens the two sets; an error when either has no labels.
     pub fn open(cfg: &TrainConfig) -> Result<Self> {
-        let mut train = Dataset::open(&cfg.data, IdxSplit::Train).with_context(|| format!("--data {}", cfg.data.display()))?;
+        let mut train = Dataset::open(cfg.data(), IdxSplit::Train).with_context(|| format!("--data {}", cfg.data().display()))?;
         if train.num_classes().is_none() {
-            bail!("--knn_every needs labels: --data {} has none (class subfolders or IDX labels)", cfg.data.display());
+            bail!("--knn_every needs labels: --data {} has none (class subfolders or IDX labels)", cfg.data().display());
         }
         let val_path = match &cfg.val_data {
             Some(p) => p.clone(),
-            None if matches!(train, Dataset::Idx { .. }) => cfg.data.clone(),
+            None if matches!(train, Dataset::Idx { .. }) => cfg.data().to_path_buf(),
             None => bail!("--knn_every needs --val_data (a labelled folder) when --data is not an IDX directory"),
         };
         let mut val = Dataset::open(&val_path, IdxSplit::Test).with_context(|| format!("--val_data {}", val_path.display()))?;

@@ -225,7 +225,7 @@ mod tests {
     }
 
     fn config(extra: &str) -> TrainConfig {
-        let args: Vec<&str> = ["dino", "train", "--batch_size_per_gpu", "256", "--lr", "0.001", "--min_lr", "0.00001"]
+        let args: Vec<&str> = ["dino", "train", "--data", "/images", "--batch_size_per_gpu", "256", "--lr", "0.001", "--min_lr", "0.00001"]
             .into_iter()
             .chain(extra.split_whitespace())
             .collect();

@@ -32,7 +32,7 @@ use crate::data::dataset::{Dataset, IdxSplit};
 use crate::data::loader::{Batch, Shard, mix_seed, start_epoch, steps_per_epoch};
 use crate::dist::Dist;
 use crate::model::DinoModel;
-use crate::pretrained;
+use crate::model::pretrained;
 use crate::weights::{self, HostTensor};
 
 /// The compute device a config asks for; `gpu` picks among the GPUs this process sees (the
@@ -108,11 +108,11 @@ pub fn train(cfg: &TrainConfig, dist: &Dist) -> Result<Outcome> {
     let device = device_for(cfg.device, gpu_of(dist))?;
 
     // Data: each process takes its share of every global batch.
-    let mut dataset = Dataset::open(&cfg.data, IdxSplit::Train).with_context(|| format!("--data {}", cfg.data.display()))?;
+    let mut dataset = Dataset::open(cfg.data(), IdxSplit::Train).with_context(|| format!("--data {}", cfg.data().display()))?;
     dataset.keep_subset(cfg.subset, cfg.seed);
     let steps = steps_per_epoch(dataset.len(), cfg.global_batch());
     if steps == 0 {
-        bail!("--data {}: {} images is less than one batch of {}", cfg.data.display(), dataset.len(), batch_description(cfg));
+        bail!("--data {}: {} images is less than one batch of {}", cfg.data().display(), dataset.len(), batch_description(cfg));
     }
     let workers = if cfg.num_workers == 0 { dist.cores() } else { cfg.num_workers };
     let knn = if main && cfg.knn_every > 0 { Some(OnlineKnn::open(cfg)?) } else { None };
@@ -194,12 +194,12 @@ fn initial_state(cfg: &TrainConfig, dist: &Dist, ckpt_path: &Path, dataset_len: 
     let teacher = student.valid();
     let (state, center) = if resuming {
         let restored = checkpoint::load(ckpt_path, student, teacher, device)?;
-        if restored.config.processes != cfg.processes {
+        if restored.processes != cfg.processes {
             bail!(
                 "{} was written by a run of {} process(es); resume it with {} (the global batch, the learning rate and the position in the epoch depend on it)",
                 ckpt_path.display(),
-                restored.config.processes,
-                match restored.config.processes {
+                restored.processes,
+                match restored.processes {
                     1 => "a plain `dino train`".to_string(),
                     n => format!("`mpirun -np {n} dino train`"),
                 }
@@ -377,7 +377,7 @@ impl Run<'_> {
     fn end_epoch(&self, mut state: TrainState, sums: &EpochSums, values: &StepValues, plan_done: bool) -> Result<TrainState> {
         let (cfg, main) = (self.cfg, self.dist.is_main());
         if sums.steps == 0 && sums.skipped > 0 && main {
-            bail!("--data {}: no readable images (all {} tried were skipped)", cfg.data.display(), sums.skipped);
+            bail!("--data {}: no readable images (all {} tried were skipped)", cfg.data().display(), sums.skipped);
         }
         let epoch = state.progress.epoch;
         let whole_epoch = state.progress.step_in_epoch == self.steps;

@@ -25,7 +25,7 @@ impl Fixture {
             .and_then(|m| m.get("config"))
             .map(|c| serde_json::from_str(c).expect("config json"))
             .unwrap_or(serde_json::Value::Null);
-        let tensors = dino::train::checkpoint::read_tensors(&bytes, &path).expect("f32 safetensors");
+        let tensors = dino::weights::read_safetensors(&bytes, &path).expect("f32 safetensors").0;
         Self { tensors, config }
     }
 

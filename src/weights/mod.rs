@@ -1,6 +1,12 @@
-//! Named tensors in and out of our modules under the official DINO key names
-//! (`blocks.0.attn.qkv.weight`, `head.mlp.2.bias`, `head.last_layer.weight_v`, ...), with
-//! PyTorch's layouts: Linear weights are [out, in] there and [in, out] in burn.
+//! The bottom layer: tensors on the host and the files they live in — safetensors (ours and
+//! anyone's), PyTorch `.pth` (`pth`), NumPy `.npy` (`npy`) — and named tensors in and out of
+//! our modules under the official DINO key names (`blocks.0.attn.qkv.weight`,
+//! `head.mlp.2.bias`, `head.last_layer.weight_v`, ...), with PyTorch's layouts: Linear weights
+//! are [out, in] there and [in, out] in burn. Models, training and evaluation build on it;
+//! it knows none of them.
+
+pub mod npy;
+pub mod pth;
 
 use std::collections::HashMap;
 
@@ -262,6 +268,40 @@ pub fn write_atomically(path: &std::path::Path, bytes: &[u8]) -> anyhow::Result<
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, bytes).with_context(|| format!("{}: cannot write", tmp.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("{}: cannot rename into place", path.display()))
+}
+
+/// The safetensors metadata keys of the files dino writes.
+pub mod metadata {
+    /// A ViT backbone's shape (`model::VitConfig` as JSON), in `dino export` files and in
+    /// training checkpoints (format 2 on).
+    pub const VIT_CONFIG: &str = "dino_vit";
+    /// A ResNet backbone's shape (`model::ResNetConfig` as JSON), in training checkpoints
+    /// (format 2 on), whose ResNet tensors carry our module's names, not torchvision's.
+    pub const RESNET_CONFIG: &str = "dino_resnet";
+    /// The side of the crops a backbone was trained on, in pixels (a JSON number), where the
+    /// ViT shape does not say it: training checkpoints and exports of ResNets.
+    pub const TRAINED_SIZE: &str = "dino_trained_size";
+    /// A training checkpoint's record (format 2 on; `train::checkpoint`).
+    pub const TRAIN_RECORD: &str = "dino_train";
+    /// A format-1 training checkpoint's record: {format, progress, config, optimizer_steps},
+    /// `config` being the run's `dino train` settings.
+    pub const TRAIN_RECORD_FORMAT_1: &str = "dino";
+}
+
+/// Every tensor of a safetensors file (f32 only; `source` names the file in errors) and its
+/// string metadata.
+pub fn read_safetensors(bytes: &[u8], source: &std::path::Path) -> anyhow::Result<(HashMap<String, HostTensor>, HashMap<String, String>)> {
+    use anyhow::Context;
+    let (_, header) = safetensors::SafeTensors::read_metadata(bytes).with_context(|| format!("{}: not a safetensors file", source.display()))?;
+    let metadata = header.metadata().clone().unwrap_or_default();
+    let st = safetensors::SafeTensors::deserialize(bytes).with_context(|| format!("{}: not a safetensors file", source.display()))?;
+    let mut tensors = HashMap::new();
+    for (name, view) in st.tensors() {
+        anyhow::ensure!(view.dtype() == safetensors::Dtype::F32, "{}: tensor '{name}' is {:?}, expected F32", source.display(), view.dtype());
+        let values = view.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes"))).collect();
+        tensors.insert(name, HostTensor { shape: view.shape().to_vec(), values });
+    }
+    Ok((tensors, metadata))
 }
 
 /// f32 tensors and string metadata as the bytes of a safetensors file.
