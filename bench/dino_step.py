@@ -1,7 +1,7 @@
 """PyTorch side of the speed harness: the same DINO step as `examples/bench.rs` (teacher forward
 on the global crops, student forward on all crops, DINO loss, backward, per-parameter gradient
 clipping, AdamW, teacher EMA), or feature extraction, with the ViT of
-tests/fixtures/make_fixtures.py (the reference's layer structure: explicit attention, exact GELU).
+python/torch_dino.py (the reference's layer structure: explicit attention, exact GELU).
 Prints one JSON line: median seconds per step, images per second, peak RSS.
 
     python3 bench/dino_step.py --mode step --arch vit_tiny --patch 16 --batch 8 --out_dim 65536
@@ -16,8 +16,8 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "fixtures"))
-from make_fixtures import Head, Vit, dino_loss  # noqa: E402
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
+from torch_dino import Head, Vit, dino_loss  # noqa: E402
 
 ARCHS = {"vit_micro": (64, 4, 2), "vit_tiny": (192, 12, 3), "vit_small": (384, 12, 6), "vit_base": (768, 12, 12)}
 
