@@ -138,7 +138,16 @@ fn extract_then_knn_from_the_files_equals_knn_on_images() {
     assert_eq!(results(&mean_files), results(&mean_images));
     assert_ne!(results(&mean_images), results(&from_images), "the mean patch token changes the neighbours");
 
-    // Several blocks and the patch mean widen the feature; a depth beyond the model's is refused.
+    let (ok, _, err) = dino(&["knn", "--train_features", dir.to_str().unwrap(), "--test_features", test_dir.to_str().unwrap()]);
+    assert!(!ok && err.contains("features.npy"), "{err}");
+}
+
+/// Several blocks and the patch mean widen the feature; a depth beyond the model's is refused.
+#[test]
+fn extract_widens_and_pools_features() {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("extract_pooling");
+    let _ = std::fs::remove_dir_all(&dir);
+    let model = ["--random_init", "--arch", "vit_micro", "--patch_size", "4", "--image_size", "28", "--center_crop", "1"];
     let wide = dir.join("wide");
     let args = [&["extract", "--data", FASHION_MNIST, "--subset", "8", "--n_last_blocks", "2", "--avgpool_patchtokens", "--output_dir", wide.to_str().unwrap()], &model[..]].concat();
     let (ok, _, err) = dino(&args);
@@ -165,8 +174,6 @@ fn extract_then_knn_from_the_files_equals_knn_on_images() {
     let args = [&["extract", "--data", FASHION_MNIST, "--subset", "8", "--n_last_blocks", "5", "--output_dir", wide.to_str().unwrap()], &model[..]].concat();
     let (ok, _, err) = dino(&args);
     assert!(!ok && err.contains("--n_last_blocks"), "{err}");
-    let (ok, _, err) = dino(&["knn", "--train_features", dir.to_str().unwrap(), "--test_features", test_dir.to_str().unwrap()]);
-    assert!(!ok && err.contains("features.npy"), "{err}");
 }
 
 #[test]

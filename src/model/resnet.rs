@@ -183,73 +183,14 @@ impl ResNet {
     /// bottleneck blocks, shortcut convolutions at `downsample.0/1`). The classifier `fc.*`
     /// and BatchNorm's `num_batches_tracked` are not used; any other unused key is an error.
     pub fn from_state_dict(tensors: &HashMap<String, HostTensor>, device: &Device) -> Result<Self> {
-        let used = std::cell::RefCell::new(HashSet::new());
-        let take = |key: &str, rank: usize| -> Result<HostTensor> {
-            let t = tensors.get(key).ok_or_else(|| anyhow::anyhow!("missing key '{key}'"))?;
-            if t.shape.len() != rank {
-                bail!("key '{key}': shape {:?} is not {rank}-D", t.shape);
-            }
-            used.borrow_mut().insert(key.to_string());
-            Ok(t.clone())
-        };
-        let tensor1 = |t: HostTensor| Tensor::<1>::from_data(TensorData::new(t.values, t.shape), device);
-        let bn = |prefix: &str, channels: usize| -> Result<BatchNorm> {
-            let part = |name: &str| -> Result<Tensor<1>> {
-                let key = format!("{prefix}.{name}");
-                let t = take(&key, 1)?;
-                if t.shape != [channels] {
-                    bail!("key '{key}': shape {:?} where the convolution before it gives [{channels}]", t.shape);
-                }
-                Ok(tensor1(t))
-            };
-            Ok(BatchNorm::from_values(part("weight")?, part("bias")?, part("running_mean")?, part("running_var")?))
-        };
-        // A convolution and the channel count it produces, checked against its input.
-        let conv = |key: &str, in_channels: usize, kernel: usize, stride: usize| -> Result<(Conv, usize)> {
-            let t = take(key, 4)?;
-            let [out, cin, kh, kw] = t.shape[..] else { unreachable!("4-D") };
-            if cin != in_channels || kh != kernel || kw != kernel {
-                bail!("key '{key}': shape {:?} where the model expects [{out}, {in_channels}, {kernel}, {kernel}]", t.shape);
-            }
-            let weight = Param::from_tensor(Tensor::<4>::from_data(TensorData::new(t.values, t.shape), device));
-            Ok((Conv { weight, stride, padding: kernel / 2 }, out))
-        };
-
-        let (conv1, mut channels) = conv("conv1.weight", 3, 7, 2)?;
-        let bn1 = bn("bn1", channels)?;
+        let mut reader = StateDictReader { tensors, used: HashSet::new(), device };
+        let (conv1, mut channels) = reader.conv("conv1.weight", 3, 7, 2)?;
+        let bn1 = reader.bn("bn1", channels)?;
         let mut layers = Vec::new();
         for stage in 1..=4 {
             let mut blocks = Vec::new();
-            for index in 0.. {
-                let p = format!("layer{stage}.{index}");
-                if !tensors.contains_key(&format!("{p}.conv1.weight")) {
-                    break;
-                }
-                let stride = if stage > 1 && index == 0 { 2 } else { 1 };
-                let (c1, w1) = conv(&format!("{p}.conv1.weight"), channels, 1, 1)?;
-                let (c2, w2) = conv(&format!("{p}.conv2.weight"), w1, 3, stride)?;
-                let (c3, out) = conv(&format!("{p}.conv3.weight"), w2, 1, 1)?;
-                let downsample = if tensors.contains_key(&format!("{p}.downsample.0.weight")) {
-                    let (d, dout) = conv(&format!("{p}.downsample.0.weight"), channels, 1, stride)?;
-                    if dout != out {
-                        bail!("key '{p}.downsample.0.weight': {dout} output channels where the block has {out}");
-                    }
-                    Some(Downsample { conv: d, bn: bn(&format!("{p}.downsample.1"), out)? })
-                } else {
-                    if out != channels || stride != 1 {
-                        bail!("missing key '{p}.downsample.0.weight' (the block changes shape)");
-                    }
-                    None
-                };
-                blocks.push(Bottleneck {
-                    conv1: c1,
-                    bn1: bn(&format!("{p}.bn1"), w1)?,
-                    conv2: c2,
-                    bn2: bn(&format!("{p}.bn2"), w2)?,
-                    conv3: c3,
-                    bn3: bn(&format!("{p}.bn3"), out)?,
-                    downsample,
-                });
+            while let Some((block, out)) = reader.bottleneck(&format!("layer{stage}.{}", blocks.len()), channels, stage > 1 && blocks.is_empty())? {
+                blocks.push(block);
                 channels = out;
             }
             if blocks.is_empty() {
@@ -257,10 +198,9 @@ impl ResNet {
             }
             layers.push(blocks);
         }
-        let used = used.into_inner();
         let mut unexpected: Vec<&String> = tensors
             .keys()
-            .filter(|k| !used.contains(*k) && !k.ends_with("num_batches_tracked") && !k.starts_with("fc."))
+            .filter(|k| !reader.used.contains(*k) && !k.ends_with("num_batches_tracked") && !k.starts_with("fc."))
             .collect();
         unexpected.sort();
         if let Some(k) = unexpected.first() {
@@ -295,6 +235,74 @@ impl ResNet {
             }
         }
         out
+    }
+}
+
+/// Reads the layers of a torchvision-layout state dict one by one, checking each shape
+/// against the layer before it, and remembers the keys it used.
+struct StateDictReader<'a> {
+    tensors: &'a HashMap<String, HostTensor>,
+    used: HashSet<String>,
+    device: &'a Device,
+}
+
+impl StateDictReader<'_> {
+    fn take(&mut self, key: &str, rank: usize) -> Result<HostTensor> {
+        let t = self.tensors.get(key).ok_or_else(|| anyhow::anyhow!("missing key '{key}'"))?;
+        if t.shape.len() != rank {
+            bail!("key '{key}': shape {:?} is not {rank}-D", t.shape);
+        }
+        self.used.insert(key.to_string());
+        Ok(t.clone())
+    }
+
+    fn bn(&mut self, prefix: &str, channels: usize) -> Result<BatchNorm> {
+        let mut part = |name: &str| -> Result<Tensor<1>> {
+            let key = format!("{prefix}.{name}");
+            let t = self.take(&key, 1)?;
+            if t.shape != [channels] {
+                bail!("key '{key}': shape {:?} where the convolution before it gives [{channels}]", t.shape);
+            }
+            Ok(Tensor::<1>::from_data(TensorData::new(t.values, t.shape), self.device))
+        };
+        Ok(BatchNorm::from_values(part("weight")?, part("bias")?, part("running_mean")?, part("running_var")?))
+    }
+
+    /// A convolution and the channel count it produces, checked against its input.
+    fn conv(&mut self, key: &str, in_channels: usize, kernel: usize, stride: usize) -> Result<(Conv, usize)> {
+        let t = self.take(key, 4)?;
+        let [out, cin, kh, kw] = t.shape[..] else { unreachable!("4-D") };
+        if cin != in_channels || kh != kernel || kw != kernel {
+            bail!("key '{key}': shape {:?} where the model expects [{out}, {in_channels}, {kernel}, {kernel}]", t.shape);
+        }
+        let weight = Param::from_tensor(Tensor::<4>::from_data(TensorData::new(t.values, t.shape), self.device));
+        Ok((Conv { weight, stride, padding: kernel / 2 }, out))
+    }
+
+    /// The bottleneck block under `p` (`None` past a stage's last), and its output channels;
+    /// the first block of a later stage halves the resolution.
+    fn bottleneck(&mut self, p: &str, channels: usize, downsamples: bool) -> Result<Option<(Bottleneck, usize)>> {
+        if !self.tensors.contains_key(&format!("{p}.conv1.weight")) {
+            return Ok(None);
+        }
+        let stride = if downsamples { 2 } else { 1 };
+        let (conv1, w1) = self.conv(&format!("{p}.conv1.weight"), channels, 1, 1)?;
+        let (conv2, w2) = self.conv(&format!("{p}.conv2.weight"), w1, 3, stride)?;
+        let (conv3, out) = self.conv(&format!("{p}.conv3.weight"), w2, 1, 1)?;
+        let downsample = if self.tensors.contains_key(&format!("{p}.downsample.0.weight")) {
+            let (conv, dout) = self.conv(&format!("{p}.downsample.0.weight"), channels, 1, stride)?;
+            if dout != out {
+                bail!("key '{p}.downsample.0.weight': {dout} output channels where the block has {out}");
+            }
+            Some(Downsample { conv, bn: self.bn(&format!("{p}.downsample.1"), out)? })
+        } else {
+            if out != channels || stride != 1 {
+                bail!("missing key '{p}.downsample.0.weight' (the block changes shape)");
+            }
+            None
+        };
+        let (bn1, bn2, bn3) = (self.bn(&format!("{p}.bn1"), w1)?, self.bn(&format!("{p}.bn2"), w2)?, self.bn(&format!("{p}.bn3"), out)?);
+        Ok(Some((Bottleneck { conv1, bn1, conv2, bn2, conv3, bn3, downsample }, out)))
     }
 }
 
