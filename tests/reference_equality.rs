@@ -152,8 +152,8 @@ fn training_steps_match_pytorch() {
         let global = global.reshape([2 * batch, 3, gh, gw]);
         let local = local.reshape([(ncrops - 2) * batch, 3, lh, lw]);
 
-        let teacher_out = teacher.forward(std::slice::from_ref(&global), None, dino::dist::Group::single());
-        let student_out = student.forward(&[global.autodiff(), local.autodiff()], None, dino::dist::Group::single());
+        let teacher_out = teacher.forward(std::slice::from_ref(&global), None, dino::dist::Group::single(), dino::engine::Precision::F32);
+        let student_out = student.forward(&[global.autodiff(), local.autodiff()], None, dino::dist::Group::single(), dino::engine::Precision::F32);
         let out = loss_fn.forward(student_out, teacher_out, teacher_temp, &Dist::single());
         assert_tensor_close(&format!("loss {i}"), out.loss.clone(), fx.host(&format!("step{i}.loss")), TOL);
         assert_tensor_close(&format!("center {i}"), loss_fn.center.clone(), fx.host(&format!("step{i}.center")), TOL);

@@ -3,16 +3,19 @@
 //! forward and backward pass (`dino train`), the networks of `model::vit` with packed matrix
 //! products — f32 inputs at `--precision f32`, bf16 inputs at bf16, f32 accumulation — and
 //! fused, threaded element-wise passes, checked against the f32 burn path. Each CPU runs the
-//! best path it has (`cpu.rs`: AMX, AVX512-BF16, AVX2 or plain code).
+//! best path it has (`cpu.rs`: AMX, AVX512-BF16, AVX2 or plain code). The model's forward
+//! calls it through `graph.rs`, where the student's backbone is one operation of burn's
+//! autodiff graph with the engine's backward pass.
 
 pub mod cpu;
+mod gradients;
+pub mod graph;
 pub mod matmul;
 mod rows;
-pub mod student;
+mod student;
 pub mod vit;
 
-pub use student::StudentVit;
-pub use vit::{EngineVit, InferenceVit};
+pub use vit::EngineVit;
 
 /// Arithmetic of a ViT backbone's matrix products.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Serialize, serde::Deserialize)]

@@ -5,19 +5,20 @@
 //! statistics and the gradient sums stay in f32. Every sum runs in a fixed order, so a step is
 //! the same on every run. The forward keeps what the backward needs in a [`Tape`].
 //!
-//! Weights are packed from the burn student at every step and the gradients go back by
-//! parameter name, so burn keeps owning the weights, the optimiser state and the checkpoints.
+//! Weights are packed from the burn student at every step and each gradient goes back with
+//! its parameter (`graph.rs` registers them in burn's autodiff graph), so burn keeps owning
+//! the weights, the optimiser state and the checkpoints.
 
 use rand::rngs::StdRng;
 use rayon::prelude::*;
 
+use super::gradients::{BlockGrads, DenseGrads, Gradients, NormGrads, add, summed, zeros};
 use super::matmul::{self, BLOCK, Element, Matrix, Packed, View};
 use super::rows;
 use super::vit::{Dense, HeadScratch, HeadShape, Norm, PackedVit, head_attention, host, patch_rows, tokens};
-use crate::model::VisionTransformer;
 use crate::model::interpolate::bicubic_matrix;
 use crate::model::vit::{GridResize, keep_factors, position_embedding};
-use crate::weights::HostTensor;
+use crate::model::VisionTransformer;
 
 /// A ViT packed for one training step.
 pub struct StudentVit<E: Element> {
@@ -58,100 +59,10 @@ pub struct Tape<E: Element> {
     out: Standardized,
 }
 
-/// A LayerNorm's parameter gradients.
-struct NormGrads {
-    weight: Vec<f32>,
-    bias: Vec<f32>,
-}
-
-/// A Linear layer's gradients, the weight as burn stores it ([in, out]).
-struct DenseGrads {
-    weight: Vec<f32>,
-    bias: Vec<f32>,
-}
-
-struct BlockGrads {
-    norm1: NormGrads,
-    qkv: DenseGrads,
-    proj: DenseGrads,
-    norm2: NormGrads,
-    fc1: DenseGrads,
-    fc2: DenseGrads,
-}
-
-/// The backbone's parameter gradients, summed over the crop groups of a step.
-pub struct Gradients {
-    dim: usize,
-    patch_size: usize,
-    cls_token: Vec<f32>,
-    pos_embed: Vec<f32>,
-    /// The Conv2d layout [D, 3·p·p].
-    patch: DenseGrads,
-    blocks: Vec<BlockGrads>,
-    norm: NormGrads,
-}
-
-fn zeros(n: usize) -> Vec<f32> {
-    vec![0.0; n]
-}
-
-fn add(acc: &mut [f32], v: &[f32]) {
-    for (a, &x) in acc.iter_mut().zip(v) {
-        *a += x;
-    }
-}
-
-/// a + b, reusing a (for reducing per-thread partial sums).
-fn summed(mut a: Vec<f32>, b: Vec<f32>) -> Vec<f32> {
-    add(&mut a, &b);
-    a
-}
-
-impl NormGrads {
-    fn zeros(dim: usize) -> Self {
-        Self { weight: zeros(dim), bias: zeros(dim) }
-    }
-
-    fn named(self, name: &str, out: &mut Vec<(String, HostTensor)>) {
-        let dim = self.weight.len();
-        out.push((format!("{name}.weight"), HostTensor { shape: vec![dim], values: self.weight }));
-        out.push((format!("{name}.bias"), HostTensor { shape: vec![dim], values: self.bias }));
-    }
-}
-
-impl DenseGrads {
-    fn zeros(d_in: usize, d_out: usize) -> Self {
-        Self { weight: zeros(d_in * d_out), bias: zeros(d_out) }
-    }
-
-    fn named(self, name: &str, weight_shape: Vec<usize>, out: &mut Vec<(String, HostTensor)>) {
-        let d_out = self.bias.len();
-        out.push((format!("{name}.weight"), HostTensor { shape: weight_shape, values: self.weight }));
-        out.push((format!("{name}.bias"), HostTensor { shape: vec![d_out], values: self.bias }));
-    }
-}
-
-impl Gradients {
-    /// The gradients by the ViT's parameter names ("blocks.0.attn.qkv.weight", ...), shaped as
-    /// the parameters.
-    pub fn named(self) -> Vec<(String, HostTensor)> {
-        let (d, p) = (self.dim, self.patch_size);
-        let mut out = vec![
-            ("cls_token".to_string(), HostTensor { shape: vec![1, 1, d], values: self.cls_token }),
-            ("pos_embed".to_string(), HostTensor { shape: vec![1, self.pos_embed.len() / d, d], values: self.pos_embed }),
-        ];
-        self.patch.named("patch_embed", vec![d, 3, p, p], &mut out);
-        for (i, b) in self.blocks.into_iter().enumerate() {
-            let hidden = b.fc1.bias.len();
-            b.norm1.named(&format!("blocks.{i}.norm1"), &mut out);
-            b.qkv.named(&format!("blocks.{i}.attn.qkv"), vec![d, 3 * d], &mut out);
-            b.proj.named(&format!("blocks.{i}.attn.proj"), vec![d, d], &mut out);
-            b.norm2.named(&format!("blocks.{i}.norm2"), &mut out);
-            b.fc1.named(&format!("blocks.{i}.mlp.fc1"), vec![d, hidden], &mut out);
-            b.fc2.named(&format!("blocks.{i}.mlp.fc2"), vec![hidden, d], &mut out);
-        }
-        self.norm.named("norm", &mut out);
-        out
+impl<E: Element> Tape<E> {
+    /// The images of the crop group this tape holds.
+    pub fn images(&self) -> usize {
+        self.images
     }
 }
 
@@ -377,8 +288,6 @@ impl<E: Element> StudentVit<E> {
             fc2: DenseGrads::zeros(hidden, d),
         };
         Gradients {
-            dim: d,
-            patch_size: self.net.patch_size,
             cls_token: zeros(d),
             pos_embed: zeros(self.net.pos_embed.dims()[1] * d),
             patch: DenseGrads::zeros(3 * self.net.patch_size * self.net.patch_size, d),
@@ -389,8 +298,9 @@ impl<E: Element> StudentVit<E> {
 
     /// The image features [B, D] (cls token after the final norm) of normalised images
     /// [B, 3, H, W], with stochastic depth drawn from `rng` exactly as
-    /// `VisionTransformer::forward_train` draws it, and the tape for [`StudentVit::backward`].
-    pub fn forward(&self, pixels: &[f32], images: usize, (h, w): (usize, usize), rng: &mut StdRng) -> (Vec<f32>, Tape<E>) {
+    /// `VisionTransformer::forward_train` draws it (none without `rng`), and the tape for
+    /// [`StudentVit::backward`].
+    pub fn forward(&self, pixels: &[f32], images: usize, (h, w): (usize, usize), mut rng: Option<&mut StdRng>) -> (Vec<f32>, Tape<E>) {
         let (dim, p) = (self.net.dim, self.net.patch_size);
         let tokens_per_image = 1 + (h / p) * (w / p);
         let rows = images * tokens_per_image;
@@ -402,10 +312,9 @@ impl<E: Element> StudentVit<E> {
         let mut normed = Matrix::zeros(rows, dim);
         let mut blocks = Vec::with_capacity(self.net.blocks.len());
         for block in &self.net.blocks {
-            let (keep_attn, keep_mlp) = if block.drop_path > 0.0 {
-                (Some(keep_factors(block.drop_path, images, rng)), Some(keep_factors(block.drop_path, images, rng)))
-            } else {
-                (None, None)
+            let (keep_attn, keep_mlp) = match rng.as_deref_mut() {
+                Some(rng) if block.drop_path > 0.0 => (Some(keep_factors(block.drop_path, images, rng)), Some(keep_factors(block.drop_path, images, rng))),
+                _ => (None, None),
             };
             let keep = |k: &Option<Vec<f32>>, row: usize| k.as_ref().map_or(1.0, |k| k[row / tokens_per_image]);
 
@@ -627,92 +536,4 @@ impl<E: Element> StudentVit<E> {
 
 fn transposed_weight<E: Element>(dense: &Dense<E>) -> &Packed<E> {
     dense.transposed.as_ref().expect("training layers are packed with Wᵀ")
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use burn::tensor::{Device, Distribution, Tensor};
-    use rand::SeedableRng;
-    use std::collections::HashMap;
-
-    use crate::model::VitConfig;
-    use crate::weights::{ParamVisitor, export, visit_params};
-
-    /// Relative error |a - b| / |b| over a whole tensor.
-    fn relative_error(a: &[f32], b: &[f32]) -> f64 {
-        let diff: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
-        let norm: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
-        (diff / norm.max(1e-30)).sqrt()
-    }
-
-    /// The engine's forward and backward against burn's autodiff of the f32 model: a random
-    /// ViT with stochastic depth, one crop group at the trained size (37 tokens, so per-image
-    /// views cross a 32-row block) and one resized (10 tokens, the position embedding goes
-    /// through the bicubic resize), the same stochastic-depth draws on both sides, and a
-    /// random feature gradient. The features and every parameter's gradient agree within the
-    /// relative errors given (the products' input rounding for bf16, summation order for f32).
-    fn check_against_burn<E: Element>(feature_error: f64, gradient_error: f64) {
-        eprintln!("engine path: {}, inputs {}", super::super::cpu::Cpu::current().path().name(), std::any::type_name::<E>());
-        let plain = Device::flex();
-        let device = plain.clone().autodiff();
-        let config = VitConfig { img_size: 48, patch_size: 8, embed_dim: 64, depth: 3, num_heads: 2, mlp_ratio: 4, drop_path_rate: 0.3 };
-        let vit = config.init(&mut StdRng::seed_from_u64(0), &device);
-        let engine = StudentVit::<E>::new(&vit).unwrap();
-        let mut grads = engine.zero_gradients();
-        let mut want_features = Vec::new();
-        let mut loss = None;
-        let (mut rng_burn, mut rng_engine) = (StdRng::seed_from_u64(7), StdRng::seed_from_u64(7));
-        for (batch, size) in [(5, 48), (4, 24)] {
-            let images = Tensor::<4>::random([batch, 3, size, size], Distribution::Normal(0.0, 1.0), &plain);
-            let upstream = Tensor::<2>::random([batch, 64], Distribution::Normal(0.0, 1.0), &plain);
-            let pixels = host(images.clone());
-            let features = vit.forward_train(images.autodiff(), Some(&mut rng_burn));
-            let term = (features.clone() * upstream.clone().autodiff()).sum();
-            loss = Some(match loss {
-                None => term,
-                Some(l) => l + term,
-            });
-            want_features.push(host(features.clone().without_autodiff()));
-            let (got, tape) = engine.forward(&pixels, batch, (size, size), &mut rng_engine);
-            let error = relative_error(&got, want_features.last().unwrap());
-            eprintln!("features at {size} px: relative error {error:.2e}");
-            assert!(error < feature_error, "features at {size} px: relative error {error}");
-            engine.backward(&tape, &host(upstream), &mut grads);
-        }
-        let autodiff = loss.unwrap().backward();
-        // burn's gradient of every parameter, by name.
-        struct Collect<'a> {
-            grads: &'a burn::tensor::Gradients,
-            found: HashMap<String, Vec<f32>>,
-        }
-        impl ParamVisitor for Collect<'_> {
-            fn visit<const D: usize>(&mut self, path: &str, param: &burn::module::Param<Tensor<D>>) {
-                if let Some(g) = param.grad(self.grads) {
-                    self.found.insert(path.to_string(), host(g));
-                }
-            }
-        }
-        let mut collect = Collect { grads: &autodiff, found: HashMap::new() };
-        visit_params(&vit, &mut collect);
-        let named = grads.named();
-        assert_eq!(named.len(), export(&vit).len(), "one gradient per parameter");
-        for (name, got) in named {
-            let want = &collect.found[&name];
-            assert_eq!(got.values.len(), want.len(), "{name}");
-            let error = relative_error(&got.values, want);
-            eprintln!("{name}: relative error {error:.2e}");
-            assert!(error < gradient_error, "{name}: relative error {error}");
-        }
-    }
-
-    #[test]
-    fn bf16_gradients_match_burn_autodiff_up_to_bf16_rounding() {
-        check_against_burn::<u16>(0.01, 0.015);
-    }
-
-    #[test]
-    fn f32_gradients_match_burn_autodiff_up_to_summation_order() {
-        check_against_burn::<f32>(1e-5, 1e-4);
-    }
 }

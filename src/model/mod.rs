@@ -15,6 +15,7 @@ use burn::tensor::{Device, Tensor};
 use rand::Rng;
 
 use crate::dist::Group;
+use crate::engine::Precision;
 
 pub use head::{DinoHead, DinoHeadConfig};
 pub use resnet::{ResNet, ResNetConfig};
@@ -43,13 +44,15 @@ impl Network {
         }
     }
 
-    /// Image features [B, D] as training computes them: a ViT with stochastic depth drawn
-    /// from `rng` when one is given, a ResNet with BatchNorm on the batch's statistics (the
-    /// reference keeps the teacher in train mode too) over the batches of `group`'s processes.
-    pub fn forward_train(&self, x: Tensor<4>, rng: Option<&mut rand::rngs::StdRng>, group: Group) -> Tensor<2> {
+    /// Image features [rows, D] of crop groups ([B, 3, H, W] each, rows in group order) as
+    /// training computes them: a ViT with stochastic depth drawn from `rng` when one is given,
+    /// its products at `precision`; a ResNet (f32) with BatchNorm on each group's statistics
+    /// (the reference keeps the teacher in train mode too) over the batches of `group`'s
+    /// processes.
+    pub fn forward_groups(&self, groups: &[Tensor<4>], rng: Option<&mut rand::rngs::StdRng>, group: Group, precision: Precision) -> Tensor<2> {
         match self {
-            Network::Vit(v) => v.forward_train(x, rng),
-            Network::ResNet(r) => r.forward_train(x, group),
+            Network::Vit(v) => v.forward_groups(groups, rng, precision),
+            Network::ResNet(r) => Tensor::cat(groups.iter().map(|g| r.forward_train(g.clone(), group)).collect(), 0),
         }
     }
 
@@ -130,13 +133,10 @@ impl DinoModel {
     /// resolution, stacked view-major ([views * B, 3, H, W]); each group is one backbone
     /// batch (so a ResNet's BatchNorm sees one resolution at a time, as in the reference), and
     /// the head runs once on all features. Output rows keep the input order. BatchNorm's
-    /// batch statistics span the batches of `group`'s processes.
-    pub fn forward(&self, crop_groups: &[Tensor<4>], mut rng: Option<&mut rand::rngs::StdRng>, group: Group) -> Tensor<2> {
-        let mut features = Vec::with_capacity(crop_groups.len());
-        for crops in crop_groups {
-            features.push(self.backbone.forward_train(crops.clone(), rng.as_deref_mut(), group));
-        }
-        self.head.forward(Tensor::cat(features, 0), group)
+    /// batch statistics span the batches of `group`'s processes; a ViT's matrix products run
+    /// at `precision`.
+    pub fn forward(&self, crop_groups: &[Tensor<4>], rng: Option<&mut rand::rngs::StdRng>, group: Group, precision: Precision) -> Tensor<2> {
+        self.head.forward(self.backbone.forward_groups(crop_groups, rng, group, precision), group)
     }
 }
 

@@ -18,6 +18,7 @@ use anyhow::{Context, bail};
 use super::init::{tensor_from_vec, trunc_normal, uniform};
 use super::interpolate::resample_grid;
 use super::{LayerNorm, linear};
+use crate::engine::Precision;
 use crate::weights::HostTensor;
 
 /// Shape of a ViT. The presets follow the reference (`vit_tiny`, `vit_small`, `vit_base`).
@@ -351,6 +352,20 @@ impl VisionTransformer {
         }
         let [b, _, d] = tokens.dims();
         self.norm.forward(tokens.slice_dim(1, 0..1)).reshape([b, d])
+    }
+
+    /// The image features [rows, dim] of crop groups ([B, 3, H, W] each, rows in group order)
+    /// as training computes them, with stochastic depth drawn from `rng` when one is given: on
+    /// the engine where it computes this ViT (the CPU; the student's backbone then is one
+    /// operation of burn's graph), through burn's ops elsewhere. `precision` bf16 needs the
+    /// engine (the settings are checked before).
+    pub fn forward_groups(&self, groups: &[Tensor<4>], mut rng: Option<&mut StdRng>, precision: Precision) -> Tensor<2> {
+        let device = groups.first().expect("at least one crop group").device();
+        if crate::engine::engine_runs(self, &device) {
+            return crate::engine::graph::features(self, groups, rng, precision);
+        }
+        assert_eq!(precision, Precision::F32, "bf16 products need the engine");
+        Tensor::cat(groups.iter().map(|g| self.forward_train(g.clone(), rng.as_deref_mut())).collect(), 0)
     }
 
     /// The normalised tokens [B, 1 + patches, dim] after each of the last `n` blocks.

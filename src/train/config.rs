@@ -379,9 +379,15 @@ impl TrainConfig {
         if !(self.student_temp > 0.0 && self.teacher_temp > 0.0 && self.warmup_teacher_temp > 0.0) {
             bail!("--student_temp, --teacher_temp and --warmup_teacher_temp must be positive");
         }
+        if self.device == DeviceKind::Cpu {
+            crate::engine::cpu::Cpu::selected().map_err(anyhow::Error::msg)?;
+        }
         if self.precision == Precision::Bf16 {
-            if !is_vit {
+            let Some(vit) = self.vit() else {
                 bail!("--precision bf16 trains ViTs only; use --precision f32 for --arch {}", self.arch);
+            };
+            if !(vit.embed_dim / vit.num_heads).is_multiple_of(32) {
+                bail!("--precision bf16 needs attention heads whose width is a multiple of 32; --arch {} has {}", self.arch, vit.embed_dim / vit.num_heads);
             }
             if self.device != DeviceKind::Cpu {
                 bail!("--precision bf16 runs on --device cpu only; use --precision f32 on GPUs");

@@ -308,7 +308,7 @@ impl Run<'_> {
         let crops = Crops { images: batch.images, global: batch.global, global_size: shape.global_size, local: batch.local, local_size: shape.local_size, local_number: shape.local_crops_number };
         // Stochastic depth draws per step and process.
         let mut drop_rng = StdRng::seed_from_u64(mix_seed(cfg.seed, it as u64, 0xD0 | (self.dist.rank() as u64) << 32));
-        let (state, report) = self.step.run(state, &crops, values, &mut drop_rng)?;
+        let (state, report) = self.step.run(state, &crops, values, &mut drop_rng);
         sums.sync += Duration::from_secs_f64(report.times.combine);
         if !report.loss.is_finite() {
             let progress = &state.progress;

@@ -1,0 +1,206 @@
+//! The engine inside burn's graph: [`features`] computes a ViT's image features for crop
+//! groups on the engine in place of burn's ops. On burn's autodiff device (the student) the
+//! whole backbone is one recorded operation whose backward pass is the engine's, and it puts
+//! every backbone parameter's gradient where burn's autodiff would have put it; elsewhere (the
+//! teacher, evaluation) it is the inference network. `model::vit` calls it, so a training step
+//! has one code path whatever computes the backbone.
+
+use burn::backend::autodiff::NodeId;
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops};
+use burn::backend::{Autodiff, Flex};
+use burn::module::Param;
+use burn::tensor::{Device, Tensor, TensorData};
+use rand::rngs::StdRng;
+
+use super::Precision;
+use super::matmul::Element;
+use super::gradients::GradientSink;
+use super::student::{StudentVit, Tape};
+use super::vit::{InferenceVit, host};
+use crate::model::VisionTransformer;
+
+/// The image features [rows, D] (the cls token after the final norm) of normalised crop
+/// groups ([B, 3, H, W] each; rows in group order) on the engine at `precision`, with
+/// stochastic depth drawn from `rng` as `VisionTransformer::forward_train` draws it. Call it
+/// where [`super::engine_runs`] says the engine computes `vit`.
+pub fn features(vit: &VisionTransformer, groups: &[Tensor<4>], rng: Option<&mut StdRng>, precision: Precision) -> Tensor<2> {
+    match precision {
+        Precision::F32 => features_with::<f32>(vit, groups, rng),
+        Precision::Bf16 => features_with::<u16>(vit, groups, rng),
+    }
+}
+
+fn features_with<E: Element>(vit: &VisionTransformer, groups: &[Tensor<4>], mut rng: Option<&mut StdRng>) -> Tensor<2> {
+    let device = groups.first().expect("at least one crop group").device();
+    let dim = vit.embed_dim();
+    let pixels = |group: &Tensor<4>| {
+        let [images, _, h, w] = group.dims();
+        (host(group.clone().without_autodiff()), images, (h, w))
+    };
+    let rows: usize = groups.iter().map(|g| g.dims()[0]).sum();
+    let mut features = Vec::with_capacity(rows * dim);
+    if !device.is_autodiff() {
+        let engine = InferenceVit::<E>::new(vit).expect("the engine runs here (engine_runs)");
+        for group in groups {
+            let (values, images, size) = pixels(group);
+            features.extend(engine.features(&values, images, size));
+        }
+        return Tensor::from_data(TensorData::new(features, [rows, dim]), &device);
+    }
+    let engine = StudentVit::<E>::new(vit).expect("the engine runs here (engine_runs)");
+    let mut tapes = Vec::with_capacity(groups.len());
+    for group in groups {
+        let (values, images, size) = pixels(group);
+        let (group_features, tape) = engine.forward(&values, images, size, rng.as_deref_mut());
+        features.extend(group_features);
+        tapes.push(tape);
+    }
+    let output = Tensor::<2>::from_data(TensorData::new(features, [rows, dim]), &Device::flex()).try_into_primitive::<Flex>().expect("a flex tensor");
+    // The operation's one declared input is the cls token: what makes burn record it when the
+    // backbone trains. Its backward pass registers every parameter's gradient by the
+    // parameter's node, the cls token's among them.
+    let cls_token = vit.cls_token.val().try_into_primitive::<Autodiff<Flex>>().expect("the student on burn's autodiff CPU device");
+    let op = BackboneBackward { engine, tapes, vit: vit.clone() };
+    Tensor::from_primitive::<Autodiff<Flex>>(op.prepare::<NoCheckpointing>([cls_token.node()]).compute_bound().stateless(output))
+}
+
+/// The backward step of the student's backbone: the engine's backward pass over each crop
+/// group's tape.
+struct BackboneBackward<E: Element> {
+    engine: StudentVit<E>,
+    tapes: Vec<Tape<E>>,
+    /// The network the engine packed (its parameters are where the gradients go).
+    vit: VisionTransformer,
+}
+
+impl<E: Element> std::fmt::Debug for BackboneBackward<E> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "BackboneBackward({} crop groups)", self.tapes.len())
+    }
+}
+
+impl<E: Element> Backward<Flex, 1> for BackboneBackward<E> {
+    type State = ();
+
+    fn backward(self, ops: Ops<(), 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let upstream = grads.consume::<Flex>(&ops.node);
+        let d_features = host(Tensor::<2>::from_primitive::<Flex>(upstream));
+        let dim = self.vit.embed_dim();
+        let mut backbone = self.engine.zero_gradients();
+        let mut first = 0;
+        for tape in &self.tapes {
+            let rows = tape.images() * dim;
+            self.engine.backward(tape, &d_features[first..first + rows], &mut backbone);
+            first += rows;
+        }
+        backbone.deliver(&self.vit, &mut Register { grads });
+    }
+}
+
+/// Registers each gradient under its parameter's node, as burn's own operations do.
+struct Register<'a> {
+    grads: &'a mut Gradients,
+}
+
+impl GradientSink for Register<'_> {
+    fn put<const D: usize>(&mut self, param: &Param<Tensor<D>>, values: Vec<f32>) {
+        let tensor = param.val();
+        if !tensor.is_require_grad() {
+            return;
+        }
+        let shape = tensor.dims();
+        let node: NodeId = tensor.try_into_primitive::<Autodiff<Flex>>().expect("a parameter on burn's autodiff CPU device").node().id();
+        let grad = Tensor::<D>::from_data(TensorData::new(values, shape), &Device::flex()).try_into_primitive::<Flex>().expect("a flex tensor");
+        self.grads.register::<Flex>(node, grad);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::module::Module;
+    use burn::tensor::Distribution;
+    use rand::SeedableRng;
+
+    use crate::model::VitConfig;
+    use crate::weights::{ParamVisitor, export, visit_params};
+
+    /// Relative error |a - b| / |b| over a whole tensor.
+    fn relative_error(a: &[f32], b: &[f32]) -> f64 {
+        let diff: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
+        let norm: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
+        (diff / norm.max(1e-30)).sqrt()
+    }
+
+    /// The engine's operation in burn's graph against burn's own ops on the f32 model: a random
+    /// ViT with stochastic depth, one crop group at the trained size (37 tokens, so per-image
+    /// views cross a 32-row block) and one resized (10 tokens, the position embedding goes
+    /// through the bicubic resize), the same stochastic-depth draws on both sides, and a
+    /// random feature gradient. The features and every parameter's gradient, as burn's
+    /// backward pass leaves them, agree within the relative errors given (the products' input
+    /// rounding for bf16, summation order for f32).
+    fn check_against_burn(precision: Precision, feature_error: f64, gradient_error: f64) {
+        eprintln!("engine path: {}, {precision:?}", super::super::cpu::Cpu::current().path().name());
+        let plain = Device::flex();
+        let device = plain.clone().autodiff();
+        let config = VitConfig { img_size: 48, patch_size: 8, embed_dim: 64, depth: 3, num_heads: 2, mlp_ratio: 4, drop_path_rate: 0.3 };
+        let vit = config.init(&mut StdRng::seed_from_u64(0), &device);
+        let groups: Vec<Tensor<4>> = [(5, 48), (4, 24)].map(|(batch, size)| Tensor::random([batch, 3, size, size], Distribution::Normal(0.0, 1.0), &plain)).to_vec();
+        let upstream = Tensor::<2>::random([9, 64], Distribution::Normal(0.0, 1.0), &plain);
+
+        let mut rng = StdRng::seed_from_u64(7);
+        let burn_features = Tensor::cat(groups.iter().map(|g| vit.forward_train(g.clone().autodiff(), Some(&mut rng))).collect(), 0);
+        let burn_grads = (burn_features.clone() * upstream.clone().autodiff()).sum().backward();
+        let ad_groups: Vec<Tensor<4>> = groups.iter().map(|g| g.clone().autodiff()).collect();
+        let engine_features = features(&vit, &ad_groups, Some(&mut StdRng::seed_from_u64(7)), precision);
+        let engine_grads = (engine_features.clone() * upstream.autodiff()).sum().backward();
+
+        let error = relative_error(&host(engine_features.without_autodiff()), &host(burn_features.without_autodiff()));
+        eprintln!("features: relative error {error:.2e}");
+        assert!(error < feature_error, "features: relative error {error}");
+        struct Compare<'a> {
+            engine: &'a burn::tensor::Gradients,
+            burn: &'a burn::tensor::Gradients,
+            limit: f64,
+            compared: usize,
+        }
+        impl ParamVisitor for Compare<'_> {
+            fn visit<const D: usize>(&mut self, path: &str, param: &Param<Tensor<D>>) {
+                let engine = param.grad(self.engine).unwrap_or_else(|| panic!("{path}: no gradient from the engine"));
+                let burn = param.grad(self.burn).expect("burn's gradient");
+                let error = relative_error(&host(engine), &host(burn));
+                eprintln!("{path}: relative error {error:.2e}");
+                assert!(error < self.limit, "{path}: relative error {error}");
+                self.compared += 1;
+            }
+        }
+        let mut compare = Compare { engine: &engine_grads, burn: &burn_grads, limit: gradient_error, compared: 0 };
+        visit_params(&vit, &mut compare);
+        assert_eq!(compare.compared, export(&vit).len(), "one gradient per parameter");
+    }
+
+    #[test]
+    fn bf16_gradients_match_burn_autodiff_up_to_bf16_rounding() {
+        check_against_burn(Precision::Bf16, 0.01, 0.015);
+    }
+
+    #[test]
+    fn f32_gradients_match_burn_autodiff_up_to_summation_order() {
+        check_against_burn(Precision::F32, 1e-5, 1e-4);
+    }
+
+    /// Off burn's autodiff device the same call is the inference network: the same features.
+    #[test]
+    fn inference_features_equal_the_training_forward() {
+        let device = Device::flex();
+        let config = VitConfig { img_size: 48, patch_size: 8, embed_dim: 64, depth: 2, num_heads: 2, mlp_ratio: 4, drop_path_rate: 0.0 };
+        let vit = config.init(&mut StdRng::seed_from_u64(1), &device.clone().autodiff());
+        let group = Tensor::<4>::random([3, 3, 48, 48], Distribution::Normal(0.0, 1.0), &device);
+        let inference = host(features(&vit.valid(), std::slice::from_ref(&group), None, Precision::F32));
+        let training = host(features(&vit, &[group.autodiff()], None, Precision::F32).without_autodiff());
+        assert!(relative_error(&inference, &training) < 1e-6, "{}", relative_error(&inference, &training));
+    }
+}
