@@ -18,8 +18,7 @@ use rand::rngs::StdRng;
 use super::Precision;
 use super::matmul::Element;
 use super::gradients::GradientSink;
-use super::student::{StudentVit, Tape};
-use super::vit::{InferenceVit, host};
+use super::vit::{Mode, Tape, Vit, host};
 use crate::model::VisionTransformer;
 
 /// The image features [rows, D] (the cls token after the final norm) of normalised crop
@@ -41,22 +40,18 @@ fn features_with<E: Element>(vit: &VisionTransformer, groups: &[Tensor<4>], mut 
         (host(group.clone().without_autodiff()), images, (h, w))
     };
     let rows: usize = groups.iter().map(|g| g.dims()[0]).sum();
+    let mode = if device.is_autodiff() { Mode::Training } else { Mode::Inference };
+    let engine = Vit::<E>::new(vit, mode).expect("the engine runs here (engine_runs)");
     let mut features = Vec::with_capacity(rows * dim);
-    if !device.is_autodiff() {
-        let engine = InferenceVit::<E>::new(vit).expect("the engine runs here (engine_runs)");
-        for group in groups {
-            let (values, images, size) = pixels(group);
-            features.extend(engine.features(&values, images, size));
-        }
-        return Tensor::from_data(TensorData::new(features, [rows, dim]), &device);
-    }
-    let engine = StudentVit::<E>::new(vit).expect("the engine runs here (engine_runs)");
     let mut tapes = Vec::with_capacity(groups.len());
     for group in groups {
         let (values, images, size) = pixels(group);
         let (group_features, tape) = engine.forward(&values, images, size, rng.as_deref_mut());
         features.extend(group_features);
-        tapes.push(tape);
+        tapes.extend(tape);
+    }
+    if mode == Mode::Inference {
+        return Tensor::from_data(TensorData::new(features, [rows, dim]), &device);
     }
     let output = Tensor::<2>::from_data(TensorData::new(features, [rows, dim]), &Device::flex()).try_into_primitive::<Flex>().expect("a flex tensor");
     // The operation's one declared input is the cls token: what makes burn record it when the
@@ -70,7 +65,7 @@ fn features_with<E: Element>(vit: &VisionTransformer, groups: &[Tensor<4>], mut 
 /// The backward step of the student's backbone: the engine's backward pass over each crop
 /// group's tape.
 struct BackboneBackward<E: Element> {
-    engine: StudentVit<E>,
+    engine: Vit<E>,
     tapes: Vec<Tape<E>>,
     /// The network the engine packed (its parameters are where the gradients go).
     vit: VisionTransformer,
@@ -92,7 +87,7 @@ impl<E: Element> Backward<Flex, 1> for BackboneBackward<E> {
         let mut backbone = self.engine.zero_gradients();
         let mut first = 0;
         for tape in &self.tapes {
-            let rows = tape.images() * dim;
+            let rows = tape.images * dim;
             self.engine.backward(tape, &d_features[first..first + rows], &mut backbone);
             first += rows;
         }

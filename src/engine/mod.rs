@@ -1,6 +1,7 @@
-//! The CPU engine for ViTs, our own code in place of burn's general tensor ops on the CPU: an
-//! inference network (`extract`, `knn`, `linear` and the teacher in training) and the student's
-//! forward and backward pass (`dino train`), the networks of `model::vit` with packed matrix
+//! The CPU engine for ViTs, our own code in place of burn's general tensor ops on the CPU: one
+//! network type (`vit.rs`) in an inference mode (`extract`, `knn`, `linear` and the teacher in
+//! training) and a training mode whose forward pass keeps a tape for the student's backward
+//! pass (`backward.rs`, for `dino train`), the network of `model::vit` with packed matrix
 //! products — f32 inputs at `--precision f32`, bf16 inputs at bf16, f32 accumulation — and
 //! fused, threaded element-wise passes, checked against the f32 burn path. Each CPU runs the
 //! best path it has (`cpu.rs`: AMX, AVX512-BF16, AVX2 or plain code). The model's forward
@@ -8,11 +9,11 @@
 //! autodiff graph with the engine's backward pass.
 
 pub mod cpu;
+mod backward;
 mod gradients;
 pub mod graph;
 pub mod matmul;
 mod rows;
-mod student;
 pub mod vit;
 
 pub use vit::EngineVit;

@@ -1,19 +1,33 @@
-//! The ViT forward pass of `model::vit` in bf16, for feature extraction: weights packed
-//! once, the residual stream kept in f32, every matrix product's input rounded to bf16 with f32
-//! accumulation, and each product's bias, GELU or residual add fused into its store.
+//! The ViT of `model::vit` on the engine: one network type, packed for inference (features
+//! and intermediate layers for `extract`, `knn`, `linear` and the teacher in training) or for
+//! training (the student: the forward pass also keeps the [`Tape`] that `backward.rs` runs
+//! back over). Weights are packed once per network, the residual stream stays in f32, every
+//! matrix product takes `E` inputs (bf16 or f32) with f32 accumulation, and each product's
+//! bias, GELU or residual add is fused into its store.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use burn::tensor::{Tensor, TensorData};
+use rand::rngs::StdRng;
 use rayon::prelude::*;
 
 use super::cpu::Cpu;
-use super::matmul::{self, Element, Matrix, Packed, View};
+use super::gradients::zeros;
+use super::matmul::{self, BLOCK, Element, Matrix, Packed, View};
 use super::rows;
-use crate::model::vit::{Block, position_embedding};
+use crate::model::vit::{Block, keep_factors, position_embedding};
 use crate::model::{LayerNorm, VisionTransformer};
 use crate::weights::HostTensor;
+
+/// What a network is packed for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Features only: one set of buffers serves every block, and GELU is fused into fc1's store.
+    Inference,
+    /// The student's step: each Wᵀ is packed too, and the forward pass keeps a [`Tape`].
+    Training,
+}
 
 /// A LayerNorm's parameters on the host.
 pub(super) struct Norm {
@@ -22,22 +36,42 @@ pub(super) struct Norm {
     pub eps: f32,
 }
 
+/// A LayerNorm's input as its backward pass needs it: the standardised rows and 1/σ per row.
+pub(super) struct Standardized {
+    pub xhat: Vec<f32>,
+    pub inv: Vec<f32>,
+}
+
+impl Standardized {
+    /// Room for `rows` rows of width `dim`, or nothing when `kept` is false (inference).
+    fn new(rows: usize, dim: usize, kept: bool) -> Self {
+        if kept { Self { xhat: zeros(rows * dim), inv: zeros(rows) } } else { Self { xhat: Vec::new(), inv: Vec::new() } }
+    }
+}
+
 impl Norm {
     pub fn new(norm: &LayerNorm) -> Self {
         Self { weight: host(norm.weight.val()), bias: host(norm.bias.val()), eps: norm.eps as f32 }
     }
 
-    /// Normalises every row of `x` (width `dim`) into `out`, the next product's input.
-    fn normalize_into<E: Element>(&self, x: &[f32], out: &mut Matrix<E>) {
+    /// Normalises every row of `x` (width `dim`) into `out`, the next product's input; with
+    /// `saved` (training) x̂ and 1/σ are kept there for the backward pass.
+    fn forward_into<E: Element>(&self, x: &[f32], out: &mut Matrix<E>, saved: Option<&mut Standardized>) {
         let (dim, stride) = (out.cols(), out.stride());
-        out.data_mut().par_chunks_mut(stride).zip(x.par_chunks(dim)).for_each(|(dst, row)| {
-            rows::layer_norm_to(&mut dst[..dim], row, &self.weight, &self.bias, self.eps);
-        });
+        let rows = x.len() / dim;
+        let pairs = out.data_mut()[..rows * stride].par_chunks_mut(stride).zip(x.par_chunks(dim));
+        match saved {
+            None => pairs.for_each(|(dst, row)| rows::layer_norm_to(&mut dst[..dim], row, &self.weight, &self.bias, self.eps)),
+            Some(saved) => pairs.zip(saved.xhat.par_chunks_mut(dim)).zip(saved.inv.par_iter_mut()).for_each(|(((dst, row), xhat), inv)| {
+                *inv = rows::standardize(xhat, row, self.eps);
+                rows::affine_to(&mut dst[..dim], xhat, &self.weight, &self.bias);
+            }),
+        }
     }
 }
 
-/// A Linear layer packed for the bf16 products: W for the forward product and, for training, Wᵀ for the
-/// input gradient.
+/// A Linear layer packed for the engine's products: W for the forward product and, for
+/// training, Wᵀ for the input gradient.
 pub(super) struct Dense<E: Element> {
     pub weight: Packed<E>,
     pub transposed: Option<Packed<E>>,
@@ -45,22 +79,14 @@ pub(super) struct Dense<E: Element> {
 }
 
 impl<E: Element> Dense<E> {
-    pub fn new(linear: &burn::nn::Linear) -> Self {
-        Self::packed(linear, false)
-    }
-
-    /// Also packs Wᵀ, for `dx = dy·Wᵀ`.
-    pub fn trainable(linear: &burn::nn::Linear) -> Self {
-        Self::packed(linear, true)
-    }
-
-    fn packed(linear: &burn::nn::Linear, with_transposed: bool) -> Self {
+    /// Packs W, and Wᵀ (for `dx = dy·Wᵀ`) in training mode.
+    fn new(linear: &burn::nn::Linear, mode: Mode) -> Self {
         // burn keeps the weight as [in, out]: already the right-hand operand.
         let weight = HostTensor::from_tensor(linear.weight.val());
         let (k, n) = (weight.shape[0], weight.shape[1]);
         let row = |i: usize| &weight.values[i * n..(i + 1) * n];
         let bias = linear.bias.as_ref().map_or_else(|| vec![0.0; n], |b| host(b.val()));
-        let transposed = with_transposed.then(|| Packed::pack_transposed(n, k, row));
+        let transposed = (mode == Mode::Training).then(|| Packed::pack_transposed(n, k, row));
         Self { weight: Packed::pack(k, n, row), transposed, bias }
     }
 
@@ -69,7 +95,7 @@ impl<E: Element> Dense<E> {
     }
 }
 
-/// A transformer block packed for the bf16 products.
+/// A transformer block packed for the engine's products.
 pub(super) struct PackedBlock<E: Element> {
     pub norm1: Norm,
     pub qkv: Dense<E>,
@@ -81,43 +107,128 @@ pub(super) struct PackedBlock<E: Element> {
 }
 
 impl<E: Element> PackedBlock<E> {
-    /// `trainable` also packs each Wᵀ for the backward pass.
-    pub fn new(b: &Block, trainable: bool) -> Self {
-        let dense = |l| if trainable { Dense::trainable(l) } else { Dense::new(l) };
+    fn new(b: &Block, mode: Mode) -> Self {
         Self {
             norm1: Norm::new(&b.norm1),
-            qkv: dense(&b.attn.qkv),
-            proj: dense(&b.attn.proj),
+            qkv: Dense::new(&b.attn.qkv, mode),
+            proj: Dense::new(&b.attn.proj, mode),
             norm2: Norm::new(&b.norm2),
-            fc1: dense(&b.mlp.fc1),
-            fc2: dense(&b.mlp.fc2),
+            fc1: Dense::new(&b.mlp.fc1, mode),
+            fc2: Dense::new(&b.mlp.fc2, mode),
             drop_path: b.drop_path,
         }
     }
 }
 
-/// A ViT's weights packed for the engine, what both networks hold alike. The heads are read
-/// straight out of the qkv rows in whole 32-wide slices, so their width is checked; the qkv
-/// product's column scales are head_dim^-0.5 on the queries (as the f32 path scales q before
-/// QKᵀ) and 1 on keys and values.
-pub(super) struct PackedVit<E: Element> {
-    pub patch_size: usize,
-    pub dim: usize,
-    pub num_heads: usize,
-    pub patch: Dense<E>,
-    pub cls_token: Vec<f32>,
-    /// At the trained grid size, resized per input as `model::vit` does.
-    pub pos_embed: Tensor<3>,
-    pub blocks: Vec<PackedBlock<E>>,
-    pub norm: Norm,
-    pub qkv_scale: Vec<f32>,
+/// What one block computes from its input: on the tape in training, for the backward pass;
+/// in inference, buffers the next block overwrites.
+pub(super) struct BlockActivations<E: Element> {
+    /// Stochastic depth's per-image factors of the two residual branches (training only).
+    pub keep_attn: Option<Vec<f32>>,
+    pub keep_mlp: Option<Vec<f32>>,
+    /// The two norms' inputs (training only).
+    pub norm1: Standardized,
+    pub norm2: Standardized,
+    /// [rows + one spare block, 3D], queries scaled: each image's heads are read in whole
+    /// 32-row blocks.
+    pub qkv: Matrix<E>,
+    /// Attention weights, image-major then head, [N, N] each (training only; inference
+    /// computes them in per-thread scratch).
+    pub weights: Vec<Matrix<E>>,
+    pub mixed: Matrix<E>,
+    /// fc1's output before GELU (training only; inference applies GELU in fc1's store).
+    pub hidden: Option<Matrix<E>>,
+    /// fc1's output after GELU.
+    pub activated: Matrix<E>,
 }
 
-impl<E: Element> PackedVit<E> {
-    /// Packs `vit`'s weights (`trainable` also packs each Wᵀ for the backward pass); an error
-    /// naming `what` when `DINO_ENGINE_PATH` names a path this CPU cannot run, or the heads
-    /// are not whole 32-wide slices.
-    pub fn new(vit: &VisionTransformer, trainable: bool, what: &str) -> anyhow::Result<Self> {
+/// The forward pass of one crop group, kept for its backward pass.
+pub(super) struct Tape<E: Element> {
+    pub images: usize,
+    /// Tokens per image (cls and patches).
+    pub tokens: usize,
+    pub size: (usize, usize),
+    pub patches: Matrix<E>,
+    pub blocks: Vec<BlockActivations<E>>,
+    /// The final norm's input at the cls rows.
+    pub out: Standardized,
+}
+
+/// Host position embeddings [1 + patches, D] by input (height, width).
+type PositionCache = HashMap<(usize, usize), Arc<Vec<f32>>>;
+
+/// A ViT's weights packed for the engine in one [`Mode`]. The heads are read straight out of
+/// the qkv rows in whole 32-wide slices, so their width is checked; the qkv product's column
+/// scales are head_dim^-0.5 on the queries (as the f32 path scales q before QKᵀ) and 1 on
+/// keys and values.
+pub struct Vit<E: Element> {
+    pub(super) mode: Mode,
+    pub(super) patch_size: usize,
+    pub(super) dim: usize,
+    pub(super) num_heads: usize,
+    pub(super) patch: Dense<E>,
+    pub(super) cls_token: Vec<f32>,
+    /// At the trained grid size, resized per input as `model::vit` does.
+    pub(super) pos_embed: Tensor<3>,
+    pub(super) blocks: Vec<PackedBlock<E>>,
+    pub(super) norm: Norm,
+    pub(super) qkv_scale: Vec<f32>,
+    /// Position embeddings already resized, by input height and width.
+    resized_pos: Mutex<PositionCache>,
+}
+
+pub(super) fn host<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+    HostTensor::from_tensor(t).values
+}
+
+/// The inference engine at the precision asked for. Build it with [`EngineVit::new`] after
+/// [`super::check_available`] for bf16.
+pub enum EngineVit {
+    F32(Vit<f32>),
+    Bf16(Vit<u16>),
+}
+
+impl EngineVit {
+    /// Whether the engine can compute this ViT: its heads are whole 32-wide slices. (The
+    /// engine computes on the host, so it stands in for burn on the CPU device only.)
+    pub fn fits(vit: &VisionTransformer) -> bool {
+        let head_dim = vit.embed_dim() / vit.blocks.first().map_or(1, |b| b.attn.num_heads);
+        head_dim.is_multiple_of(32)
+    }
+
+    /// Packs a ViT's weights for inference at `precision`; an error when the engine's path
+    /// cannot run or the heads are not a whole number of 32-wide slices.
+    pub fn new(vit: &VisionTransformer, precision: super::Precision) -> anyhow::Result<Self> {
+        Ok(match precision {
+            super::Precision::F32 => Self::F32(Vit::new(vit, Mode::Inference)?),
+            super::Precision::Bf16 => Self::Bf16(Vit::new(vit, Mode::Inference)?),
+        })
+    }
+
+    pub fn patch_size(&self) -> usize {
+        match self {
+            Self::F32(v) => v.patch_size,
+            Self::Bf16(v) => v.patch_size,
+        }
+    }
+
+    /// See [`Vit::intermediate_layers`].
+    pub fn intermediate_layers(&self, images: Tensor<4>, n: usize) -> Vec<Tensor<3>> {
+        match self {
+            Self::F32(v) => v.intermediate_layers(images, n),
+            Self::Bf16(v) => v.intermediate_layers(images, n),
+        }
+    }
+}
+
+impl<E: Element> Vit<E> {
+    /// Packs `vit`'s weights for `mode`; an error when `DINO_ENGINE_PATH` names a path this
+    /// CPU cannot run, or the heads are not whole 32-wide slices.
+    pub fn new(vit: &VisionTransformer, mode: Mode) -> anyhow::Result<Self> {
+        let what = match mode {
+            Mode::Inference => "the inference engine",
+            Mode::Training => "the training engine",
+        };
         Cpu::selected().map_err(|e| anyhow::anyhow!("{what}: {e}"))?;
         let dim = vit.embed_dim();
         let conv = host(vit.patch_embed.weight.val());
@@ -132,78 +243,38 @@ impl<E: Element> PackedVit<E> {
         let head_dim = dim / num_heads;
         anyhow::ensure!(head_dim.is_multiple_of(32), "{what} needs a head width that is a multiple of 32, not {head_dim}");
         Ok(Self {
+            mode,
             patch_size: vit.patch_size(),
             dim,
             num_heads,
             patch,
             cls_token: host(vit.cls_token.val()),
             pos_embed: vit.pos_embed.val().without_autodiff().detach(),
-            blocks: vit.blocks.iter().map(|b| PackedBlock::new(b, trainable)).collect(),
+            blocks: vit.blocks.iter().map(|b| PackedBlock::new(b, mode)).collect(),
             norm: Norm::new(&vit.norm),
             qkv_scale: (0..3 * dim).map(|c| if c < dim { (head_dim as f32).powf(-0.5) } else { 1.0 }).collect(),
-        })
-    }
-}
-
-/// Host position embeddings [1 + patches, D] by input (height, width).
-type PositionCache = HashMap<(usize, usize), Arc<Vec<f32>>>;
-
-/// A ViT packed for inference with `E` (bf16 or f32) products.
-pub struct InferenceVit<E: Element> {
-    net: PackedVit<E>,
-    /// Position embeddings already resized, by input height and width.
-    resized_pos: Mutex<PositionCache>,
-}
-
-pub(super) fn host<const D: usize>(t: Tensor<D>) -> Vec<f32> {
-    HostTensor::from_tensor(t).values
-}
-
-/// The inference engine at the precision asked for. Build it with [`EngineVit::new`] after
-/// [`super::check_available`] for bf16.
-pub enum EngineVit {
-    F32(InferenceVit<f32>),
-    Bf16(InferenceVit<u16>),
-}
-
-impl EngineVit {
-    /// Whether the engine can compute this ViT: its heads are whole 32-wide slices. (The
-    /// engine computes on the host, so it stands in for burn on the CPU device only.)
-    pub fn fits(vit: &VisionTransformer) -> bool {
-        let head_dim = vit.embed_dim() / vit.blocks.first().map_or(1, |b| b.attn.num_heads);
-        head_dim.is_multiple_of(32)
-    }
-
-    /// Packs a ViT's weights for `precision`; an error when the engine's path cannot run or
-    /// the heads are not a whole number of 32-wide slices.
-    pub fn new(vit: &VisionTransformer, precision: super::Precision) -> anyhow::Result<Self> {
-        Ok(match precision {
-            super::Precision::F32 => Self::F32(InferenceVit::new(vit)?),
-            super::Precision::Bf16 => Self::Bf16(InferenceVit::new(vit)?),
+            resized_pos: Mutex::new(HashMap::new()),
         })
     }
 
-    pub fn patch_size(&self) -> usize {
-        match self {
-            Self::F32(v) => v.net.patch_size,
-            Self::Bf16(v) => v.net.patch_size,
+    /// The image features [B, D] (the cls token after the final norm) of one crop group of
+    /// normalised images [B, 3, H, W] given as host values and, in training mode, the tape for
+    /// [`Vit::backward`]. Stochastic depth is drawn from `rng` exactly as
+    /// `VisionTransformer::forward_train` draws it (none without `rng`).
+    pub(super) fn forward(&self, pixels: &[f32], images: usize, (h, w): (usize, usize), rng: Option<&mut StdRng>) -> (Vec<f32>, Option<Tape<E>>) {
+        let dim = self.dim;
+        let (x, patches, blocks) = self.stream(pixels, images, (h, w), rng, |_, _| {});
+        let tokens = x.len() / (images * dim);
+        let training = self.mode == Mode::Training;
+        // The final norm, at the cls rows only.
+        let mut out = Standardized::new(images, dim, true);
+        let mut features = zeros(images * dim);
+        for ((i, xhat), feature) in out.xhat.chunks_mut(dim).enumerate().zip(features.chunks_mut(dim)) {
+            out.inv[i] = rows::standardize(xhat, &x[i * tokens * dim..][..dim], self.norm.eps);
+            rows::affine_to(feature, xhat, &self.norm.weight, &self.norm.bias);
         }
-    }
-
-    /// See [`InferenceVit::intermediate_layers`].
-    pub fn intermediate_layers(&self, images: Tensor<4>, n: usize) -> Vec<Tensor<3>> {
-        match self {
-            Self::F32(v) => v.intermediate_layers(images, n),
-            Self::Bf16(v) => v.intermediate_layers(images, n),
-        }
-    }
-}
-
-impl<E: Element> InferenceVit<E> {
-    /// Packs a ViT's weights; an error when the engine's path cannot run or the heads are
-    /// not a whole number of 32-wide slices.
-    pub fn new(vit: &VisionTransformer) -> anyhow::Result<Self> {
-        Ok(Self { net: PackedVit::new(vit, false, "the inference engine")?, resized_pos: Mutex::new(HashMap::new()) })
+        let tape = training.then(|| Tape { images, tokens, size: (h, w), patches, blocks, out });
+        (features, tape)
     }
 
     /// As `VisionTransformer::intermediate_layers`: the normalised tokens [B, 1 + patches, D]
@@ -212,91 +283,130 @@ impl<E: Element> InferenceVit<E> {
         let [batch, channels, h, w] = images.dims();
         assert_eq!(channels, 3, "images must have 3 channels");
         let device = images.device();
-        let dim = self.net.dim;
-        let tokens = 1 + (h / self.net.patch_size) * (w / self.net.patch_size);
-        let streams = self.streams(&host(images), batch, (h, w), n);
-        streams
-            .into_iter()
-            .map(|x| {
+        let dim = self.dim;
+        let tokens = 1 + (h / self.patch_size) * (w / self.patch_size);
+        let first_kept = self.blocks.len().saturating_sub(n);
+        let mut outputs = Vec::new();
+        self.stream(&host(images), batch, (h, w), None, |block, x| {
+            if block >= first_kept {
                 let mut out = vec![0f32; x.len()];
                 out.par_chunks_mut(dim).zip(x.par_chunks(dim)).for_each(|(dst, row)| {
-                    rows::layer_norm(dst, row, &self.net.norm.weight, &self.net.norm.bias, self.net.norm.eps);
+                    rows::layer_norm(dst, row, &self.norm.weight, &self.norm.bias, self.norm.eps);
                 });
-                Tensor::from_data(TensorData::new(out, [batch, tokens, dim]), &device)
-            })
-            .collect()
-    }
-
-    /// As `VisionTransformer::forward`: the image features [B, D] (the cls token after the
-    /// final norm) of normalised images [B, 3, H, W] given as host values.
-    pub fn features(&self, pixels: &[f32], batch: usize, (h, w): (usize, usize)) -> Vec<f32> {
-        let dim = self.net.dim;
-        let tokens = 1 + (h / self.net.patch_size) * (w / self.net.patch_size);
-        let x = self.streams(pixels, batch, (h, w), 1).pop().expect("a ViT has at least one block");
-        let mut out = vec![0f32; batch * dim];
-        for (dst, image) in out.chunks_mut(dim).zip(x.chunks(tokens * dim)) {
-            rows::layer_norm(dst, &image[..dim], &self.net.norm.weight, &self.net.norm.bias, self.net.norm.eps);
-        }
-        out
-    }
-
-    /// The residual stream [B·(1 + patches), D] after each of the last `n` blocks.
-    fn streams(&self, pixels: &[f32], batch: usize, (h, w): (usize, usize), n: usize) -> Vec<Vec<f32>> {
-        let (dim, p) = (self.net.dim, self.net.patch_size);
-        let tokens = 1 + (h / p) * (w / p);
-        let rows = batch * tokens;
-        let mut x = self.embed(pixels, batch, (h, w));
-        let mut normed = Matrix::<E>::zeros(rows, dim);
-        // One spare block of rows: each image's heads are read in whole 32-row blocks.
-        let mut qkv = Matrix::<E>::zeros(rows + matmul::BLOCK, 3 * dim);
-        let mut mixed = Matrix::<E>::zeros(rows, dim);
-        let mut hidden = Matrix::<E>::zeros(rows, self.net.blocks.first().map_or(1, |b| b.fc1.out_dim()));
-        let mut outputs = Vec::new();
-        for (i, block) in self.net.blocks.iter().enumerate() {
-            block.norm1.normalize_into(&x, &mut normed);
-            let scale = &self.net.qkv_scale;
-            matmul::matmul(normed.view(), &block.qkv.weight, qkv.data_mut(), 3 * dim, |dst, v, _, c| {
-                rows::bias_scale_to(dst, v, &block.qkv.bias[c..], &scale[c..]);
-            });
-            self.attention(&qkv, batch, tokens, &mut mixed);
-            matmul::matmul(mixed.view(), &block.proj.weight, &mut x, dim, |dst, v, _, c| rows::bias_accumulate(dst, v, &block.proj.bias[c..]));
-            block.norm2.normalize_into(&x, &mut normed);
-            let stride = hidden.stride();
-            let hidden_rows = &mut hidden.data_mut()[..rows * stride];
-            matmul::matmul(normed.view(), &block.fc1.weight, hidden_rows, stride, |dst, v, _, c| rows::bias_gelu_to(dst, v, &block.fc1.bias[c..]));
-            matmul::matmul(hidden.view(), &block.fc2.weight, &mut x, dim, |dst, v, _, c| rows::bias_accumulate(dst, v, &block.fc2.bias[c..]));
-            if self.net.blocks.len() - i <= n {
-                outputs.push(x.clone());
+                outputs.push(Tensor::from_data(TensorData::new(out, [batch, tokens, dim]), &device));
             }
-        }
+        });
         outputs
     }
 
-    /// The token stream [B·(1 + patches), D]: patch projections and the cls token, plus the
-    /// position embedding.
-    fn embed(&self, pixels: &[f32], batch: usize, (h, w): (usize, usize)) -> Vec<f32> {
-        let flat = patch_rows(pixels, batch, (h, w), self.net.patch_size);
-        tokens(&flat, &self.net.patch, &self.net.cls_token, &self.position_embedding(h, w), batch)
+    /// The residual stream [B·(1 + patches), D] after the last block, each block's output
+    /// handed to `after_block(block, x)` on the way; in training mode also the patch rows and
+    /// every block's activations for the tape.
+    fn stream(&self, pixels: &[f32], images: usize, (h, w): (usize, usize), mut rng: Option<&mut StdRng>, mut after_block: impl FnMut(usize, &[f32])) -> (Vec<f32>, Matrix<E>, Vec<BlockActivations<E>>) {
+        let (dim, p) = (self.dim, self.patch_size);
+        let tokens_per_image = 1 + (h / p) * (w / p);
+        let rows = images * tokens_per_image;
+        let patches = patch_rows(pixels, images, (h, w), p);
+        let mut x = tokens(&patches, &self.patch, &self.cls_token, &self.position_embedding(h, w), images);
+        let mut normed = Matrix::zeros(rows, dim);
+        let mut kept = Vec::new();
+        // Inference hands one block's buffers on to the next; training keeps each block's.
+        let mut spare = None;
+        for (i, block) in self.blocks.iter().enumerate() {
+            let mut a = spare.take().unwrap_or_else(|| self.activations(images, tokens_per_image));
+            (a.keep_attn, a.keep_mlp) = match rng.as_deref_mut() {
+                Some(rng) if block.drop_path > 0.0 => (Some(keep_factors(block.drop_path, images, rng)), Some(keep_factors(block.drop_path, images, rng))),
+                _ => (None, None),
+            };
+            self.block_forward(block, &mut x, &mut normed, &mut a, images, tokens_per_image);
+            after_block(i, &x);
+            match self.mode {
+                Mode::Training => kept.push(a),
+                Mode::Inference => spare = Some(a),
+            }
+        }
+        (x, patches, kept)
+    }
+
+    /// Buffers for one block's activations over `images` images of `tokens` tokens.
+    fn activations(&self, images: usize, tokens: usize) -> BlockActivations<E> {
+        let training = self.mode == Mode::Training;
+        let (rows, dim) = (images * tokens, self.dim);
+        let hidden_dim = self.blocks.first().map_or(0, |b| b.fc1.out_dim());
+        BlockActivations {
+            keep_attn: None,
+            keep_mlp: None,
+            norm1: Standardized::new(rows, dim, training),
+            norm2: Standardized::new(rows, dim, training),
+            qkv: Matrix::zeros(rows + BLOCK, 3 * dim),
+            weights: if training { (0..images * self.num_heads).map(|_| Matrix::zeros(tokens, tokens)).collect() } else { Vec::new() },
+            mixed: Matrix::zeros(rows, dim),
+            hidden: training.then(|| Matrix::zeros(rows, hidden_dim)),
+            activated: Matrix::zeros(rows, hidden_dim),
+        }
+    }
+
+    /// One block over the residual stream `x` [rows, D], in place, its activations written into `a`.
+    fn block_forward(&self, block: &PackedBlock<E>, x: &mut [f32], normed: &mut Matrix<E>, a: &mut BlockActivations<E>, images: usize, tokens: usize) {
+        let training = self.mode == Mode::Training;
+        let dim = self.dim;
+        let rows = images * tokens;
+        // x += keep · (v + bias), keep the image's stochastic-depth factor (1 without).
+        let residual = |keep: &Option<Vec<f32>>, bias: &[f32], dst: &mut [f32], v: &[f32], r: usize, c: usize| match keep {
+            None => rows::bias_accumulate(dst, v, &bias[c..]),
+            Some(keep) => rows::bias_accumulate_scaled(dst, v, &bias[c..], keep[r / tokens]),
+        };
+
+        block.norm1.forward_into(x, normed, training.then_some(&mut a.norm1));
+        let qkv_stride = a.qkv.stride();
+        matmul::matmul(normed.view(), &block.qkv.weight, a.qkv.data_mut(), qkv_stride, |dst, v, _, c| {
+            rows::bias_scale_to(dst, v, &block.qkv.bias[c..], &self.qkv_scale[c..]);
+        });
+        self.attention(&a.qkv, images, tokens, &mut a.mixed, &mut a.weights);
+        matmul::matmul(a.mixed.view(), &block.proj.weight, x, dim, |dst, v, r, c| residual(&a.keep_attn, &block.proj.bias, dst, v, r, c));
+
+        block.norm2.forward_into(x, normed, training.then_some(&mut a.norm2));
+        let stride = a.activated.stride();
+        match &mut a.hidden {
+            Some(hidden) => {
+                matmul::matmul(normed.view(), &block.fc1.weight, hidden.data_mut(), stride, |dst, v, _, c| rows::bias_to(dst, v, &block.fc1.bias[c..]));
+                a.activated.data_mut().par_chunks_mut(stride).zip(hidden.view_data().par_chunks(stride)).for_each(|(dst, h)| rows::gelu_to(dst, h));
+            }
+            None => {
+                let activated = &mut a.activated.data_mut()[..rows * stride];
+                matmul::matmul(normed.view(), &block.fc1.weight, activated, stride, |dst, v, _, c| rows::bias_gelu_to(dst, v, &block.fc1.bias[c..]));
+            }
+        }
+        matmul::matmul(a.activated.view(), &block.fc2.weight, x, dim, |dst, v, r, c| residual(&a.keep_mlp, &block.fc2.bias, dst, v, r, c));
     }
 
     fn position_embedding(&self, h: usize, w: usize) -> Arc<Vec<f32>> {
         let mut cache = self.resized_pos.lock().expect("position cache poisoned");
-        cache.entry((h, w)).or_insert_with(|| Arc::new(host(position_embedding(self.net.pos_embed.clone(), self.net.patch_size, h, w)))).clone()
+        cache.entry((h, w)).or_insert_with(|| Arc::new(host(position_embedding(self.pos_embed.clone(), self.patch_size, h, w)))).clone()
     }
 
     /// Multi-head self-attention of each image (one image per task), from the qkv rows
-    /// [B·N, 3D] (queries already scaled) into the heads' concatenated outputs.
-    fn attention(&self, qkv: &Matrix<E>, images: usize, tokens: usize, mixed: &mut Matrix<E>) {
-        let shape = HeadShape { dim: self.net.dim, head_dim: self.net.dim / self.net.num_heads, tokens };
+    /// [B·N, 3D] (queries already scaled) into the heads' concatenated outputs, the
+    /// attention weights into `kept` (one [N, N] per image and head) in training, into
+    /// per-thread scratch when `kept` is empty.
+    fn attention(&self, qkv: &Matrix<E>, images: usize, tokens: usize, mixed: &mut Matrix<E>, kept: &mut [Matrix<E>]) {
+        let heads = self.num_heads;
+        let shape = HeadShape { dim: self.dim, head_dim: self.dim / heads, tokens };
         let stride = mixed.stride();
-        mixed.data_mut()[..images * tokens * stride].par_chunks_mut(tokens * stride).enumerate().for_each_init(
-            || (HeadScratch::default(), Matrix::zeros(tokens, tokens)),
-            |(scratch, weights), (image, out)| {
-                for head in 0..self.net.num_heads {
-                    head_attention(qkv, shape, (image, head), scratch, weights, &mut out[head * shape.head_dim..], stride);
-                }
-            },
-        );
+        let outputs = mixed.data_mut()[..images * tokens * stride].par_chunks_mut(tokens * stride).enumerate();
+        let head = |scratch: &mut HeadScratch<E>, image: usize, head: usize, weights: &mut Matrix<E>, out: &mut [E]| {
+            head_attention(qkv, shape, (image, head), scratch, weights, &mut out[head * shape.head_dim..], stride);
+        };
+        if kept.is_empty() {
+            outputs.for_each_init(
+                || (HeadScratch::default(), Matrix::zeros(tokens, tokens)),
+                |(scratch, weights), (image, out)| (0..heads).for_each(|h| head(scratch, image, h, weights, out)),
+            );
+        } else {
+            outputs.zip(kept.par_chunks_mut(heads)).for_each_init(HeadScratch::default, |scratch, ((image, out), weights)| {
+                weights.iter_mut().enumerate().for_each(|(h, weights)| head(scratch, image, h, weights, out));
+            });
+        }
     }
 }
 

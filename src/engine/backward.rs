@@ -1,90 +1,23 @@
-//! The student ViT's forward and backward pass on the CPU, for `dino train`: the network,
-//! stochastic depth and position-embedding resize of `model::vit`, with every matrix product —
-//! forward, input gradients and weight gradients — on `E` inputs (bf16 at `--precision bf16`,
-//! f32 otherwise) with f32 accumulation, while the residual stream, the LayerNorm and softmax
-//! statistics and the gradient sums stay in f32. Every sum runs in a fixed order, so a step is
-//! the same on every run. The forward keeps what the backward needs in a [`Tape`].
+//! The student ViT's backward pass on the CPU, for `dino train`: from the [`Tape`] that
+//! [`Vit::forward`] keeps in training mode, every matrix product — input gradients and weight
+//! gradients — on `E` inputs (bf16 at `--precision bf16`, f32 otherwise) with f32
+//! accumulation, while the LayerNorm and softmax statistics and the gradient sums stay in f32.
+//! Every sum runs in a fixed order, so a step is the same on every run.
 //!
 //! Weights are packed from the burn student at every step and each gradient goes back with
 //! its parameter (`graph.rs` registers them in burn's autodiff graph), so burn keeps owning
 //! the weights, the optimiser state and the checkpoints.
 
-use rand::rngs::StdRng;
 use rayon::prelude::*;
 
 use super::gradients::{BlockGrads, DenseGrads, Gradients, NormGrads, add, summed, zeros};
 use super::matmul::{self, BLOCK, Element, Matrix, Packed, View};
 use super::rows;
-use super::vit::{Dense, HeadScratch, HeadShape, Norm, PackedVit, head_attention, host, patch_rows, tokens};
+use super::vit::{BlockActivations, Dense, Norm, Standardized, Tape, Vit};
 use crate::model::interpolate::bicubic_matrix;
-use crate::model::vit::{GridResize, keep_factors, position_embedding};
-use crate::model::VisionTransformer;
-
-/// A ViT packed for one training step.
-pub struct StudentVit<E: Element> {
-    net: PackedVit<E>,
-}
-
-/// A LayerNorm's input as its backward pass needs it: the standardised rows and 1/σ per row.
-struct Standardized {
-    xhat: Vec<f32>,
-    inv: Vec<f32>,
-}
-
-/// What one block's forward keeps.
-struct BlockTape<E: Element> {
-    keep_attn: Option<Vec<f32>>,
-    keep_mlp: Option<Vec<f32>>,
-    norm1: Standardized,
-    /// [rows + one spare block, 3D], queries scaled.
-    qkv: Matrix<E>,
-    /// Attention weights, image-major then head, [N, N] each.
-    weights: Vec<Matrix<E>>,
-    mixed: Matrix<E>,
-    norm2: Standardized,
-    /// fc1's output before and after GELU.
-    hidden: Matrix<E>,
-    activated: Matrix<E>,
-}
-
-/// The forward pass of one crop group, kept for its backward pass.
-pub struct Tape<E: Element> {
-    images: usize,
-    /// Tokens per image (cls and patches).
-    tokens: usize,
-    size: (usize, usize),
-    patches: Matrix<E>,
-    blocks: Vec<BlockTape<E>>,
-    /// The final norm's input at the cls rows.
-    out: Standardized,
-}
-
-impl<E: Element> Tape<E> {
-    /// The images of the crop group this tape holds.
-    pub fn images(&self) -> usize {
-        self.images
-    }
-}
+use crate::model::vit::GridResize;
 
 impl Norm {
-    /// The training forward: keeps x̂ and 1/σ, writes x̂·γ + β into `out`.
-    fn standardize_into<E: Element>(&self, x: &[f32], out: &mut Matrix<E>) -> Standardized {
-        let (dim, stride) = (out.cols(), out.stride());
-        let rows = x.len() / dim;
-        let mut xhat = zeros(x.len());
-        let mut inv = zeros(rows);
-        out.data_mut()[..rows * stride]
-            .par_chunks_mut(stride)
-            .zip(xhat.par_chunks_mut(dim))
-            .zip(inv.par_iter_mut())
-            .zip(x.par_chunks(dim))
-            .for_each(|(((dst, xhat), inv), row)| {
-                *inv = rows::standardize(xhat, row, self.eps);
-                rows::affine_to(&mut dst[..dim], xhat, &self.weight, &self.bias);
-            });
-        Standardized { xhat, inv }
-    }
-
     /// The backward pass from the output gradient `dn`: adds the input gradient to `dx` and
     /// the parameter gradients to `grads`.
     fn backward(&self, saved: &Standardized, dn: &[f32], dx: &mut [f32], grads: &mut NormGrads) {
@@ -268,17 +201,11 @@ struct AttentionScratch<E: Element> {
     packed: Packed<E>,
 }
 
-impl<E: Element> StudentVit<E> {
-    /// Packs the ViT's current weights; an error when the engine's path cannot run or the
-    /// heads are not a whole number of 32-wide tile slices.
-    pub fn new(vit: &VisionTransformer) -> anyhow::Result<Self> {
-        Ok(Self { net: PackedVit::new(vit, true, "the training engine")? })
-    }
-
+impl<E: Element> Vit<E> {
     /// Zero gradients for this network's parameters.
-    pub fn zero_gradients(&self) -> Gradients {
-        let d = self.net.dim;
-        let hidden = self.net.blocks.first().map_or(0, |b| b.fc1.out_dim());
+    pub(super) fn zero_gradients(&self) -> Gradients {
+        let d = self.dim;
+        let hidden = self.blocks.first().map_or(0, |b| b.fc1.out_dim());
         let block = || BlockGrads {
             norm1: NormGrads::zeros(d),
             qkv: DenseGrads::zeros(d, 3 * d),
@@ -289,101 +216,30 @@ impl<E: Element> StudentVit<E> {
         };
         Gradients {
             cls_token: zeros(d),
-            pos_embed: zeros(self.net.pos_embed.dims()[1] * d),
-            patch: DenseGrads::zeros(3 * self.net.patch_size * self.net.patch_size, d),
-            blocks: (0..self.net.blocks.len()).map(|_| block()).collect(),
+            pos_embed: zeros(self.pos_embed.dims()[1] * d),
+            patch: DenseGrads::zeros(3 * self.patch_size * self.patch_size, d),
+            blocks: (0..self.blocks.len()).map(|_| block()).collect(),
             norm: NormGrads::zeros(d),
         }
     }
 
-    /// The image features [B, D] (cls token after the final norm) of normalised images
-    /// [B, 3, H, W], with stochastic depth drawn from `rng` exactly as
-    /// `VisionTransformer::forward_train` draws it (none without `rng`), and the tape for
-    /// [`StudentVit::backward`].
-    pub fn forward(&self, pixels: &[f32], images: usize, (h, w): (usize, usize), mut rng: Option<&mut StdRng>) -> (Vec<f32>, Tape<E>) {
-        let (dim, p) = (self.net.dim, self.net.patch_size);
-        let tokens_per_image = 1 + (h / p) * (w / p);
-        let rows = images * tokens_per_image;
-        let heads = self.net.num_heads;
-        let shape = HeadShape { dim, head_dim: dim / heads, tokens: tokens_per_image };
-        let patches = patch_rows(pixels, images, (h, w), p);
-        let pos = host(position_embedding(self.net.pos_embed.clone(), p, h, w));
-        let mut x = tokens(&patches, &self.net.patch, &self.net.cls_token, &pos, images);
-        let mut normed = Matrix::zeros(rows, dim);
-        let mut blocks = Vec::with_capacity(self.net.blocks.len());
-        for block in &self.net.blocks {
-            let (keep_attn, keep_mlp) = match rng.as_deref_mut() {
-                Some(rng) if block.drop_path > 0.0 => (Some(keep_factors(block.drop_path, images, rng)), Some(keep_factors(block.drop_path, images, rng))),
-                _ => (None, None),
-            };
-            let keep = |k: &Option<Vec<f32>>, row: usize| k.as_ref().map_or(1.0, |k| k[row / tokens_per_image]);
-
-            let norm1 = block.norm1.standardize_into(&x, &mut normed);
-            let mut qkv = Matrix::zeros(rows + BLOCK, 3 * dim);
-            let qkv_stride = qkv.stride();
-            matmul::matmul(normed.view(), &block.qkv.weight, qkv.data_mut(), qkv_stride, |dst, v, _, c| {
-                rows::bias_scale_to(dst, v, &block.qkv.bias[c..], &self.net.qkv_scale[c..]);
-            });
-            let mut weights: Vec<Matrix<E>> = (0..images * heads).map(|_| Matrix::zeros(tokens_per_image, tokens_per_image)).collect();
-            let mut mixed = Matrix::zeros(rows, dim);
-            let stride = mixed.stride();
-            mixed.data_mut()[..rows * stride]
-                .par_chunks_mut(tokens_per_image * stride)
-                .zip(weights.par_chunks_mut(heads))
-                .enumerate()
-                .for_each_init(HeadScratch::default, |scratch, (image, (out, weights))| {
-                    for (head, weights) in weights.iter_mut().enumerate() {
-                        head_attention(&qkv, shape, (image, head), scratch, weights, &mut out[head * shape.head_dim..], stride);
-                    }
-                });
-            matmul::matmul(mixed.view(), &block.proj.weight, &mut x, dim, |dst, v, r, c| {
-                rows::bias_accumulate_scaled(dst, v, &block.proj.bias[c..], keep(&keep_attn, r));
-            });
-
-            let norm2 = block.norm2.standardize_into(&x, &mut normed);
-            let mut hidden = Matrix::zeros(rows, block.fc1.out_dim());
-            let hidden_stride = hidden.stride();
-            matmul::matmul(normed.view(), &block.fc1.weight, hidden.data_mut(), hidden_stride, |dst, v, _, c| {
-                rows::bias_to(dst, v, &block.fc1.bias[c..]);
-            });
-            let mut activated = Matrix::zeros(rows, block.fc1.out_dim());
-            activated.data_mut().par_chunks_mut(hidden_stride).zip(hidden.view_data().par_chunks(hidden_stride)).for_each(|(dst, h)| rows::gelu_to(dst, h));
-            matmul::matmul(activated.view(), &block.fc2.weight, &mut x, dim, |dst, v, r, c| {
-                rows::bias_accumulate_scaled(dst, v, &block.fc2.bias[c..], keep(&keep_mlp, r));
-            });
-            blocks.push(BlockTape { keep_attn, keep_mlp, norm1, qkv, weights, mixed, norm2, hidden, activated });
-        }
-
-        // The final norm, at the cls rows only.
-        let mut out = Standardized { xhat: zeros(images * dim), inv: zeros(images) };
-        let mut features = zeros(images * dim);
-        for i in 0..images {
-            let (xhat, feature) = (&mut out.xhat[i * dim..][..dim], &mut features[i * dim..][..dim]);
-            out.inv[i] = rows::standardize(xhat, &x[i * tokens_per_image * dim..][..dim], self.net.norm.eps);
-            for (((f, &v), &g), &b) in feature.iter_mut().zip(xhat.iter()).zip(&self.net.norm.weight).zip(&self.net.norm.bias) {
-                *f = v.mul_add(g, b);
-            }
-        }
-        (features, Tape { images, tokens: tokens_per_image, size: (h, w), patches, blocks, out })
-    }
-
     /// Adds the gradients of the parameters for the feature gradients `d_features` [B, D] of
     /// the forward pass that made `tape`.
-    pub fn backward(&self, tape: &Tape<E>, d_features: &[f32], grads: &mut Gradients) {
-        let dim = self.net.dim;
+    pub(super) fn backward(&self, tape: &Tape<E>, d_features: &[f32], grads: &mut Gradients) {
+        let dim = self.dim;
         let (images, tokens_per_image) = (tape.images, tape.tokens);
         let rows = images * tokens_per_image;
         let mut dx = zeros(rows * dim);
         for i in 0..images {
             let (d, xhat) = (&d_features[i * dim..][..dim], &tape.out.xhat[i * dim..][..dim]);
-            rows::layer_norm_backward(&mut dx[i * tokens_per_image * dim..][..dim], d, xhat, &self.net.norm.weight, tape.out.inv[i]);
+            rows::layer_norm_backward(&mut dx[i * tokens_per_image * dim..][..dim], d, xhat, &self.norm.weight, tape.out.inv[i]);
             for ((w, &g), &x) in grads.norm.weight.iter_mut().zip(d).zip(xhat) {
                 *w += g * x;
             }
             add(&mut grads.norm.bias, d);
         }
 
-        let hidden_dim = self.net.blocks.first().map_or(0, |b| b.fc1.out_dim());
+        let hidden_dim = self.blocks.first().map_or(0, |b| b.fc1.out_dim());
         let mut ws = Workspace {
             dy: Matrix::zeros(rows, dim),
             dn: zeros(rows * dim),
@@ -394,13 +250,13 @@ impl<E: Element> StudentVit<E> {
             hidden_t: Matrix::zeros(hidden_dim, rows),
             packed: Packed::default(),
         };
-        for ((layers, saved), g) in self.net.blocks.iter().zip(&tape.blocks).zip(grads.blocks.iter_mut()).rev() {
+        for ((layers, saved), g) in self.blocks.iter().zip(&tape.blocks).zip(grads.blocks.iter_mut()).rev() {
             // MLP branch: x += keep · (gelu(h)·W2 + b2), h = n2·W1 + b1.
             branch_gradient(&dx, saved.keep_mlp.as_deref(), tokens_per_image, &mut ws.dy, &mut g.fc2.bias);
             let (activated, hidden_stride) = (saved.activated.view_data(), saved.activated.stride());
             transpose_into(&mut ws.hidden_t, rows, |r, c0, segment| segment.copy_from_slice(&activated[r * hidden_stride + c0..][..segment.len()]));
             weight_gradient(&ws.hidden_t, &ws.dy, rows, &mut ws.packed, &mut g.fc2.weight);
-            let hidden = saved.hidden.view_data();
+            let hidden = saved.hidden.as_ref().expect("a training tape keeps fc1's output").view_data();
             matmul::matmul(ws.dy.view(), transposed_weight(&layers.fc2), ws.d_hidden.data_mut(), hidden_stride, |dst, v, r, c| {
                 rows::gelu_backward_to(dst, v, &hidden[r * hidden_stride + c..]);
             });
@@ -429,10 +285,10 @@ impl<E: Element> StudentVit<E> {
     /// Gradients of q, k and v [rows, 3D] from the heads' output gradient `d_mixed` [rows, D],
     /// one image per task: with P the kept weights, dP = dO·vᵀ, dS = P ⊙ (dP - rowsum(dP ⊙ P)),
     /// dq = dS·k · scale, dk = dSᵀ·q_scaled, dv = Pᵀ·dO.
-    fn attention_backward(&self, saved: &BlockTape<E>, d_mixed: &Matrix<E>, images: usize, tokens: usize, d_qkv: &mut Matrix<E>) {
-        let (dim, heads) = (self.net.dim, self.net.num_heads);
+    fn attention_backward(&self, saved: &BlockActivations<E>, d_mixed: &Matrix<E>, images: usize, tokens: usize, d_qkv: &mut Matrix<E>) {
+        let (dim, heads) = (self.dim, self.num_heads);
         let head_dim = dim / heads;
-        let scale = self.net.qkv_scale[0];
+        let scale = self.qkv_scale[0];
         let out_stride = d_qkv.stride();
         let (qkv, qkv_stride) = (saved.qkv.view_data(), saved.qkv.stride());
         let (d_out, d_stride) = (d_mixed.view_data(), d_mixed.stride());
@@ -479,7 +335,7 @@ impl<E: Element> StudentVit<E> {
     /// the input was not at the trained size) and the patch projection from the token
     /// gradients `dx`.
     fn embedding_backward(&self, tape: &Tape<E>, dx: &[f32], grads: &mut Gradients) {
-        let (dim, p) = (self.net.dim, self.net.patch_size);
+        let (dim, p) = (self.dim, self.patch_size);
         let (images, tokens_per_image) = (tape.images, tape.tokens);
         let patches = tokens_per_image - 1;
         let mut d_pos = zeros(tokens_per_image * dim);
