@@ -2,7 +2,8 @@
 //! only detection can create, and every kernel that needs a CPU feature — the 32×32 block of a
 //! matrix product (bf16 on AMX tiles or with AVX512-BF16 dot products, f32 with AVX-512 or
 //! AVX2 FMAs, or plain code) and the compilations of the row kernels (`rows.rs`) for AVX-512,
-//! AVX2+FMA and plain code.
+//! AVX2+FMA and plain code — and the allocator setting that keeps the engine's freed buffers
+//! for its next step.
 //!
 //! All `unsafe` of the engine is here. A kernel compiled for a feature is only called through
 //! a token whose path detection granted, which is what makes those calls sound.
@@ -100,6 +101,24 @@ fn amx_granted() -> bool {
     })
 }
 
+/// Keeps the memory the engine frees for its next allocations instead of handing it back to
+/// the kernel. A training step allocates the same large buffers every step (the tape: each
+/// block's activations), and pages fresh from the kernel cost a page fault and zeroing each:
+/// 5-10% of a step (BENCHMARKS.md). glibc serves blocks over 128 KiB-32 MiB with mmap of their
+/// own and unmaps them when freed; with mmap and trimming off, freed blocks go back to the
+/// heap's free lists and the next step's buffers are carved from them, pages in place. The
+/// peak is unchanged; the heap no longer shrinks after it.
+fn keep_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets glibc's allocator parameters (under the allocator's own lock)
+    // and touches no memory of ours; -1 is the documented value that turns trimming off.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_MAX, 0);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, -1);
+        libc::mallopt(libc::M_TOP_PAD, 64 << 20);
+    }
+}
+
 /// Proof that CPU detection granted a path: the only way to reach the kernels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Cpu {
@@ -124,7 +143,12 @@ impl Cpu {
     /// An error names the variable when it asks for an unknown or unsupported path.
     pub fn selected() -> Result<Cpu, String> {
         static SELECTED: OnceLock<Result<Cpu, String>> = OnceLock::new();
-        SELECTED.get_or_init(|| Self::select(std::env::var(PATH_VARIABLE).ok().as_deref())).clone()
+        SELECTED
+            .get_or_init(|| {
+                keep_freed_memory();
+                Self::select(std::env::var(PATH_VARIABLE).ok().as_deref())
+            })
+            .clone()
     }
 
     /// Whether the selected path was forced by `DINO_ENGINE_PATH`.
