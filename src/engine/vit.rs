@@ -265,7 +265,6 @@ impl<E: Element> Vit<E> {
         let dim = self.dim;
         let (x, patches, blocks) = self.stream(pixels, images, (h, w), rng, |_, _| {});
         let tokens = x.len() / (images * dim);
-        let training = self.mode == Mode::Training;
         // The final norm, at the cls rows only.
         let mut out = Standardized::new(images, dim, true);
         let mut features = zeros(images * dim);
@@ -273,7 +272,7 @@ impl<E: Element> Vit<E> {
             out.inv[i] = rows::standardize(xhat, &x[i * tokens * dim..][..dim], self.norm.eps);
             rows::affine_to(feature, xhat, &self.norm.weight, &self.norm.bias);
         }
-        let tape = training.then(|| Tape { images, tokens, size: (h, w), patches, blocks, out });
+        let tape = (self.mode == Mode::Training).then_some(Tape { images, tokens, size: (h, w), patches, blocks, out });
         (features, tape)
     }
 
