@@ -86,6 +86,10 @@ pub fn bool_value(text: &str) -> Result<bool, String> {
 
 /// Runs a parsed command line; `matches` tells flags given explicitly from defaults.
 pub fn run(cli: Cli, matches: &ArgMatches) -> Result<()> {
+    // Training sizes its compute threads once it knows how many processes share the machine.
+    if !matches!(cli.command, Command::Train(_)) {
+        crate::engine::join_compute_threads(0)?;
+    }
     match cli.command {
         Command::Train(config) => {
             let sub = matches.subcommand_matches("train").expect("train subcommand");

@@ -18,6 +18,20 @@ pub mod vit;
 
 pub use vit::EngineVit;
 
+/// Makes the calling thread worker 0 of rayon's global pool of `threads` compute threads (0:
+/// rayon's default, `RAYON_NUM_THREADS` or one per core), which the engine, burn-flex and `gemm`
+/// all run on. The calling thread issues every parallel operation, so as a worker it takes its
+/// share of each one instead of handing it over and sleeping until the pool is done; at
+/// ViT-Micro's small operations that hand-over cost a third of the training step's time
+/// (BENCHMARKS.md). Call it once, before anything uses rayon.
+pub fn join_compute_threads(threads: usize) -> anyhow::Result<()> {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .use_current_thread()
+        .build_global()
+        .map_err(|e| anyhow::anyhow!("starting the compute threads: {e}"))
+}
+
 /// Arithmetic of a ViT backbone's matrix products.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]

@@ -65,18 +65,18 @@ pub enum Outcome {
 /// `dino train` as a job of one process, or of every process an MPI launcher started.
 pub fn run(cfg: &TrainConfig) -> Result<()> {
     let dist = Dist::from_launcher()?;
+    // Several processes: each takes its part of the machine's cores.
+    let threads = if dist.world_size() > 1 && std::env::var_os("RAYON_NUM_THREADS").is_none() { dist.cores() } else { 0 };
+    crate::engine::join_compute_threads(threads)?;
     if dist.world_size() == 1 {
         if train(cfg, &dist)? == Outcome::Finished {
             eprintln!("training finished: {}", cfg.output_dir.display());
         }
         return Ok(());
     }
-    // Several processes: each takes its part of the machine's cores, and an error or a panic on
-    // any of them ends them all rather than leaving the others waiting in a collective.
+    // Several processes: an error or a panic on any of them ends them all rather than leaving the
+    // others waiting in a collective.
     crate::dist::abort_job_on_panic();
-    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
-        rayon::ThreadPoolBuilder::new().num_threads(dist.cores()).build_global().context("compute threads")?;
-    }
     match train(cfg, &dist) {
         Ok(outcome) => {
             if outcome == Outcome::Finished && dist.is_main() {
