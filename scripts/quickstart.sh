@@ -29,10 +29,12 @@ patch=$(setting patch_size)
 size=$(setting global_crop_size)
 top1() { "$dino" knn --data_path "$data" --center_crop 1 --subset_train 10000 --subset_test 2000 --nb_knn 20 "$@" 2>/dev/null | sed -n 's/.*Top1: \([0-9.]*\).*/\1/p'; }
 trained=$(top1 --checkpoint "$out/checkpoint.safetensors")
+trained_mean=$(top1 --checkpoint "$out/checkpoint.safetensors" --pooling mean)
 untrained=$(top1 --random_init --arch "$arch" --patch_size "$patch" --image_size "$size")
 pixels=$(top1 --pixels --image_size "$size")
 echo
 echo "20-NN top-1 on Fashion-MNIST (10000 train / 2000 test images):"
 printf "  %-44s %6s%%\n" "DINO teacher after $minutes min ($arch/$patch)" "$trained" \
+  "  with the mean patch token (--pooling mean)" "$trained_mean" \
   "the same network untrained" "$untrained" "raw pixels" "$pixels"
 echo "logs, plot and checkpoint: $out (log.txt, training.png, checkpoint.safetensors)"
