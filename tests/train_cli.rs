@@ -538,3 +538,16 @@ fn a_format_1_checkpoint_evaluates_and_resumes() {
 fn run_args(args: &str) -> Output {
     run(&args.split_whitespace().map(String::from).collect::<Vec<_>>())
 }
+
+/// `model-info` takes its flags in the same snake_case as `train` (as the README shows) and
+/// counts the quick preset's ViT-Micro/7 at 28 px by hand: 4·4 patches + cls = 17 tokens;
+/// patch projection 64·3·7·7 + 64 = 9472, cls 64, position embedding 17·64 = 1088, four
+/// blocks of 2·128 (norms) + 64·192 + 192 (qkv) + 64·64 + 64 (proj) + 64·256 + 256 (fc1) +
+/// 256·64 + 64 (fc2) = 49984 each, final norm 128: 210688.
+#[test]
+fn model_info_counts_a_vit_by_hand() {
+    let (ok, stdout, stderr) = common::run_dino(&["model-info", "--arch", "vit_micro", "--patch_size", "7", "--img_size", "28", "--out_dim", "64"]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("vit_micro/7 at 28px: 17 tokens, dim 64, depth 4, heads 2"), "{stdout}");
+    assert!(stdout.contains("backbone parameters: 210688"), "{stdout}");
+}

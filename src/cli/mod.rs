@@ -59,6 +59,7 @@ pub enum Command {
         paths: bool,
     },
     /// Print the size of a backbone and its DINO head.
+    #[command(name = "model-info", rename_all = "snake_case")]
     ModelInfo {
         /// vit_micro, vit_tiny, vit_small, vit_base, resnet50 or resnet_micro.
         #[arg(long, default_value = crate::train::config::ARCH)]
@@ -69,6 +70,7 @@ pub enum Command {
         /// Side of the training images.
         #[arg(long, default_value_t = crate::train::config::GLOBAL_CROP_SIZE)]
         img_size: usize,
+        /// Output dimension of the DINO head (its number of prototypes).
         #[arg(long, default_value_t = crate::train::config::OUT_DIM)]
         out_dim: usize,
     },
