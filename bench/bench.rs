@@ -48,7 +48,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn main() {
-    dino::engine::join_compute_threads(0).expect("compute threads");
+    dino::engine::start_compute(0).expect("compute threads");
     let mode: String = arg("--mode", "step".to_string());
     let arch: String = arg("--arch", "vit_tiny".to_string());
     let (patch, batch, out_dim): (usize, usize, usize) = (arg("--patch", 16), arg("--batch", 8), arg("--out_dim", 65536));

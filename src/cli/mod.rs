@@ -90,7 +90,7 @@ pub fn bool_value(text: &str) -> Result<bool, String> {
 pub fn run(cli: Cli, matches: &ArgMatches) -> Result<()> {
     // Training sizes its compute threads once it knows how many processes share the machine.
     if !matches!(cli.command, Command::Train(_)) {
-        crate::engine::join_compute_threads(0)?;
+        crate::engine::start_compute(0)?;
     }
     match cli.command {
         Command::Train(config) => {

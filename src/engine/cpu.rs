@@ -108,7 +108,7 @@ fn amx_granted() -> bool {
 /// own and unmaps them when freed; with mmap and trimming off, freed blocks go back to the
 /// heap's free lists and the next step's buffers are carved from them, pages in place. The
 /// peak is unchanged; the heap no longer shrinks after it.
-fn keep_freed_memory() {
+pub(super) fn keep_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only sets glibc's allocator parameters (under the allocator's own lock)
     // and touches no memory of ours; -1 is the documented value that turns trimming off.
@@ -143,12 +143,7 @@ impl Cpu {
     /// An error names the variable when it asks for an unknown or unsupported path.
     pub fn selected() -> Result<Cpu, String> {
         static SELECTED: OnceLock<Result<Cpu, String>> = OnceLock::new();
-        SELECTED
-            .get_or_init(|| {
-                keep_freed_memory();
-                Self::select(std::env::var(PATH_VARIABLE).ok().as_deref())
-            })
-            .clone()
+        SELECTED.get_or_init(|| Self::select(std::env::var(PATH_VARIABLE).ok().as_deref())).clone()
     }
 
     /// Whether the selected path was forced by `DINO_ENGINE_PATH`.

@@ -18,13 +18,18 @@ pub mod vit;
 
 pub use vit::EngineVit;
 
-/// Makes the calling thread worker 0 of rayon's global pool of `threads` compute threads (0:
-/// rayon's default, `RAYON_NUM_THREADS` or one per core), which the engine, burn-flex and `gemm`
-/// all run on. The calling thread issues every parallel operation, so as a worker it takes its
-/// share of each one instead of handing it over and sleeping until the pool is done; at
-/// ViT-Micro's small operations that hand-over cost a third of the training step's time
-/// (BENCHMARKS.md). Call it once, before anything uses rayon.
-pub fn join_compute_threads(threads: usize) -> anyhow::Result<()> {
+/// Sets the process up for computing, once at the start of a command, before anything uses
+/// rayon or allocates large buffers:
+/// - the calling thread becomes worker 0 of rayon's global pool of `threads` compute threads
+///   (0: rayon's default, `RAYON_NUM_THREADS` or one per core), which the engine, burn-flex and
+///   `gemm` all run on. The calling thread issues every parallel operation, so as a worker it
+///   takes its share of each one instead of handing it over and sleeping until the pool is
+///   done; at ViT-Micro's small operations that hand-over cost a third of the training step's
+///   time (BENCHMARKS.md);
+/// - freed memory is kept for the next allocations (`cpu::keep_freed_memory`), so a step's
+///   buffers reuse the last step's pages.
+pub fn start_compute(threads: usize) -> anyhow::Result<()> {
+    cpu::keep_freed_memory();
     rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .use_current_thread()

@@ -177,6 +177,11 @@ pub struct Vit<E: Element> {
     resized_pos: Mutex<PositionCache>,
 }
 
+/// The width of each of `vit`'s attention heads.
+fn head_width(vit: &VisionTransformer) -> usize {
+    vit.embed_dim() / vit.blocks.first().map_or(1, |b| b.attn.num_heads)
+}
+
 pub(super) fn host<const D: usize>(t: Tensor<D>) -> Vec<f32> {
     HostTensor::from_tensor(t).values
 }
@@ -192,8 +197,7 @@ impl EngineVit {
     /// Whether the engine can compute this ViT: its heads are whole 32-wide slices. (The
     /// engine computes on the host, so it stands in for burn on the CPU device only.)
     pub fn fits(vit: &VisionTransformer) -> bool {
-        let head_dim = vit.embed_dim() / vit.blocks.first().map_or(1, |b| b.attn.num_heads);
-        head_dim.is_multiple_of(32)
+        head_width(vit).is_multiple_of(32)
     }
 
     /// Packs a ViT's weights for inference at `precision`; an error when the engine's path
@@ -239,9 +243,9 @@ impl<E: Element> Vit<E> {
             transposed: None,
             bias: host(vit.patch_embed.bias.val()),
         };
-        let num_heads = vit.blocks.first().map_or(1, |b| b.attn.num_heads);
-        let head_dim = dim / num_heads;
-        anyhow::ensure!(head_dim.is_multiple_of(32), "{what} needs a head width that is a multiple of 32, not {head_dim}");
+        let head_dim = head_width(vit);
+        anyhow::ensure!(EngineVit::fits(vit), "{what} needs a head width that is a multiple of 32, not {head_dim}");
+        let num_heads = dim / head_dim;
         Ok(Self {
             mode,
             patch_size: vit.patch_size(),

@@ -67,7 +67,7 @@ pub fn run(cfg: &TrainConfig) -> Result<()> {
     let dist = Dist::from_launcher()?;
     // Several processes: each takes its part of the machine's cores.
     let threads = if dist.world_size() > 1 && std::env::var_os("RAYON_NUM_THREADS").is_none() { dist.cores() } else { 0 };
-    crate::engine::join_compute_threads(threads)?;
+    crate::engine::start_compute(threads)?;
     if dist.world_size() == 1 {
         if train(cfg, &dist)? == Outcome::Finished {
             eprintln!("training finished: {}", cfg.output_dir.display());
