@@ -58,8 +58,8 @@ fn main() {
     let device: String = arg("--device", "cpu".to_string());
     let precision: String = arg("--precision", "f32".to_string());
     let precision = <Precision as clap::ValueEnum>::from_str(&precision, true).expect("--precision f32 or bf16");
-    let kind = <dino::train::config::DeviceKind as clap::ValueEnum>::from_str(&device, true).expect("--device cpu, cuda or vulkan");
-    let dev = dino::train::trainer::device_for(kind, None).expect("device available in this build");
+    let kind = <dino::device::DeviceKind as clap::ValueEnum>::from_str(&device, true).expect("--device cpu, cuda or vulkan");
+    let dev = kind.open(None).expect("device available in this build");
     let mut vit = VitConfig::from_arch(&arch, patch).expect("known arch");
     vit.img_size = gsize;
     vit.drop_path_rate = 0.1;

@@ -5,6 +5,7 @@
 
 pub mod cli;
 pub mod data;
+pub mod device;
 pub mod dist;
 pub mod eval;
 pub mod engine;

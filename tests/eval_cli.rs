@@ -1,5 +1,6 @@
 //! `dino attention` and `dino video-seg` as a user runs them, on real images from Debian
-//! packages (scripts/fetch_test_data.sh puts them in target/test-data; .ci/run calls it).
+//! packages (scripts/fetch_test_data.sh puts them in target/test-data; .ci/run calls it), and
+//! the --device flag that every command running a backbone takes.
 
 mod common;
 
@@ -132,4 +133,27 @@ fn video_segmentation_of_a_real_sequence() {
     // The reference's whole-DAVIS command line is refused in one line saying how to run a video.
     let (ok, _, err) = dino(&["video-seg", "--data_path", "/data/DAVIS", "--bs", "6", "--output_dir", masks.to_str().unwrap(), "--random_init"]);
     assert!(!ok && err.trim().lines().count() == 1 && err.contains("--frames /data/DAVIS/JPEGImages/480p/VIDEO"), "{err}");
+}
+
+/// Every command that runs a backbone takes --device; a build without a GPU backend (the
+/// default, which CI runs) refuses cuda and vulkan in one line naming the flag and the build.
+#[cfg(not(any(feature = "cuda", feature = "vulkan")))]
+#[test]
+fn gpu_devices_are_refused_in_one_line_by_a_cpu_only_build() {
+    let commands: [&[&str]; 7] = [
+        &["extract", "--data", "d", "--output_dir", "o"],
+        &["knn", "--pixels"],
+        &["linear", "--random_init"],
+        &["attention", "--image_path", "i.png", "--random_init"],
+        &["video-seg", "--random_init", "--output_dir", "o", "--frames", "f", "--first_mask", "m.png"],
+        &["retrieval", "--random_init"],
+        &["copy-detection", "--random_init", "--data_path", "d"],
+    ];
+    for command in commands {
+        for (device, backend) in [("cuda", "CUDA"), ("vulkan", "Vulkan")] {
+            let (ok, _, err) = dino(&[command, &["--device", device]].concat());
+            let line = format!("--device {device}: this binary was built without {backend}");
+            assert!(!ok && err.trim().lines().count() == 1 && err.contains(&line), "{command:?} --device {device}: {err}");
+        }
+    }
 }

@@ -4,10 +4,10 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
-use burn::tensor::Device;
 use clap::Args;
 
 use super::backbone::BackboneArgs;
+use super::eval_args::DeviceArgs;
 use crate::data::augment::{normalize_to_chw, resize_crop_to};
 use crate::data::dataset::decode_file;
 use crate::eval::attention::{blend, cls_attention, heatmap, mask_image, mass_mask};
@@ -24,6 +24,8 @@ pub struct AttentionArgs {
     pub output_dir: PathBuf,
     #[command(flatten)]
     pub backbone: BackboneArgs,
+    #[command(flatten)]
+    pub device: DeviceArgs,
     /// One number: the shorter side is resized to it (aspect kept; 0: native size). Two, H W
     /// (the reference's form): the image is resized to exactly H × W. Then it is cropped to a
     /// multiple of the patch size.
@@ -41,7 +43,7 @@ pub fn run(args: AttentionArgs) -> Result<()> {
     if !(0.0..=1.0).contains(&args.threshold) {
         bail!("--threshold must be in [0, 1], got {}", args.threshold);
     }
-    let device = Device::flex();
+    let device = args.device.open()?;
     let img = decode_file(&args.image_path).with_context(|| format!("--image_path {}", args.image_path.display()))?;
     let backbone = args.backbone.load(&device)?;
     let vit = backbone.network.vit("attention maps")?;

@@ -4,11 +4,10 @@
 use std::path::PathBuf;
 
 use anyhow::{Result, bail};
-use burn::tensor::Device;
 use clap::Args;
 
 use super::backbone::BackboneArgs;
-use super::eval_args::{PrecisionArgs, ReferencePlumbing};
+use super::eval_args::{DeviceArgs, PrecisionArgs, ReferencePlumbing};
 use crate::eval::copy_detection::{self, LAYOUT, Setup};
 use crate::eval::features::FeatureCache;
 
@@ -32,6 +31,8 @@ pub struct CopyDetectionArgs {
     #[command(flatten)]
     pub backbone: BackboneArgs,
     #[command(flatten)]
+    pub device: DeviceArgs,
+    #[command(flatten)]
     pub reference: ReferencePlumbing,
     #[command(flatten)]
     pub precision: PrecisionArgs,
@@ -49,7 +50,7 @@ pub struct CopyDetectionArgs {
 
 pub fn run(args: CopyDetectionArgs) -> Result<()> {
     args.reference.note();
-    let device = Device::flex();
+    let device = args.device.open()?;
     let backbone = args.backbone.load(&device)?;
     if backbone.network.vit("copy detection").is_err() {
         bail!("--pretrained_weights: copy detection pools a ViT's patch tokens; this is a ResNet");

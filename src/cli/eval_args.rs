@@ -6,6 +6,7 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 
 use crate::data::dataset::{Dataset, IdxSplit, SUBSET_SEED};
+use crate::device::DeviceKind;
 use crate::eval::features::{EvalTransform, FeatureLayout, FeatureNetwork, Precision, REFERENCE_CROP};
 use crate::model::{FALLBACK_IMAGE_SIZE, Network};
 
@@ -27,8 +28,8 @@ pub struct TransformArgs {
 
 /// Flags of the reference's evaluation scripts that are plumbing there (its launcher, CUDA,
 /// loader workers), accepted so that its command lines run as pasted, and hidden from --help:
-/// the launcher's mean nothing here, image decoding uses every core, and evaluation runs on
-/// the CPU (`--use_cuda true` says so on stderr).
+/// the launcher's mean nothing here, image decoding uses every core, and --device says where
+/// the backbone runs (`--use_cuda true` says so on stderr).
 #[derive(Debug, Args)]
 #[command(rename_all = "snake_case")]
 pub struct ReferencePlumbing {
@@ -46,7 +47,7 @@ impl ReferencePlumbing {
     /// Says on stderr what a pasted flag does not do here.
     pub fn note(&self) {
         if self.use_cuda == Some(true) {
-            eprintln!("note: --use_cuda is ignored: evaluation runs on the CPU");
+            eprintln!("note: --use_cuda is ignored: the backbone runs where --device says (cpu unless given)");
         }
     }
 }
@@ -107,6 +108,24 @@ pub fn eval_transform(size: usize, center_crop: f64) -> Result<EvalTransform> {
     Ok(EvalTransform { size, crop: center_crop })
 }
 
+/// Where the backbone runs.
+#[derive(Debug, Clone, Args)]
+#[command(rename_all = "snake_case")]
+pub struct DeviceArgs {
+    /// Device of the backbone's forward passes: cpu, or cuda / vulkan in a binary built for
+    /// them (README, GPUs); features come back to the host, results equal the CPU's within
+    /// float tolerance.
+    #[arg(long, value_enum, default_value = "cpu")]
+    pub device: DeviceKind,
+}
+
+impl DeviceArgs {
+    /// The burn device; an error in one line when this binary lacks its backend.
+    pub fn open(&self) -> Result<burn::tensor::Device> {
+        self.device.open(None)
+    }
+}
+
 /// How the backbone computes features.
 #[derive(Debug, Clone, Args)]
 #[command(rename_all = "snake_case")]
@@ -120,7 +139,7 @@ pub struct PrecisionArgs {
 }
 
 impl PrecisionArgs {
-    /// The network prepared for this precision.
+    /// The network prepared for this precision; bf16 runs on the CPU's engine only.
     pub fn prepare<'a>(&self, network: &'a Network) -> Result<FeatureNetwork<'a>> {
         FeatureNetwork::new(network, self.precision)
     }

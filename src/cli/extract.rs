@@ -5,11 +5,10 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
-use burn::tensor::Device;
 use clap::Args;
 
 use super::backbone::BackboneArgs;
-use super::eval_args::{Pooling, PrecisionArgs, TransformArgs, check_last_blocks, open_dataset};
+use super::eval_args::{DeviceArgs, Pooling, PrecisionArgs, TransformArgs, check_last_blocks, open_dataset};
 use crate::data::dataset::IdxSplit;
 use crate::eval::features::extract;
 use crate::weights::npy;
@@ -28,6 +27,8 @@ pub struct ExtractArgs {
     pub output_dir: PathBuf,
     #[command(flatten)]
     pub backbone: BackboneArgs,
+    #[command(flatten)]
+    pub device: DeviceArgs,
     #[command(flatten)]
     pub transform: TransformArgs,
     #[command(flatten)]
@@ -58,7 +59,7 @@ pub fn idx_split(split: &str) -> Result<IdxSplit> {
 }
 
 pub fn run(args: ExtractArgs) -> Result<()> {
-    let device = Device::flex();
+    let device = args.device.open()?;
     let dataset = open_dataset(&args.data, idx_split(&args.split)?, args.subset, "--data", false)?;
     let backbone = args.backbone.load(&device)?;
     check_last_blocks(&backbone.network, args.n_last_blocks)?;

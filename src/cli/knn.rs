@@ -5,11 +5,10 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Result, bail};
-use burn::tensor::Device;
 use clap::Args;
 
 use super::backbone::BackboneArgs;
-use super::eval_args::{LabelledPairArgs, Pooling, PrecisionArgs, ReferencePlumbing, TransformArgs};
+use super::eval_args::{DeviceArgs, LabelledPairArgs, Pooling, PrecisionArgs, ReferencePlumbing, TransformArgs};
 use crate::eval::features::{FeatureKind, extract};
 use crate::eval::knn::{LabelledFeatures, knn_accuracy};
 use crate::weights::npy;
@@ -21,6 +20,8 @@ pub struct KnnArgs {
     pub data: LabelledPairArgs,
     #[command(flatten)]
     pub backbone: BackboneArgs,
+    #[command(flatten)]
+    pub device: DeviceArgs,
     #[command(flatten)]
     pub reference: ReferencePlumbing,
     /// Use the raw centre-crop pixels as features (baseline).
@@ -56,7 +57,7 @@ pub struct KnnArgs {
 
 pub fn run(args: KnnArgs) -> Result<()> {
     args.reference.note();
-    let device = Device::flex();
+    let device = args.device.open()?;
     let sources = [args.backbone.given(), args.pixels, args.train_features.is_some()].iter().filter(|&&b| b).count();
     if sources != 1 {
         bail!("give exactly one feature source: --pretrained_weights, --random_init, --pixels or --train_features/--test_features");

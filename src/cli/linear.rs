@@ -6,11 +6,10 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use burn::tensor::Device;
 use clap::Args;
 
 use super::backbone::BackboneArgs;
-use super::eval_args::{LabelledPairArgs, PrecisionArgs, ReferencePlumbing, check_last_blocks, eval_transform};
+use super::eval_args::{DeviceArgs, LabelledPairArgs, PrecisionArgs, ReferencePlumbing, check_last_blocks, eval_transform};
 use crate::eval::features::{FeatureLayout, REFERENCE_CROP, feature_dim};
 use crate::eval::linear::{ProbeSettings, train_probe};
 use crate::model::FALLBACK_IMAGE_SIZE;
@@ -26,6 +25,8 @@ pub struct LinearArgs {
     pub output_dir: PathBuf,
     #[command(flatten)]
     pub backbone: BackboneArgs,
+    #[command(flatten)]
+    pub device: DeviceArgs,
     #[command(flatten)]
     pub reference: ReferencePlumbing,
     #[command(flatten)]
@@ -80,7 +81,7 @@ pub fn run(args: LinearArgs) -> Result<()> {
         seed: args.seed,
     };
     settings.validate()?;
-    let device = Device::flex();
+    let device = args.device.open()?;
     let (train, test) = args.data.open((args.subset_train, args.subset_test))?;
     let backbone = args.backbone.load(&device)?;
     check_last_blocks(&backbone.network, args.n_last_blocks)?;

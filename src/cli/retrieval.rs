@@ -4,11 +4,10 @@
 use std::path::PathBuf;
 
 use anyhow::{Result, bail};
-use burn::tensor::Device;
 use clap::Args;
 
 use super::backbone::BackboneArgs;
-use super::eval_args::{PrecisionArgs, ReferencePlumbing, open_dataset};
+use super::eval_args::{DeviceArgs, PrecisionArgs, ReferencePlumbing, open_dataset};
 use crate::data::dataset::{Dataset, IdxSplit};
 use crate::eval::features::{FeatureCache, FeatureLayout};
 use crate::eval::retrieval::{self, Protocol, Revisited};
@@ -34,6 +33,8 @@ pub struct RetrievalArgs {
     #[command(flatten)]
     pub backbone: BackboneArgs,
     #[command(flatten)]
+    pub device: DeviceArgs,
+    #[command(flatten)]
     pub reference: ReferencePlumbing,
     #[command(flatten)]
     pub precision: PrecisionArgs,
@@ -54,7 +55,7 @@ pub struct RetrievalArgs {
 
 pub fn run(args: RetrievalArgs) -> Result<()> {
     args.reference.note();
-    let device = Device::flex();
+    let device = args.device.open()?;
     if args.ks.contains(&0) {
         bail!("--ks values must be positive");
     }

@@ -5,10 +5,10 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
-use burn::tensor::Device;
 use clap::Args;
 
 use super::backbone::BackboneArgs;
+use super::eval_args::DeviceArgs;
 use crate::data::dataset::{image_files, image_size};
 use crate::data::palette::LabelMap;
 use crate::eval::video::{self, PropagationConfig, SegmentSettings};
@@ -36,6 +36,8 @@ pub struct VideoArgs {
     pub gt: Option<PathBuf>,
     #[command(flatten)]
     pub backbone: BackboneArgs,
+    #[command(flatten)]
+    pub device: DeviceArgs,
     /// Frames are resized so the shorter side is this (the longer to a multiple of 64).
     #[arg(long, default_value_t = 480)]
     pub scale: usize,
@@ -55,7 +57,7 @@ pub struct VideoArgs {
 }
 
 pub fn run(args: VideoArgs) -> Result<()> {
-    let device = Device::flex();
+    let device = args.device.open()?;
     let (Some(frames_dir), Some(first_mask)) = (&args.frames, &args.first_mask) else {
         let root = args.data_path.as_deref().unwrap_or(std::path::Path::new("DAVIS")).display().to_string();
         bail!("--data_path: video-seg segments one video per run; give --frames {root}/JPEGImages/480p/VIDEO --first_mask {root}/Annotations/480p/VIDEO/00000.png (and --gt {root}/Annotations/480p/VIDEO for J and F)");

@@ -128,7 +128,8 @@ pub struct FeatureNetwork<'a> {
 }
 
 impl<'a> FeatureNetwork<'a> {
-    /// An error naming --precision when bf16 is asked of a ResNet or of a CPU without bf16 products.
+    /// An error naming --precision when bf16 is asked of a ResNet, of a GPU or of a CPU without
+    /// bf16 products.
     pub fn new(network: &'a Network, precision: Precision) -> anyhow::Result<Self> {
         let engine = match precision {
             Precision::F32 => match network {
@@ -137,6 +138,10 @@ impl<'a> FeatureNetwork<'a> {
             },
             Precision::Bf16 => {
                 let vit = network.vit("--precision bf16")?;
+                anyhow::ensure!(
+                    vit.cls_token.val().device() == Device::flex(),
+                    "--precision bf16 runs on --device cpu only (the CPU engine's bf16 products); use --precision f32 on GPUs"
+                );
                 crate::engine::check_available("--precision")?;
                 Some(EngineVit::new(vit, precision).context("--precision bf16")?)
             }

@@ -9,6 +9,7 @@ use clap::{ArgMatches, Args, ValueEnum};
 use serde::{Deserialize, Serialize};
 
 use super::optim::OptimizerKind;
+use crate::device::DeviceKind;
 use crate::engine::Precision;
 use crate::data::augment::MultiCropConfig;
 use super::loss::{CENTER_MOMENTUM, STUDENT_TEMP};
@@ -88,16 +89,6 @@ fn resnet_recipe() -> Vec<(&'static str, serde_json::Value)> {
         ("global_crops_scale", json!([0.14, 1.0])),
         ("local_crops_scale", json!([0.05, 0.14])),
     ]
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum DeviceKind {
-    Cpu,
-    /// NVIDIA GPU 0 (a binary built with `--features cuda`).
-    Cuda,
-    /// The default GPU through Vulkan (a binary built with `--features vulkan`).
-    Vulkan,
 }
 
 /// `dino train` settings. Flag names follow the reference's main_dino.py.

@@ -20,7 +20,7 @@ use rand::rngs::StdRng;
 use serde_json::json;
 
 use super::checkpoint::{self, Progress, TrainState};
-use super::config::{DeviceKind, TrainConfig};
+use super::config::TrainConfig;
 use super::log::{StepMetrics, append_line, plot, read_knn_points, read_step_metrics};
 use super::loss::DinoLoss;
 use super::online_knn::OnlineKnn;
@@ -30,30 +30,11 @@ use super::schedule::{Plan, Schedules, StepValues};
 use super::step::{Crops, TrainStep};
 use crate::data::dataset::{Dataset, IdxSplit};
 use crate::data::loader::{Batch, Shard, mix_seed, start_epoch, steps_per_epoch};
+use crate::device::DeviceKind;
 use crate::dist::Dist;
 use crate::model::DinoModel;
 use crate::model::pretrained;
 use crate::weights::{self, HostTensor};
-
-/// The compute device a config asks for; `gpu` picks among the GPUs this process sees (the
-/// default one when `None`).
-pub fn device_for(kind: DeviceKind, gpu: Option<usize>) -> Result<Device> {
-    let _ = gpu;
-    match kind {
-        DeviceKind::Cpu => Ok(Device::flex()),
-        #[cfg(feature = "cuda")]
-        DeviceKind::Cuda => Ok(Device::cuda(gpu.unwrap_or(0))),
-        #[cfg(not(feature = "cuda"))]
-        DeviceKind::Cuda => bail!("--device cuda: this binary was built without CUDA; rebuild with `--features cuda`"),
-        #[cfg(feature = "vulkan")]
-        DeviceKind::Vulkan => Ok(Device::vulkan(match gpu {
-            None => burn::tensor::DeviceKind::DefaultDevice,
-            Some(i) => burn::tensor::DeviceKind::DiscreteGpu(i),
-        })),
-        #[cfg(not(feature = "vulkan"))]
-        DeviceKind::Vulkan => bail!("--device vulkan: this binary was built without Vulkan; rebuild with `--features vulkan`"),
-    }
-}
 
 /// How a run ended.
 #[derive(Debug, PartialEq)]
@@ -105,7 +86,7 @@ pub fn train(cfg: &TrainConfig, dist: &Dist) -> Result<Outcome> {
     if cfg.processes > 1 && has_batch_norm && cfg.device != DeviceKind::Cpu {
         bail!("--device {}: BatchNorm statistics are synchronised across processes on the CPU only (a ResNet or --use_bn_in_head under several processes)", format!("{:?}", cfg.device).to_lowercase());
     }
-    let device = device_for(cfg.device, gpu_of(dist))?;
+    let device = cfg.device.open(gpu_of(dist))?;
 
     // Data: each process takes its share of every global batch.
     let mut dataset = Dataset::open(cfg.data(), IdxSplit::Train).with_context(|| format!("--data {}", cfg.data().display()))?;
