@@ -25,7 +25,7 @@ pub struct BackboneArgs {
     /// Use a randomly initialised --arch network (a baseline).
     #[arg(long, default_value_t = false)]
     pub random_init: bool,
-    /// vit_micro, vit_tiny, vit_small, vit_base, resnet50 or resnet_micro: the model of
+    /// vit_micro, vit_mini, vit_tiny, vit_small, vit_base, resnet50 or resnet_micro: the model of
     /// --random_init (default vit_small); with ViT weights, fixes the head count (otherwise
     /// width / 64); checked against the weights.
     #[arg(long)]

@@ -61,7 +61,7 @@ pub enum Command {
     /// Print the size of a backbone and its DINO head.
     #[command(name = "model-info", rename_all = "snake_case")]
     ModelInfo {
-        /// vit_micro, vit_tiny, vit_small, vit_base, resnet50 or resnet_micro.
+        /// vit_micro, vit_mini, vit_tiny, vit_small, vit_base, resnet50 or resnet_micro.
         #[arg(long, default_value = crate::train::config::ARCH)]
         arch: String,
         /// Patch side (ViT only).

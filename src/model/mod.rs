@@ -26,7 +26,7 @@ pub use vit::{VisionTransformer, VitConfig};
 pub const FALLBACK_IMAGE_SIZE: usize = 224;
 
 /// Every `--arch` name, for error messages.
-pub const ARCHITECTURES: &str = "vit_micro, vit_tiny, vit_small, vit_base, resnet50, resnet_micro";
+pub const ARCHITECTURES: &str = "vit_micro, vit_mini, vit_tiny, vit_small, vit_base, resnet50, resnet_micro";
 
 /// A feature extractor of either family.
 #[derive(Module, Debug)]

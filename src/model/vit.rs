@@ -43,10 +43,12 @@ pub struct VitConfig {
 impl VitConfig {
     /// The named architecture at a patch size: `vit_tiny`, `vit_small`, `vit_base` (the
     /// reference's; `deit_tiny` and `deit_small` are their names in DINO's first releases),
-    /// or `vit_micro` (ours: dim 64, 4 blocks, for tests and smoke runs).
+    /// or ours for small images on a CPU: `vit_micro` (dim 64, 4 blocks, 2 heads: tests and
+    /// minutes-long runs) and `vit_mini` (dim 128, 4 blocks, 4 heads: hour-long runs).
     pub fn from_arch(arch: &str, patch_size: usize) -> Option<Self> {
         let (embed_dim, depth, num_heads) = match arch {
             "vit_micro" => (64, 4, 2),
+            "vit_mini" => (128, 4, 4),
             "vit_tiny" | "deit_tiny" => (192, 12, 3),
             "vit_small" | "deit_small" => (384, 12, 6),
             "vit_base" => (768, 12, 12),
