@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The check to run on a lent GPU machine (issue 15), which has no Rust: one GPU build of
-# `dino` and `examples/bench` (scripts/build_cuda.sh --pack for cuda; for vulkan,
+# `dino` and `examples/bench` (for cuda, scripts/build_cuda.sh --pack DIR writes DIR/dino.xz
+# and DIR/bench.xz, ~35 MB each, to carry over in two transfers and `xz -d` there; for vulkan,
 # `CARGO_TARGET_DIR=target-vulkan cargo build --release --features vulkan --bin dino --example bench`),
-# carried there with a labelled IDX dataset (Fashion-MNIST's four .gz files). It prints
+# with a labelled IDX dataset (Fashion-MNIST's four .gz files, 31 MB). It prints
 #   1. the GPU, driver and the CUDA libraries found (cubecl needs libcuda, and libnvrtc or
 #      CUDA's libdevice);
 #   2. the harness: ViT-S/16 extraction at batch 256, ViT-S/16 multi-crop steps at batch 32

@@ -7,8 +7,8 @@
 # alone). No CUDA toolkit is needed to build; at run time the GPU machine needs the NVIDIA
 # driver and CUDA's libdevice or libnvrtc (BENCHMARKS.md, GPUs).
 #   scripts/build_cuda.sh            # target-cuda/release/dino and examples/bench
-#   scripts/build_cuda.sh --pack DIR # also strips both and writes DIR/dino-cuda.tar.zst
-# A cold build takes about 40 minutes on 2 cores (BENCHMARKS.md); not part of .ci/run.
+#   scripts/build_cuda.sh --pack DIR # also strips both and writes DIR/dino.xz, DIR/bench.xz
+# A cold build takes about 27 minutes on 2 cores (BENCHMARKS.md); not part of .ci/run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -43,11 +43,14 @@ cargo build --release --locked --features cuda --bin dino --example bench
 echo "built in $(( $(date +%s) - start )) s: $CARGO_TARGET_DIR/release/dino ($(du -h "$CARGO_TARGET_DIR/release/dino" | cut -f1))" >&2
 
 if [ "${1:-}" = "--pack" ]; then
+  # Each stripped binary is ~170 MB and compresses to ~35 MB with xz (zstd -19: ~40 MB), so
+  # they travel to a GPU machine one per transfer when a transfer is capped near 64 MiB.
   out="${2:?scripts/build_cuda.sh --pack DIR}"
-  mkdir -p "$out/pack"
-  cp "$CARGO_TARGET_DIR/release/dino" "$CARGO_TARGET_DIR/release/examples/bench" "$out/pack/"
-  strip "$out/pack/dino" "$out/pack/bench"
-  tar -C "$out/pack" -cf - dino bench | zstd -q -19 -T0 -o "$out/dino-cuda.tar.zst" -f
-  rm -rf "$out/pack"
-  echo "packed: $out/dino-cuda.tar.zst ($(du -h "$out/dino-cuda.tar.zst" | cut -f1))" >&2
+  mkdir -p "$out"
+  for b in dino examples/bench; do
+    name=$(basename "$b")
+    strip -o "$out/$name" "$CARGO_TARGET_DIR/release/$b"
+    xz -9e -T0 -f "$out/$name"
+    echo "packed: $out/$name.xz ($(du -h "$out/$name.xz" | cut -f1))" >&2
+  done
 fi
