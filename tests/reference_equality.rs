@@ -52,7 +52,7 @@ fn vit_outputs_match_pytorch_at_three_resolutions() {
     for name in ["global", "local", "wide"] {
         let x: Tensor<4> = fx.tensor(&format!("{name}.input"), &dev);
         assert_tensor_close(&format!("{name} cls"), vit.forward(x.clone()), fx.host(&format!("{name}.cls")), TOL);
-        let layers = vit.intermediate_layers(x.clone(), last_n);
+        let layers = vit.intermediate_layers(x.clone(), last_n, dino::engine::Precision::F32);
         assert_eq!(layers.len(), last_n);
         for (i, tokens) in layers.into_iter().enumerate() {
             assert_tensor_close(&format!("{name} layer {i}"), tokens, fx.host(&format!("{name}.layers.{i}")), TOL);

@@ -154,7 +154,7 @@ fn cpu_info(names_only: bool) -> Result<()> {
         println!("{:<11} {state}", path.name());
     }
     if Cpu::engine_off() {
-        println!("the engine is off ({PATH_VARIABLE}=burn): f32 through burn, --precision bf16 refused");
+        println!("the engine is off ({PATH_VARIABLE}=burn): ViTs through burn, --precision bf16 on burn's bf16 products (widened to f32 on the CPU: slow)");
         return Ok(());
     }
     let bf16 = if selected.has_bf16_hardware() { "bf16 products in hardware" } else { "refused: no AMX-BF16 or AVX512-BF16" };

@@ -130,15 +130,22 @@ mod tests {
         (diff / norm.max(1e-30)).sqrt()
     }
 
-    /// The engine's operation in burn's graph against burn's own ops on the f32 model: a random
+    /// How a test computes the training features of crop groups.
+    type Features = fn(&VisionTransformer, &[Tensor<4>], &mut StdRng) -> Tensor<2>;
+
+    /// burn's own ops with the products at `precision`, group by group.
+    fn through_burn(vit: &VisionTransformer, groups: &[Tensor<4>], rng: &mut StdRng, precision: Precision) -> Tensor<2> {
+        Tensor::cat(groups.iter().map(|g| vit.forward_train(g.clone(), Some(&mut *rng), precision)).collect(), 0)
+    }
+
+    /// `candidate`'s features and gradients against burn's own ops on the f32 model: a random
     /// ViT with stochastic depth, one crop group at the trained size (37 tokens, so per-image
     /// views cross a 32-row block) and one resized (10 tokens, the position embedding goes
     /// through the bicubic resize), the same stochastic-depth draws on both sides, and a
     /// random feature gradient. The features and every parameter's gradient, as burn's
     /// backward pass leaves them, agree within the relative errors given (the products' input
     /// rounding for bf16, summation order for f32).
-    fn check_against_burn(precision: Precision, feature_error: f64, gradient_error: f64) {
-        eprintln!("engine path: {}, {precision:?}", super::super::cpu::Cpu::current().path().name());
+    fn check_against_burn(candidate: Features, feature_error: f64, gradient_error: f64) {
         let plain = Device::flex();
         let device = plain.clone().autodiff();
         let config = VitConfig { img_size: 48, patch_size: 8, embed_dim: 64, depth: 3, num_heads: 2, mlp_ratio: 4, drop_path_rate: 0.3 };
@@ -146,11 +153,10 @@ mod tests {
         let groups: Vec<Tensor<4>> = [(5, 48), (4, 24)].map(|(batch, size)| Tensor::random([batch, 3, size, size], Distribution::Normal(0.0, 1.0), &plain)).to_vec();
         let upstream = Tensor::<2>::random([9, 64], Distribution::Normal(0.0, 1.0), &plain);
 
-        let mut rng = StdRng::seed_from_u64(7);
-        let burn_features = Tensor::cat(groups.iter().map(|g| vit.forward_train(g.clone().autodiff(), Some(&mut rng))).collect(), 0);
-        let burn_grads = (burn_features.clone() * upstream.clone().autodiff()).sum().backward();
         let ad_groups: Vec<Tensor<4>> = groups.iter().map(|g| g.clone().autodiff()).collect();
-        let engine_features = features(&vit, &ad_groups, Some(&mut StdRng::seed_from_u64(7)), precision);
+        let burn_features = through_burn(&vit, &ad_groups, &mut StdRng::seed_from_u64(7), Precision::F32);
+        let burn_grads = (burn_features.clone() * upstream.clone().autodiff()).sum().backward();
+        let engine_features = candidate(&vit, &ad_groups, &mut StdRng::seed_from_u64(7));
         let engine_grads = (engine_features.clone() * upstream.autodiff()).sum().backward();
 
         let error = relative_error(&host(engine_features.without_autodiff()), &host(burn_features.without_autodiff()));
@@ -177,14 +183,34 @@ mod tests {
         assert_eq!(compare.compared, export(&vit).len(), "one gradient per parameter");
     }
 
+    fn on_the_engine(precision: Precision) -> Features {
+        eprintln!("engine path: {}, {precision:?}", super::super::cpu::Cpu::current().path().name());
+        match precision {
+            Precision::F32 => |vit, groups, rng| features(vit, groups, Some(rng), Precision::F32),
+            Precision::Bf16 => |vit, groups, rng| features(vit, groups, Some(rng), Precision::Bf16),
+        }
+    }
+
     #[test]
     fn bf16_gradients_match_burn_autodiff_up_to_bf16_rounding() {
-        check_against_burn(Precision::Bf16, 0.01, 0.015);
+        check_against_burn(on_the_engine(Precision::Bf16), 0.01, 0.015);
     }
 
     #[test]
     fn f32_gradients_match_burn_autodiff_up_to_summation_order() {
-        check_against_burn(Precision::F32, 1e-5, 1e-4);
+        check_against_burn(on_the_engine(Precision::F32), 1e-5, 1e-4);
+    }
+
+    /// The GPUs' mixed precision (burn's ops with bf16 products, `model::matmul_at`), run by
+    /// flex on the CPU: the same bf16 rounding of the products' inputs as the engine's, so the
+    /// same tolerances; products of bf16 inputs are not the f32 ones, so it cannot pass as f32.
+    #[test]
+    fn burn_bf16_products_match_f32_up_to_bf16_rounding() {
+        check_against_burn(|vit, groups, rng| through_burn(vit, groups, rng, Precision::Bf16), 0.01, 0.015);
+        let vit = VitConfig { img_size: 16, patch_size: 8, embed_dim: 64, depth: 1, num_heads: 2, mlp_ratio: 4, drop_path_rate: 0.0 }.init(&mut StdRng::seed_from_u64(0), &Device::flex());
+        let x = Tensor::<4>::random([2, 3, 16, 16], Distribution::Normal(0.0, 1.0), &Device::flex());
+        let at = |precision| host(vit.forward_train(x.clone(), None, precision));
+        assert_ne!(at(Precision::F32), at(Precision::Bf16), "bf16 products round their inputs");
     }
 
     /// Off burn's autodiff device the same call runs the network in inference mode: at f32 the

@@ -44,18 +44,38 @@ pub enum Precision {
     /// f32 throughout: the reference's numbers.
     #[default]
     F32,
-    /// bf16 matrix products with f32 accumulation on AMX or AVX512-BF16 (ViT only).
+    /// The ViT's matrix products take bf16 operands and accumulate in f32; parameters,
+    /// optimiser state, loss and the other operations stay f32 (ViT only). On the CPU engine
+    /// (AMX or AVX512-BF16), elsewhere on burn's bf16 kernels (`model::matmul_at`).
     Bf16,
 }
 
-/// An error naming `flag` unless the engine can run here: the CPU multiplies bf16 in hardware
-/// (AMX or AVX512-BF16), or `DINO_ENGINE_PATH` forced a path explicitly.
-pub fn check_available(flag: &str) -> anyhow::Result<()> {
-    let cpu = cpu::Cpu::selected().map_err(anyhow::Error::msg)?;
-    anyhow::ensure!(!cpu::Cpu::engine_off(), "{flag} bf16 needs the engine, which {}=burn turns off", cpu::PATH_VARIABLE);
+/// An error naming `flag` unless a ViT whose attention heads are `head_width` wide can run its
+/// products at `precision` on `device`. f32 runs everywhere. bf16 runs on the engine where it
+/// computes the ViT (the CPU device: a CPU that multiplies bf16 in hardware, AMX or
+/// AVX512-BF16, or a path `DINO_ENGINE_PATH` forced), and elsewhere on burn's bf16 kernels
+/// where the device's backend computes in bf16: CUDA (not Vulkan, which has no bf16 arithmetic),
+/// and the CPU with the engine turned off (flex widens bf16 to f32 there: slow, but the same
+/// arithmetic as on a GPU, which is how that path is tested on a CPU).
+pub fn check_precision(flag: &str, precision: Precision, head_width: usize, device: &burn::tensor::Device) -> anyhow::Result<()> {
+    if precision == Precision::F32 {
+        return Ok(());
+    }
+    if *device == burn::tensor::Device::flex() && !cpu::Cpu::engine_off() {
+        let cpu = cpu::Cpu::selected().map_err(anyhow::Error::msg)?;
+        anyhow::ensure!(
+            EngineVit::fits_heads(head_width),
+            "{flag} bf16 on the CPU needs attention heads whose width is a multiple of 32; this ViT's are {head_width} wide"
+        );
+        anyhow::ensure!(
+            cpu.path().has_bf16_hardware() || cpu::Cpu::forced(),
+            "{flag} bf16 needs a CPU with AMX-BF16 or AVX512-BF16 (Intel Xeon Sapphire Rapids or Cooper Lake, AMD Zen 4 or newer); this one has neither, use {flag} f32"
+        );
+        return Ok(());
+    }
     anyhow::ensure!(
-        cpu.path().has_bf16_hardware() || cpu::Cpu::forced(),
-        "{flag} bf16 needs a CPU with AMX-BF16 or AVX512-BF16 (Intel Xeon Sapphire Rapids or Cooper Lake, AMD Zen 4 or newer); this one has neither, use {flag} f32"
+        device.supports_dtype(burn::tensor::FloatDType::BF16),
+        "{flag} bf16: burn has no bf16 arithmetic on this device (none on Vulkan, which stores and converts bf16 at most); use {flag} f32"
     );
     Ok(())
 }

@@ -177,17 +177,12 @@ pub struct Vit<E: Element> {
     resized_pos: Mutex<PositionCache>,
 }
 
-/// The width of each of `vit`'s attention heads.
-fn head_width(vit: &VisionTransformer) -> usize {
-    vit.embed_dim() / vit.blocks.first().map_or(1, |b| b.attn.num_heads)
-}
-
 pub(super) fn host<const D: usize>(t: Tensor<D>) -> Vec<f32> {
     HostTensor::from_tensor(t).values
 }
 
 /// The inference engine at the precision asked for. Build it with [`EngineVit::new`] after
-/// [`super::check_available`] for bf16.
+/// [`super::check_precision`].
 pub enum EngineVit {
     F32(Vit<f32>),
     Bf16(Vit<u16>),
@@ -197,7 +192,12 @@ impl EngineVit {
     /// Whether the engine can compute this ViT: its heads are whole 32-wide slices. (The
     /// engine computes on the host, so it stands in for burn on the CPU device only.)
     pub fn fits(vit: &VisionTransformer) -> bool {
-        head_width(vit).is_multiple_of(32)
+        Self::fits_heads(vit.head_width())
+    }
+
+    /// Whether the engine computes attention heads `width` wide: whole 32-wide slices.
+    pub fn fits_heads(width: usize) -> bool {
+        width.is_multiple_of(32)
     }
 
     /// Packs a ViT's weights for inference at `precision`; an error when the engine's path
@@ -243,7 +243,7 @@ impl<E: Element> Vit<E> {
             transposed: None,
             bias: host(vit.patch_embed.bias.val()),
         };
-        let head_dim = head_width(vit);
+        let head_dim = vit.head_width();
         anyhow::ensure!(EngineVit::fits(vit), "{what} needs a head width that is a multiple of 32, not {head_dim}");
         let num_heads = dim / head_dim;
         Ok(Self {
@@ -532,7 +532,7 @@ mod tests {
         let engine = EngineVit::new(&vit, precision).unwrap();
         for (batch, h, w) in [(5, 48, 48), (3, 40, 57)] {
             let images = Tensor::<4>::random([batch, 3, h, w], Distribution::Normal(0.0, 1.0), &device);
-            let want = vit.intermediate_layers(images.clone(), 2);
+            let want = vit.intermediate_layers(images.clone(), 2, crate::engine::Precision::F32);
             let got = engine.intermediate_layers(images, 2);
             assert_eq!(got.len(), 2);
             for (g, f32_path) in got.into_iter().zip(want) {

@@ -43,8 +43,8 @@ impl EvalTransform {
 /// What to compute per image.
 #[derive(Clone, Copy)]
 pub enum FeatureKind<'a> {
-    /// ViT features, see [`backbone_features`].
-    Backbone(&'a VisionTransformer, FeatureLayout),
+    /// ViT features through burn's ops, the products at a precision, see [`backbone_features`].
+    Backbone(&'a VisionTransformer, FeatureLayout, Precision),
     /// The same ViT features from our CPU engine (`src/engine/`), at f32 or bf16.
     Engine(&'a EngineVit, FeatureLayout),
     /// A ResNet's pooled output.
@@ -57,7 +57,7 @@ impl FeatureKind<'_> {
     /// A backbone's features of a batch of normalised images.
     pub fn features(&self, x: Tensor<4>) -> Tensor<2> {
         match *self {
-            FeatureKind::Backbone(vit, layout) => backbone_features(vit, x, layout),
+            FeatureKind::Backbone(vit, layout, precision) => backbone_features(vit, x, layout, precision),
             FeatureKind::Engine(engine, layout) => compose_features(engine.intermediate_layers(x, layout.n_last_blocks), layout),
             FeatureKind::ResNet(resnet) => resnet.forward(x),
             FeatureKind::Pixels => unreachable!("pixel features are not computed from tensors"),
@@ -67,7 +67,7 @@ impl FeatureKind<'_> {
     /// A ViT's patch size: the smallest image it can take.
     pub fn patch_size(&self) -> Option<usize> {
         match *self {
-            FeatureKind::Backbone(vit, _) => Some(vit.patch_size()),
+            FeatureKind::Backbone(vit, ..) => Some(vit.patch_size()),
             FeatureKind::Engine(engine, _) => Some(engine.patch_size()),
             FeatureKind::ResNet(_) | FeatureKind::Pixels => None,
         }
@@ -99,12 +99,12 @@ impl FeatureLayout {
 /// The feature of each image in `x`, [B, layout.dim(D)]. With one block and the patch mean the
 /// two are interleaved (cls_0, mean_0, cls_1, mean_1, ...), the order the reference's linear
 /// evaluation produces, so its released linear classifiers apply; with several blocks the mean
-/// follows the cls tokens.
-pub fn backbone_features(vit: &VisionTransformer, x: Tensor<4>, layout: FeatureLayout) -> Tensor<2> {
+/// follows the cls tokens. The matrix products run at `precision`.
+pub fn backbone_features(vit: &VisionTransformer, x: Tensor<4>, layout: FeatureLayout, precision: Precision) -> Tensor<2> {
     if layout == FeatureLayout::CLS {
-        return vit.forward(x);
+        return vit.forward_train(x, None, precision);
     }
-    compose_features(vit.intermediate_layers(x, layout.n_last_blocks), layout)
+    compose_features(vit.intermediate_layers(x, layout.n_last_blocks, precision), layout)
 }
 
 /// The features of `layout` from the normalised tokens of the last blocks.
@@ -125,42 +125,37 @@ fn compose_features(mut layers: Vec<Tensor<3>>, layout: FeatureLayout) -> Tensor
 pub struct FeatureNetwork<'a> {
     network: &'a Network,
     engine: Option<EngineVit>,
+    precision: Precision,
 }
 
 impl<'a> FeatureNetwork<'a> {
-    /// An error naming --precision when bf16 is asked of a ResNet, of a GPU or of a CPU without
-    /// bf16 products.
+    /// An error naming --precision when bf16 is asked of a ResNet or of a device without bf16
+    /// products (`engine::check_precision`).
     pub fn new(network: &'a Network, precision: Precision) -> anyhow::Result<Self> {
-        let engine = match precision {
-            Precision::F32 => match network {
-                Network::Vit(vit) if crate::engine::engine_runs(vit, &vit.cls_token.val().device()) => Some(EngineVit::new(vit, precision)?),
-                _ => None,
-            },
-            Precision::Bf16 => {
-                let vit = network.vit("--precision bf16")?;
-                anyhow::ensure!(
-                    vit.cls_token.val().device() == Device::flex(),
-                    "--precision bf16 runs on --device cpu only (the CPU engine's bf16 products); use --precision f32 on GPUs"
-                );
-                crate::engine::check_available("--precision")?;
-                Some(EngineVit::new(vit, precision).context("--precision bf16")?)
-            }
+        if precision != Precision::F32 {
+            let vit = network.vit("--precision bf16")?;
+            crate::engine::check_precision("--precision", precision, vit.head_width(), &vit.cls_token.val().device())?;
+        }
+        let engine = match network {
+            Network::Vit(vit) if crate::engine::engine_runs(vit, &vit.cls_token.val().device()) => Some(EngineVit::new(vit, precision).context("--precision")?),
+            _ => None,
         };
-        Ok(Self { network, engine })
+        Ok(Self { network, engine, precision })
     }
 
     pub fn kind(&self, layout: FeatureLayout) -> FeatureKind<'_> {
-        match &self.engine {
-            Some(engine) => FeatureKind::Engine(engine, layout),
-            None => network_features(self.network, layout),
+        match (&self.engine, self.network) {
+            (Some(engine), _) => FeatureKind::Engine(engine, layout),
+            (None, Network::Vit(v)) => FeatureKind::Backbone(v, layout, self.precision),
+            (None, Network::ResNet(r)) => FeatureKind::ResNet(r),
         }
     }
 }
 
-/// The features of a network: a ViT's with `layout`, a ResNet's pooled output.
+/// The features of a network at f32: a ViT's with `layout`, a ResNet's pooled output.
 pub fn network_features(network: &Network, layout: FeatureLayout) -> FeatureKind<'_> {
     match network {
-        Network::Vit(v) => FeatureKind::Backbone(v, layout),
+        Network::Vit(v) => FeatureKind::Backbone(v, layout, Precision::F32),
         Network::ResNet(r) => FeatureKind::ResNet(r),
     }
 }

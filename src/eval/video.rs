@@ -15,6 +15,7 @@ use rayon::prelude::*;
 use crate::data::augment::{normalize_to_chw, resize_crop_to};
 use crate::data::dataset::decode_file;
 use crate::data::palette::LabelMap;
+use crate::engine::Precision;
 use crate::eval::features::l2_normalize_rows;
 use crate::model::VisionTransformer;
 use crate::weights::HostTensor;
@@ -283,7 +284,7 @@ pub fn input_size(width: usize, height: usize, scale: usize, patch: usize) -> (u
 fn patch_features(vit: &VisionTransformer, frame: &image::RgbImage, (w, h): (usize, usize), device: &Device) -> Vec<f32> {
     let pixels = resize_crop_to(frame, (0.0, 0.0, frame.width() as f64, frame.height() as f64), w, h);
     let x = Tensor::<4>::from_data(TensorData::new(normalize_to_chw(&pixels), [1, 3, h, w]), device);
-    let tokens = vit.intermediate_layers(x, 1).pop().expect("one layer");
+    let tokens = vit.intermediate_layers(x, 1, Precision::F32).pop().expect("one layer");
     let [_, n, d] = tokens.dims();
     let mut features = HostTensor::from_tensor(tokens.slice_dim(1, 1..n).reshape([n - 1, d])).values;
     l2_normalize_rows(&mut features, d);

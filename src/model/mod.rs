@@ -11,7 +11,7 @@ pub mod vit;
 
 use burn::module::{Module, Param};
 use burn::nn::Linear;
-use burn::tensor::{Device, Tensor};
+use burn::tensor::{Device, FloatDType, Tensor};
 use rand::Rng;
 
 use crate::dist::Group;
@@ -98,8 +98,9 @@ impl LayerNorm {
     /// `linear.forward(self.forward(x))` with the affine part folded into the linear layer:
     /// (x̂γ + β)W + b = x̂(diag(γ)W) + (βW + b), the folding done on the weights. Equal in
     /// value; for training, the graph then keeps x - mean and x̂ (the matmul's input) instead
-    /// of those plus the affine output: one activation-sized tensor less per norm.
-    pub fn forward_into(&self, linear: &Linear, x: Tensor<3>) -> Tensor<3> {
+    /// of those plus the affine output: one activation-sized tensor less per norm. The product
+    /// x̂(diag(γ)W) runs at `precision`.
+    pub fn forward_into(&self, linear: &Linear, x: Tensor<3>, precision: Precision) -> Tensor<3> {
         let weight = linear.weight.val();
         let [d_in, d_out] = weight.dims();
         let bias = self.bias.val().reshape([1, d_in]).matmul(weight.clone()).reshape([d_out]);
@@ -108,7 +109,32 @@ impl LayerNorm {
             None => bias,
         };
         let weight = weight * self.weight.val().reshape([d_in, 1]);
-        self.standardize(x).matmul(weight.unsqueeze::<3>()) + bias.reshape([1, 1, d_out])
+        matmul_at(self.standardize(x), weight.unsqueeze::<3>(), precision) + bias.reshape([1, 1, d_out])
+    }
+}
+
+/// `a · b` with its operands at `precision`, the result in f32. At bf16 both operands are
+/// rounded to bf16 and the backend multiplies them with f32 accumulation (cubek's kernels on
+/// GPUs; flex on the CPU widens them to f32), as PyTorch's autocast does for a product; the
+/// backward pass computes the operands' gradients the same way and hands them back in f32, so
+/// parameters, optimiser state and loss stay f32.
+pub fn matmul_at<const D: usize>(a: Tensor<D>, b: Tensor<D>, precision: Precision) -> Tensor<D> {
+    match precision {
+        Precision::F32 => a.matmul(b),
+        Precision::Bf16 => a.cast(FloatDType::BF16).matmul(b.cast(FloatDType::BF16)).cast(FloatDType::F32),
+    }
+}
+
+/// A Linear layer's output with its product at `precision` (see [`matmul_at`]; the bias is
+/// added in f32).
+pub fn linear_at<const D: usize>(layer: &Linear, x: Tensor<D>, precision: Precision) -> Tensor<D> {
+    if precision == Precision::F32 {
+        return layer.forward(x);
+    }
+    let out = matmul_at(x, layer.weight.val().unsqueeze::<D>(), precision);
+    match &layer.bias {
+        Some(bias) => out + bias.val().unsqueeze::<D>(),
+        None => out,
     }
 }
 
@@ -173,7 +199,7 @@ mod tests {
             ]
         };
         let plain = run(fc.forward(norm.forward(x.clone())));
-        let folded = run(norm.forward_into(&fc, x.clone()));
+        let folded = run(norm.forward_into(&fc, x.clone(), Precision::F32));
         for (what, (p, f)) in ["output", "dx", "dγ", "dβ", "dW", "db"].iter().zip(plain.iter().zip(&folded)) {
             assert!(p.iter().any(|v| v.abs() > 1e-3), "{what} is all zero");
             for (a, b) in p.iter().zip(f) {

@@ -17,7 +17,7 @@ use anyhow::{Context, bail};
 
 use super::init::{tensor_from_vec, trunc_normal, uniform};
 use super::interpolate::resample_grid;
-use super::{LayerNorm, linear};
+use super::{LayerNorm, linear, linear_at, matmul_at};
 use crate::engine::Precision;
 use crate::weights::HostTensor;
 
@@ -167,8 +167,9 @@ pub struct PatchEmbed {
 }
 
 impl PatchEmbed {
-    /// [B, 3, H, W] -> [B, (H/p)*(W/p), dim]; pixels past the last whole patch are dropped.
-    pub fn forward(&self, x: Tensor<4>) -> Tensor<3> {
+    /// [B, 3, H, W] -> [B, (H/p)*(W/p), dim], the product at `precision`; pixels past the
+    /// last whole patch are dropped.
+    pub fn forward(&self, x: Tensor<4>, precision: Precision) -> Tensor<3> {
         let p = self.patch_size;
         let [b, c, h, w] = x.dims();
         let (gh, gw) = (h / p, w / p);
@@ -179,7 +180,7 @@ impl PatchEmbed {
             .reshape([b, gh * gw, c * p * p]);
         let [dim, ..] = self.weight.dims();
         let weight = self.weight.val().reshape([dim, c * p * p]).transpose();
-        patches.matmul(weight.unsqueeze::<3>()) + self.bias.val().reshape([1, 1, dim])
+        matmul_at(patches, weight.unsqueeze::<3>(), precision) + self.bias.val().reshape([1, 1, dim])
     }
 }
 
@@ -193,13 +194,13 @@ pub struct Attention {
 
 impl Attention {
     /// The mixed tokens, for inference (training goes through [`Attention::mix_trainable`],
-    /// see `Block::forward`). On the CPU this is burn-flex's fused attention kernel (no
-    /// [N, N] weights kept); on GPUs the plain matmul-softmax-matmul, as CubeCL's fused kernel
-    /// measured 10× slower there (ViT-S/16 extraction on an H200 through Vulkan: 819 vs 8634
-    /// img/s).
-    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        if x.device() != Device::flex() {
-            return self.forward_with_weights(x).0;
+    /// see `Block::forward`), the products at `precision`. On the CPU at f32 this is
+    /// burn-flex's fused attention kernel (no [N, N] weights kept); elsewhere the plain
+    /// matmul-softmax-matmul, as CubeCL's fused kernel measured 10× slower on GPUs (ViT-S/16
+    /// extraction on an H200 through Vulkan: 819 vs 8634 img/s).
+    pub fn forward(&self, x: Tensor<3>, precision: Precision) -> Tensor<3> {
+        if x.device() != Device::flex() || precision != Precision::F32 {
+            return self.forward_with_weights(x, precision).0;
         }
         let [b, n, c] = x.dims();
         let (q, k, v, scale) = self.heads(self.qkv.forward(x));
@@ -213,24 +214,25 @@ impl Attention {
     /// exp and by E·V alike) and the rows are normalised after the product, on [N, head_dim].
     /// A softmax op would keep both E and E / ΣE. q, k and v stay views of the qkv output
     /// [B, N, 3D] this takes (the scale goes on the scores), so no scaled copy of q is kept.
-    fn mix_trainable(&self, qkv: Tensor<3>) -> Tensor<3> {
+    /// The products run at `precision`, the exponentials and sums at f32.
+    fn mix_trainable(&self, qkv: Tensor<3>, precision: Precision) -> Tensor<3> {
         let [b, n, c3] = qkv.dims();
         let c = c3 / 3;
         let (q, k, v, scale) = self.heads(qkv);
-        let scores = q.matmul(k.transpose()).mul_scalar(scale);
+        let scores = matmul_at(q, k.transpose(), precision).mul_scalar(scale);
         let max = scores.clone().detach().max_dim(3);
         let weights = (scores - max).exp();
-        let mixed = weights.clone().matmul(v) / weights.sum_dim(3);
-        self.proj.forward(mixed.swap_dims(1, 2).reshape([b, n, c]))
+        let mixed = matmul_at(weights.clone(), v, precision) / weights.sum_dim(3);
+        linear_at(&self.proj, mixed.swap_dims(1, 2).reshape([b, n, c]), precision)
     }
 
     /// As `forward`, also returning the attention weights [B, heads, N, N] (attention maps).
-    pub fn forward_with_weights(&self, x: Tensor<3>) -> (Tensor<3>, Tensor<4>) {
+    pub fn forward_with_weights(&self, x: Tensor<3>, precision: Precision) -> (Tensor<3>, Tensor<4>) {
         let [b, n, c] = x.dims();
-        let (q, k, v, scale) = self.heads(self.qkv.forward(x));
-        let weights = softmax(q.mul_scalar(scale).matmul(k.transpose()), 3);
-        let mixed = weights.clone().matmul(v).swap_dims(1, 2).reshape([b, n, c]);
-        (self.proj.forward(mixed), weights)
+        let (q, k, v, scale) = self.heads(linear_at(&self.qkv, x, precision));
+        let weights = softmax(matmul_at(q.mul_scalar(scale), k.transpose(), precision), 3);
+        let mixed = matmul_at(weights.clone(), v, precision).swap_dims(1, 2).reshape([b, n, c]);
+        (linear_at(&self.proj, mixed, precision), weights)
     }
 
     /// q, k, v as [B, heads, N, head_dim] from the qkv output [B, N, 3D], and the score scale
@@ -255,13 +257,14 @@ pub struct Mlp {
 }
 
 impl Mlp {
-    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        self.after_fc1(self.fc1.forward(x))
+    /// The MLP's output, its products at `precision`.
+    pub fn forward(&self, x: Tensor<3>, precision: Precision) -> Tensor<3> {
+        self.after_fc1(linear_at(&self.fc1, x, precision), precision)
     }
 
     /// The rest of the MLP from fc1's output.
-    fn after_fc1(&self, hidden: Tensor<3>) -> Tensor<3> {
-        self.fc2.forward(gelu(hidden))
+    fn after_fc1(&self, hidden: Tensor<3>, precision: Precision) -> Tensor<3> {
+        linear_at(&self.fc2, gelu(hidden), precision)
     }
 }
 
@@ -276,15 +279,16 @@ pub struct Block {
 }
 
 impl Block {
-    /// `rng` enables stochastic depth (training); `None` is the deterministic forward.
-    /// Under autodiff each norm's affine part is folded into the projection after it
-    /// ([`LayerNorm::forward_into`]), so the graph keeps one activation less per norm.
-    fn forward(&self, x: Tensor<3>, rng: Option<&mut StdRng>) -> Tensor<3> {
+    /// `rng` enables stochastic depth (training); `None` is the deterministic forward. The
+    /// matrix products run at `precision`. Under autodiff each norm's affine part is folded
+    /// into the projection after it ([`LayerNorm::forward_into`]), so the graph keeps one
+    /// activation less per norm.
+    fn forward(&self, x: Tensor<3>, rng: Option<&mut StdRng>, precision: Precision) -> Tensor<3> {
         let training = x.device().is_autodiff();
         let mixed = if training {
-            self.attn.mix_trainable(self.norm1.forward_into(&self.attn.qkv, x.clone()))
+            self.attn.mix_trainable(self.norm1.forward_into(&self.attn.qkv, x.clone(), precision), precision)
         } else {
-            self.attn.forward(self.norm1.forward(x.clone()))
+            self.attn.forward(self.norm1.forward(x.clone()), precision)
         };
         let (attn_keep, mlp_keep) = match rng {
             Some(rng) if self.drop_path > 0.0 => {
@@ -295,9 +299,9 @@ impl Block {
         };
         let x = x + apply_keep(mixed, attn_keep);
         let update = if training {
-            self.mlp.after_fc1(self.norm2.forward_into(&self.mlp.fc1, x.clone()))
+            self.mlp.after_fc1(self.norm2.forward_into(&self.mlp.fc1, x.clone(), precision), precision)
         } else {
-            self.mlp.forward(self.norm2.forward(x.clone()))
+            self.mlp.forward(self.norm2.forward(x.clone()), precision)
         };
         x + apply_keep(update, mlp_keep)
     }
@@ -341,42 +345,48 @@ impl VisionTransformer {
         self.patch_embed.patch_size
     }
 
-    /// The image feature: the cls token after the final norm, [B, dim].
-    pub fn forward(&self, x: Tensor<4>) -> Tensor<2> {
-        self.forward_train(x, None)
+    /// The width of each attention head.
+    pub fn head_width(&self) -> usize {
+        self.embed_dim() / self.blocks.first().map_or(1, |b| b.attn.num_heads)
     }
 
-    /// As `forward`, with stochastic depth drawn from `rng` when one is given.
-    pub fn forward_train(&self, x: Tensor<4>, mut rng: Option<&mut StdRng>) -> Tensor<2> {
-        let mut tokens = self.prepare_tokens(x);
+    /// The image feature: the cls token after the final norm, [B, dim], at f32.
+    pub fn forward(&self, x: Tensor<4>) -> Tensor<2> {
+        self.forward_train(x, None, Precision::F32)
+    }
+
+    /// The image feature with the matrix products at `precision` (see [`matmul_at`]) and
+    /// stochastic depth drawn from `rng` when one is given.
+    pub fn forward_train(&self, x: Tensor<4>, mut rng: Option<&mut StdRng>, precision: Precision) -> Tensor<2> {
+        let mut tokens = self.prepare_tokens(x, precision);
         for block in &self.blocks {
-            tokens = block.forward(tokens, rng.as_deref_mut());
+            tokens = block.forward(tokens, rng.as_deref_mut(), precision);
         }
         let [b, _, d] = tokens.dims();
         self.norm.forward(tokens.slice_dim(1, 0..1)).reshape([b, d])
     }
 
     /// The image features [rows, dim] of crop groups ([B, 3, H, W] each, rows in group order)
-    /// as training computes them, with stochastic depth drawn from `rng` when one is given: on
-    /// the engine where it computes this ViT (the CPU; the student's backbone then is one
-    /// operation of burn's graph), through burn's ops elsewhere. `precision` bf16 needs the
-    /// engine (the settings are checked before).
+    /// as training computes them, with stochastic depth drawn from `rng` when one is given and
+    /// the matrix products at `precision`: on the engine where it computes this ViT (the CPU;
+    /// the student's backbone then is one operation of burn's graph), through burn's ops
+    /// elsewhere (`engine::check_precision` has checked the device can).
     pub fn forward_groups(&self, groups: &[Tensor<4>], mut rng: Option<&mut StdRng>, precision: Precision) -> Tensor<2> {
         let device = groups.first().expect("at least one crop group").device();
         if crate::engine::engine_runs(self, &device) {
             return crate::engine::graph::features(self, groups, rng, precision);
         }
-        assert_eq!(precision, Precision::F32, "bf16 products need the engine");
-        Tensor::cat(groups.iter().map(|g| self.forward_train(g.clone(), rng.as_deref_mut())).collect(), 0)
+        Tensor::cat(groups.iter().map(|g| self.forward_train(g.clone(), rng.as_deref_mut(), precision)).collect(), 0)
     }
 
-    /// The normalised tokens [B, 1 + patches, dim] after each of the last `n` blocks.
-    pub fn intermediate_layers(&self, x: Tensor<4>, n: usize) -> Vec<Tensor<3>> {
-        let mut tokens = self.prepare_tokens(x);
+    /// The normalised tokens [B, 1 + patches, dim] after each of the last `n` blocks, the
+    /// matrix products at `precision`.
+    pub fn intermediate_layers(&self, x: Tensor<4>, n: usize, precision: Precision) -> Vec<Tensor<3>> {
+        let mut tokens = self.prepare_tokens(x, precision);
         let depth = self.blocks.len();
         let mut out = Vec::with_capacity(n.min(depth));
         for (i, block) in self.blocks.iter().enumerate() {
-            tokens = block.forward(tokens, None);
+            tokens = block.forward(tokens, None, precision);
             if depth - i <= n {
                 out.push(self.norm.forward(tokens.clone()));
             }
@@ -384,20 +394,20 @@ impl VisionTransformer {
         out
     }
 
-    /// The last block's attention weights [B, heads, tokens, tokens] (softmax output).
+    /// The last block's attention weights [B, heads, tokens, tokens] (softmax output), at f32.
     pub fn last_self_attention(&self, x: Tensor<4>) -> Tensor<4> {
-        let mut tokens = self.prepare_tokens(x);
+        let mut tokens = self.prepare_tokens(x, Precision::F32);
         let (last, rest) = self.blocks.split_last().expect("a ViT has at least one block");
         for block in rest {
-            tokens = block.forward(tokens, None);
+            tokens = block.forward(tokens, None, Precision::F32);
         }
-        last.attn.forward_with_weights(last.norm1.forward(tokens)).1
+        last.attn.forward_with_weights(last.norm1.forward(tokens), Precision::F32).1
     }
 
     /// Patch tokens with the cls token in front and position embeddings added.
-    fn prepare_tokens(&self, x: Tensor<4>) -> Tensor<3> {
+    fn prepare_tokens(&self, x: Tensor<4>, precision: Precision) -> Tensor<3> {
         let [b, _, h, w] = x.dims();
-        let patches = self.patch_embed.forward(x);
+        let patches = self.patch_embed.forward(x, precision);
         let d = self.embed_dim();
         let cls = self.cls_token.val().expand([b, 1, d]);
         let tokens = Tensor::cat(vec![cls, patches], 1);
@@ -468,8 +478,8 @@ mod tests {
         let attn = &vit.blocks[0].attn;
         let x = Tensor::<3>::random([3, 5, 8], burn::tensor::Distribution::Normal(0.0, 2.0), &dev);
         let w = Tensor::<3>::random([3, 5, 8], burn::tensor::Distribution::Normal(0.0, 1.0), &dev);
-        let plain = attn.forward_with_weights(x.clone()).0;
-        let trainable = attn.mix_trainable(attn.qkv.forward(x));
+        let plain = attn.forward_with_weights(x.clone(), Precision::F32).0;
+        let trainable = attn.mix_trainable(attn.qkv.forward(x), Precision::F32);
         let values = |t: &Tensor<3>| t.clone().into_data().try_to_vec::<f32>().unwrap();
         for (a, b) in values(&plain).iter().zip(values(&trainable)) {
             assert!((a - b).abs() < 1e-6, "{a} vs {b}");
@@ -509,10 +519,10 @@ mod tests {
         let x = Tensor::<4>::ones([4, 3, 8, 8], &dev);
         let vit = tiny(0.0).init(&mut StdRng::seed_from_u64(0), &dev);
         let plain = host(vit.forward(x.clone()));
-        assert_eq!(plain, host(vit.forward_train(x.clone(), Some(&mut StdRng::seed_from_u64(2)))));
+        assert_eq!(plain, host(vit.forward_train(x.clone(), Some(&mut StdRng::seed_from_u64(2)), Precision::F32)));
         let vit = tiny(0.9).init(&mut StdRng::seed_from_u64(0), &dev);
         let plain = host(vit.forward(x.clone()));
         assert_eq!(plain, host(vit.forward(x.clone())), "deterministic without an rng");
-        assert_ne!(plain, host(vit.forward_train(x, Some(&mut StdRng::seed_from_u64(2)))));
+        assert_ne!(plain, host(vit.forward_train(x, Some(&mut StdRng::seed_from_u64(2)), Precision::F32)));
     }
 }

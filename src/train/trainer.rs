@@ -77,16 +77,19 @@ pub fn run(cfg: &TrainConfig) -> Result<()> {
 pub fn train(cfg: &TrainConfig, dist: &Dist) -> Result<Outcome> {
     let started = Instant::now();
     let cfg = &TrainConfig { processes: dist.world_size(), ..cfg.clone() };
-    let main = dist.is_main();
-    if main {
-        std::fs::create_dir_all(&cfg.output_dir).with_context(|| format!("--output_dir {}: cannot create", cfg.output_dir.display()))?;
-        std::fs::write(cfg.output_dir.join("config.json"), serde_json::to_string_pretty(cfg)?)?;
-    }
     let has_batch_norm = cfg.vit().is_none() || cfg.use_bn_in_head;
     if cfg.processes > 1 && has_batch_norm && cfg.device != DeviceKind::Cpu {
         bail!("--device {}: BatchNorm statistics are synchronised across processes on the CPU only (a ResNet or --use_bn_in_head under several processes)", format!("{:?}", cfg.device).to_lowercase());
     }
     let device = cfg.device.open(gpu_of(dist))?;
+    if let Some(vit) = cfg.vit() {
+        crate::engine::check_precision("--precision", cfg.precision, vit.embed_dim / vit.num_heads, &device)?;
+    }
+    let main = dist.is_main();
+    if main {
+        std::fs::create_dir_all(&cfg.output_dir).with_context(|| format!("--output_dir {}: cannot create", cfg.output_dir.display()))?;
+        std::fs::write(cfg.output_dir.join("config.json"), serde_json::to_string_pretty(cfg)?)?;
+    }
 
     // Data: each process takes its share of every global batch.
     let mut dataset = Dataset::open(cfg.data(), IdxSplit::Train).with_context(|| format!("--data {}", cfg.data().display()))?;
