@@ -79,6 +79,10 @@ fn main() {
         }
         return;
     }
+    if let Err(e) = dino::engine::check_precision("--precision", precision, vit.embed_dim / vit.num_heads, &dev) {
+        eprintln!("{e}");
+        std::process::exit(2);
+    }
     if mode == "extract" {
         let network = Network::Vit(backbone);
         let network = FeatureNetwork::new(&network, precision).expect("--precision available here");

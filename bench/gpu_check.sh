@@ -26,7 +26,7 @@ out="$(mktemp -d)"
 
 # The largest GPU memory use nvidia-smi reports while "$@" runs, in MiB.
 peak_gpu_mib() {
-  nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 > "$out/memory.log" 2>/dev/null &
+  nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 -f "$out/memory.log" 2>/dev/null &
   local sampler=$!
   "$@"
   kill "$sampler" 2>/dev/null

@@ -137,7 +137,7 @@ impl<'a> FeatureNetwork<'a> {
             crate::engine::check_precision("--precision", precision, vit.head_width(), &vit.cls_token.val().device())?;
         }
         let engine = match network {
-            Network::Vit(vit) if crate::engine::engine_runs(vit, &vit.cls_token.val().device()) => Some(EngineVit::new(vit, precision).context("--precision")?),
+            Network::Vit(vit) if crate::engine::engine_runs(vit, &vit.cls_token.val().device()) => Some(EngineVit::new(vit, precision)?),
             _ => None,
         };
         Ok(Self { network, engine, precision })

@@ -109,15 +109,15 @@ impl LayerNorm {
             None => bias,
         };
         let weight = weight * self.weight.val().reshape([d_in, 1]);
-        matmul_at(self.standardize(x), weight.unsqueeze::<3>(), precision) + bias.reshape([1, 1, d_out])
+        rows_times_at(self.standardize(x), weight, precision) + bias.reshape([1, 1, d_out])
     }
 }
 
 /// `a · b` with its operands at `precision`, the result in f32. At bf16 both operands are
-/// rounded to bf16 and the backend multiplies them with f32 accumulation (cubek's kernels on
-/// GPUs; flex on the CPU widens them to f32), as PyTorch's autocast does for a product; the
-/// backward pass computes the operands' gradients the same way and hands them back in f32, so
-/// parameters, optimiser state and loss stay f32.
+/// rounded to bf16 and the backend multiplies them with f32 accumulation and rounds the
+/// result to bf16 (cubek's kernels on GPUs; flex on the CPU widens the operands to f32), as a
+/// product under PyTorch's autocast does; the backward pass computes the operands' gradients
+/// the same way and hands them back in f32, so parameters, optimiser state and loss stay f32.
 pub fn matmul_at<const D: usize>(a: Tensor<D>, b: Tensor<D>, precision: Precision) -> Tensor<D> {
     match precision {
         Precision::F32 => a.matmul(b),
@@ -125,13 +125,22 @@ pub fn matmul_at<const D: usize>(a: Tensor<D>, b: Tensor<D>, precision: Precisio
     }
 }
 
-/// A Linear layer's output with its product at `precision` (see [`matmul_at`]; the bias is
-/// added in f32).
+/// `x` [.., d_in] times `weight` [d_in, d_out] at `precision`, as one 2-D product over all of
+/// x's rows. A product broadcast over the batch axis would leave the weight's gradient as one
+/// partial product per image, summed afterwards (in bf16 on the bf16 path); this way it is one
+/// product accumulated over every row.
+pub fn rows_times_at<const D: usize>(x: Tensor<D>, weight: Tensor<2>, precision: Precision) -> Tensor<D> {
+    let mut dims = x.dims();
+    let [d_in, d_out] = weight.dims();
+    let rows = dims[..D - 1].iter().product();
+    dims[D - 1] = d_out;
+    matmul_at(x.reshape([rows, d_in]), weight, precision).reshape(dims)
+}
+
+/// A Linear layer's output with its product at `precision` (see [`rows_times_at`]; the bias
+/// is added in f32).
 pub fn linear_at<const D: usize>(layer: &Linear, x: Tensor<D>, precision: Precision) -> Tensor<D> {
-    if precision == Precision::F32 {
-        return layer.forward(x);
-    }
-    let out = matmul_at(x, layer.weight.val().unsqueeze::<D>(), precision);
+    let out = rows_times_at(x, layer.weight.val(), precision);
     match &layer.bias {
         Some(bias) => out + bias.val().unsqueeze::<D>(),
         None => out,

@@ -17,7 +17,7 @@ use anyhow::{Context, bail};
 
 use super::init::{tensor_from_vec, trunc_normal, uniform};
 use super::interpolate::resample_grid;
-use super::{LayerNorm, linear, linear_at, matmul_at};
+use super::{LayerNorm, linear, linear_at, matmul_at, rows_times_at};
 use crate::engine::Precision;
 use crate::weights::HostTensor;
 
@@ -180,7 +180,7 @@ impl PatchEmbed {
             .reshape([b, gh * gw, c * p * p]);
         let [dim, ..] = self.weight.dims();
         let weight = self.weight.val().reshape([dim, c * p * p]).transpose();
-        matmul_at(patches, weight.unsqueeze::<3>(), precision) + self.bias.val().reshape([1, 1, dim])
+        rows_times_at(patches, weight, precision) + self.bias.val().reshape([1, 1, dim])
     }
 }
 
