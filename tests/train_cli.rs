@@ -456,7 +456,7 @@ fn pretrained_weights_initialise_the_backbone() {
 /// step's loss equals f32's up to bf16 rounding, and over an epoch the losses stay close and
 /// fall alike — on each engine path, and through burn's bf16 products (the engine turned off:
 /// the GPUs' mixed precision, run by the CPU backend). Without bf16 hardware, and for a ResNet,
-/// the flag is refused with one line.
+/// the flag is refused with one line; `--precision auto` runs the precision the CPU has.
 #[test]
 fn bf16_training_follows_f32() {
     let out = scratch("train_bf16");
@@ -496,6 +496,11 @@ fn bf16_training_follows_f32() {
         }
         assert!(bf16_losses[7] < bf16_losses[0], "bf16 loss on {path} did not fall: {bf16_losses:?}");
     }
+    // --precision auto is bf16 on a CPU that multiplies bf16 in hardware and f32 elsewhere: the
+    // same run as the one it picks, loss for loss.
+    let auto_losses = losses("auto", None);
+    let expected = if dino::engine::cpu::Cpu::supported()[0].has_bf16_hardware() { losses("bf16", None) } else { f32_losses };
+    assert_eq!(auto_losses, expected, "--precision auto");
 }
 
 /// A checkpoint written in the first checkpoint format (tests/fixtures/make_checkpoint_v1.sh,

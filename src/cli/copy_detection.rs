@@ -64,7 +64,7 @@ pub fn run(args: CopyDetectionArgs) -> Result<()> {
         imsize: args.imsize,
         batch: args.batch_size_per_gpu,
     };
-    let settings = format!("{} {:?} imsize {} copy detection", args.backbone.fingerprint(), args.precision.precision, args.imsize);
+    let settings = format!("{} {:?} imsize {} copy detection", args.backbone.fingerprint(), network.precision(), args.imsize);
     let cache = args.features_cache.as_deref().map(|dir| FeatureCache { dir, settings });
     for (block, map) in copy_detection::evaluate(network.kind(LAYOUT), &setup, cache.as_ref(), &device)? {
         println!("eval on {block} mAP={:.3}", map);

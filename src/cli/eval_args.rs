@@ -7,6 +7,7 @@ use clap::Args;
 
 use crate::data::dataset::{Dataset, IdxSplit, SUBSET_SEED};
 use crate::device::DeviceKind;
+use crate::engine::PrecisionChoice;
 use crate::eval::features::{EvalTransform, FeatureLayout, FeatureNetwork, Precision, REFERENCE_CROP};
 use crate::model::{FALLBACK_IMAGE_SIZE, Network};
 
@@ -130,18 +131,26 @@ impl DeviceArgs {
 #[derive(Debug, Clone, Args)]
 #[command(rename_all = "snake_case")]
 pub struct PrecisionArgs {
-    /// Arithmetic of the backbone's forward pass: f32 (the reference's numbers) or bf16
-    /// (ViT matrix products on AMX or AVX512-BF16 — Intel Xeon Sapphire Rapids or Cooper
-    /// Lake, AMD Zen 4 and newer — features within about 1e-2 of f32, same k-NN accuracy;
-    /// see BENCHMARKS.md).
+    /// Arithmetic of the backbone's forward pass: f32 (the reference's numbers), bf16 (ViT
+    /// matrix products with bf16 inputs: on CPUs with AMX or AVX512-BF16 — Intel Xeon Sapphire
+    /// Rapids or Cooper Lake, AMD Zen 4 and newer — and on CUDA GPUs; features within about
+    /// 1e-2 of f32, same k-NN accuracy; see BENCHMARKS.md), or auto (bf16 where the device
+    /// multiplies bf16 in hardware, f32 elsewhere).
     #[arg(long, value_enum, default_value = "f32")]
-    pub precision: Precision,
+    pub precision: PrecisionChoice,
 }
 
 impl PrecisionArgs {
-    /// The network prepared for this precision; bf16 runs on the CPU's engine only.
+    /// The network prepared for this precision; an error in one line where the device cannot
+    /// run it.
     pub fn prepare<'a>(&self, network: &'a Network) -> Result<FeatureNetwork<'a>> {
-        FeatureNetwork::new(network, self.precision)
+        let precision = match network {
+            Network::Vit(vit) => self.precision.resolve(Some(vit.head_width()), &vit.cls_token.val().device()),
+            // A ResNet computes at f32; FeatureNetwork::new refuses bf16 asked of one.
+            Network::ResNet(_) if self.precision == PrecisionChoice::Bf16 => Precision::Bf16,
+            Network::ResNet(_) => Precision::F32,
+        };
+        FeatureNetwork::new(network, precision)
     }
 }
 

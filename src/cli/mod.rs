@@ -157,7 +157,11 @@ fn cpu_info(names_only: bool) -> Result<()> {
         println!("the engine is off ({PATH_VARIABLE}=burn): ViTs through burn, --precision bf16 on burn's bf16 products (widened to f32 on the CPU: slow)");
         return Ok(());
     }
-    let bf16 = if selected.has_bf16_hardware() { "bf16 products in hardware" } else { "refused: no AMX-BF16 or AVX512-BF16" };
+    let bf16 = if selected.has_bf16_hardware() {
+        "bf16 products in hardware (--precision auto picks bf16)"
+    } else {
+        "refused: no AMX-BF16 or AVX512-BF16 (--precision auto picks f32)"
+    };
     println!("--precision bf16: {bf16}; {PATH_VARIABLE}=<path> forces a path, {PATH_VARIABLE}=burn turns the engine off");
     Ok(())
 }

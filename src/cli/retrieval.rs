@@ -77,7 +77,7 @@ pub fn run(args: RetrievalArgs) -> Result<()> {
     let backbone = args.backbone.load(&device)?;
     let network = args.precision.prepare(&backbone.network)?;
     let kind = network.kind(FeatureLayout::CLS);
-    let settings = format!("{} {:?} imsize {} multiscale {}", args.backbone.fingerprint(), args.precision.precision, args.imsize, args.multiscale);
+    let settings = format!("{} {:?} imsize {} multiscale {}", args.backbone.fingerprint(), network.precision(), args.imsize, args.multiscale);
     let cache = args.features_cache.as_deref().map(|dir| FeatureCache { dir, settings });
     let features = |set: &str, images: &Dataset| {
         let compute = || retrieval::features(kind, images, args.imsize, args.multiscale, &device);

@@ -50,6 +50,50 @@ pub enum Precision {
     Bf16,
 }
 
+impl Precision {
+    /// The flag's spelling: f32 or bf16.
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::F32 => "f32",
+            Precision::Bf16 => "bf16",
+        }
+    }
+}
+
+/// `--precision` as asked: a precision, or `auto`, the faster one this device has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PrecisionChoice {
+    /// f32 throughout: the reference's numbers.
+    #[default]
+    F32,
+    /// bf16 matrix products (ViT only), refused in one line where the device has none.
+    Bf16,
+    /// bf16 where the device multiplies bf16 in hardware — a CPU with AMX or AVX512-BF16 (the
+    /// engine's `amx` and `avx512bf16` paths), a CUDA GPU — f32 elsewhere and for ResNets.
+    Auto,
+}
+
+impl PrecisionChoice {
+    /// The precision to compute at on `device` for a ViT with heads `head_width` wide (`None`:
+    /// a ResNet). bf16 as asked is checked later, by [`check_precision`].
+    pub fn resolve(self, head_width: Option<usize>, device: &burn::tensor::Device) -> Precision {
+        let bf16_in_hardware = |width: usize| {
+            if *device == burn::tensor::Device::flex() {
+                !cpu::Cpu::engine_off() && EngineVit::fits_heads(width) && cpu::Cpu::selected().is_ok_and(|c| c.path().has_bf16_hardware())
+            } else {
+                device.supports_dtype(burn::tensor::FloatDType::BF16)
+            }
+        };
+        match self {
+            Self::F32 => Precision::F32,
+            Self::Bf16 => Precision::Bf16,
+            Self::Auto if head_width.is_some_and(bf16_in_hardware) => Precision::Bf16,
+            Self::Auto => Precision::F32,
+        }
+    }
+}
+
 /// An error naming `flag` unless a ViT whose attention heads are `head_width` wide can run its
 /// products at `precision` on `device`. f32 runs everywhere. bf16 runs on the engine where it
 /// computes the ViT (the CPU device: a CPU that multiplies bf16 in hardware, AMX or
@@ -85,4 +129,27 @@ pub fn check_precision(flag: &str, precision: Precision, head_width: usize, devi
 /// `DINO_ENGINE_PATH=burn`.
 pub fn engine_runs(vit: &crate::model::VisionTransformer, device: &burn::tensor::Device) -> bool {
     *device == burn::tensor::Device::flex() && EngineVit::fits(vit) && !cpu::Cpu::engine_off()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::Device;
+
+    /// `auto` is bf16 exactly where the CPU engine multiplies bf16 in hardware (so f32 on the
+    /// `avx2` and `portable` paths, which scripts/test.sh forces), and f32 for heads the engine
+    /// cannot take and for ResNets; the explicit choices pass through.
+    #[test]
+    fn auto_precision_is_bf16_only_where_the_cpu_multiplies_bf16() {
+        let cpu = Device::flex();
+        let path = cpu::Cpu::selected().unwrap().path();
+        let expected = if path.has_bf16_hardware() && !cpu::Cpu::engine_off() { Precision::Bf16 } else { Precision::F32 };
+        eprintln!("engine path {}: auto is {}", path.name(), expected.name());
+        assert_eq!(PrecisionChoice::Auto.resolve(Some(32), &cpu), expected);
+        assert_eq!(PrecisionChoice::Auto.resolve(Some(64), &cpu), expected);
+        assert_eq!(PrecisionChoice::Auto.resolve(Some(48), &cpu), Precision::F32, "heads the engine cannot take");
+        assert_eq!(PrecisionChoice::Auto.resolve(None, &cpu), Precision::F32, "a ResNet");
+        assert_eq!(PrecisionChoice::F32.resolve(Some(32), &cpu), Precision::F32);
+        assert_eq!(PrecisionChoice::Bf16.resolve(None, &cpu), Precision::Bf16, "checked later, by check_precision");
+    }
 }

@@ -143,6 +143,11 @@ impl<'a> FeatureNetwork<'a> {
         Ok(Self { network, engine, precision })
     }
 
+    /// The precision the features are computed at.
+    pub fn precision(&self) -> Precision {
+        self.precision
+    }
+
     pub fn kind(&self, layout: FeatureLayout) -> FeatureKind<'_> {
         match (&self.engine, self.network) {
             (Some(engine), _) => FeatureKind::Engine(engine, layout),

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use super::optim::OptimizerKind;
 use crate::device::DeviceKind;
-use crate::engine::Precision;
+use crate::engine::PrecisionChoice;
 use crate::data::augment::MultiCropConfig;
 use super::loss::{CENTER_MOMENTUM, STUDENT_TEMP};
 use crate::model::{ARCHITECTURES, DinoHeadConfig, Network, ResNetConfig, VitConfig, head};
@@ -243,13 +243,13 @@ pub struct TrainConfig {
     /// Compute device.
     #[arg(long, value_enum, default_value = "cpu")]
     pub device: DeviceKind,
-    /// Arithmetic of the backbones: f32 (the reference's numbers) or bf16 (ViT on a CPU with
+    /// Arithmetic of the backbones: f32 (the reference's numbers), bf16 (ViT on a CPU with
     /// AMX or AVX512-BF16 — Intel Xeon Sapphire Rapids or Cooper Lake, AMD Zen 4 and newer —
-    /// where the teacher's and student's backbone
-    /// matrix products in bf16 with f32 accumulation; weights, optimiser, heads and loss stay
-    /// f32; see BENCHMARKS.md).
+    /// or on a CUDA GPU: the teacher's and student's backbone matrix products take bf16 inputs
+    /// with f32 accumulation; weights, optimiser, heads and loss stay f32; see BENCHMARKS.md),
+    /// or auto (bf16 where the device multiplies bf16 in hardware, f32 elsewhere).
     #[arg(long, value_enum, default_value = "f32")]
-    pub precision: Precision,
+    pub precision: PrecisionChoice,
     /// Time budget in minutes (0: none). The schedules are laid over the steps the budget buys,
     /// measured over the first steps (at most --epochs' worth); epoch-based settings become
     /// fractions of that plan. The run stops cleanly with a checkpoint at the budget.
@@ -303,7 +303,7 @@ impl TrainConfig {
     /// Applies the preset and the config file to every setting not given on the command line.
     pub fn resolve(self, matches: &ArgMatches) -> Result<Self> {
         if self.use_fp16 == Some(true) {
-            bail!("--use_fp16 true: fp16 training is not built; --precision bf16 is the mixed precision (CPUs with AMX or AVX512-BF16), f32 elsewhere");
+            bail!("--use_fp16 true: fp16 training is not built; --precision bf16 is the mixed precision (CPUs with AMX or AVX512-BF16, CUDA GPUs), f32 elsewhere");
         }
         let explicit = |key: &str| matches!(matches.value_source(key), Some(ValueSource::CommandLine));
         let config_path = self.config.clone();
@@ -384,7 +384,7 @@ impl TrainConfig {
         if self.device == DeviceKind::Cpu {
             crate::engine::cpu::Cpu::selected().map_err(anyhow::Error::msg)?;
         }
-        if self.precision == Precision::Bf16 && self.vit().is_none() {
+        if self.precision == PrecisionChoice::Bf16 && self.vit().is_none() {
             bail!("--precision bf16 trains ViTs only; use --precision f32 for --arch {}", self.arch);
         }
         Ok(())

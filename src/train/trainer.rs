@@ -82,8 +82,10 @@ pub fn train(cfg: &TrainConfig, dist: &Dist) -> Result<Outcome> {
         bail!("--device {}: BatchNorm statistics are synchronised across processes on the CPU only (a ResNet or --use_bn_in_head under several processes)", format!("{:?}", cfg.device).to_lowercase());
     }
     let device = cfg.device.open(gpu_of(dist))?;
-    if let Some(vit) = cfg.vit() {
-        crate::engine::check_precision("--precision", cfg.precision, vit.embed_dim / vit.num_heads, &device)?;
+    let head_width = cfg.vit().map(|vit| vit.embed_dim / vit.num_heads);
+    let precision = cfg.precision.resolve(head_width, &device);
+    if let Some(width) = head_width {
+        crate::engine::check_precision("--precision", precision, width, &device)?;
     }
     let main = dist.is_main();
     if main {
@@ -101,7 +103,13 @@ pub fn train(cfg: &TrainConfig, dist: &Dist) -> Result<Outcome> {
     let workers = if cfg.num_workers == 0 { dist.cores() } else { cfg.num_workers };
     let knn = if main && cfg.knn_every > 0 { Some(OnlineKnn::open(cfg)?) } else { None };
     if main {
-        eprintln!("global batch {}, peak learning rate {:.3e}, {steps} steps per epoch", batch_description(cfg), super::schedule::peak_lr(cfg));
+        eprintln!(
+            "global batch {}, peak learning rate {:.3e}, {steps} steps per epoch, {} products{}",
+            batch_description(cfg),
+            super::schedule::peak_lr(cfg),
+            precision.name(),
+            if cfg.precision == crate::engine::PrecisionChoice::Auto { " (--precision auto)" } else { "" }
+        );
     }
 
     // Student, teacher (a copy that never gets gradients), loss, optimiser, schedules.
@@ -122,7 +130,7 @@ pub fn train(cfg: &TrainConfig, dist: &Dist) -> Result<Outcome> {
     let step = TrainStep {
         dist,
         device,
-        precision: cfg.precision,
+        precision,
         clip_grad: (cfg.clip_grad > 0.0).then_some(cfg.clip_grad),
         loss,
         perturbed: replicas::perturbed_for_test(dist),
