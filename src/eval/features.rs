@@ -149,18 +149,18 @@ impl<'a> FeatureNetwork<'a> {
     }
 
     pub fn kind(&self, layout: FeatureLayout) -> FeatureKind<'_> {
-        match (&self.engine, self.network) {
-            (Some(engine), _) => FeatureKind::Engine(engine, layout),
-            (None, Network::Vit(v)) => FeatureKind::Backbone(v, layout, self.precision),
-            (None, Network::ResNet(r)) => FeatureKind::ResNet(r),
+        match &self.engine {
+            Some(engine) => FeatureKind::Engine(engine, layout),
+            None => network_features(self.network, layout, self.precision),
         }
     }
 }
 
-/// The features of a network at f32: a ViT's with `layout`, a ResNet's pooled output.
-pub fn network_features(network: &Network, layout: FeatureLayout) -> FeatureKind<'_> {
+/// The features of a network through burn's ops: a ViT's with `layout`, its products at
+/// `precision`; a ResNet's pooled output.
+pub fn network_features(network: &Network, layout: FeatureLayout, precision: Precision) -> FeatureKind<'_> {
     match network {
-        Network::Vit(v) => FeatureKind::Backbone(v, layout, Precision::F32),
+        Network::Vit(v) => FeatureKind::Backbone(v, layout, precision),
         Network::ResNet(r) => FeatureKind::ResNet(r),
     }
 }

@@ -42,7 +42,7 @@ impl OnlineKnn {
     /// Top-1 accuracy (percent) of the k-NN classifier on `backbone`'s features (a ViT's cls
     /// token, a ResNet's pooled output with its running statistics).
     pub fn top1(&self, backbone: &Network, device: &Device) -> Result<f64> {
-        let kind = network_features(backbone, FeatureLayout::CLS);
+        let kind = network_features(backbone, FeatureLayout::CLS, crate::engine::Precision::F32);
         let mut train = extract(kind, &self.train, self.transform, ONLINE_KNN_BATCH, device)?.into_labelled(&self.train)?;
         let mut val = extract(kind, &self.val, self.transform, ONLINE_KNN_BATCH, device)?.into_labelled(&self.val)?;
         if train.is_empty() || val.is_empty() {
