@@ -182,6 +182,45 @@ fn plan_of(out: &Path) -> Option<serde_json::Value> {
     text.lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()).find(|v| v.get("plan").is_some())
 }
 
+/// A cosine schedule from `base` to `end` over `steps` steps without warm-up, at its last step
+/// (i = steps - 1), computed here by hand.
+fn cosine_end(base: f64, end: f64, steps: usize) -> f64 {
+    end + 0.5 * (base - end) * (1.0 + (std::f64::consts::PI * (steps - 1) as f64 / steps as f64).cos())
+}
+
+/// `--plan_steps N` lays the schedules over exactly N steps without timing anything: the run
+/// ends after step N (past an epoch's end) with every schedule at its end, and the progress
+/// lines count the epochs the plan reaches. The plan is kept in
+/// the checkpoint, so a second call with another `--plan_steps` resumes the first plan, which
+/// is finished, and changes nothing.
+#[test]
+fn plan_steps_fixes_the_plan_without_a_budget() {
+    let out = scratch("plan_steps");
+    let args_for = |steps: &str| {
+        let mut args = small_run_args(fashion_mnist(), &out, 1000);
+        set_flag(&mut args, "--plan_steps", steps);
+        set_flag(&mut args, "--min_lr", "0.0001");
+        args
+    };
+    let o = run(&args_for("12"));
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success() && stderr.contains("plan from --plan_steps: 12 steps"), "{stderr}");
+    assert!(stderr.contains("epoch 2/2 step") && !stderr.contains("/1000 step"), "progress counts the plan's 2 epochs, not --epochs: {stderr}");
+    let last_step = || json_lines(&out.join("metrics.jsonl")).iter().map(|s| s["step"].as_u64().unwrap()).max();
+    assert_eq!(last_step(), Some(11), "8 steps an epoch: the plan ends 4 steps into the second");
+    let last = json_lines(&out.join("log.txt")).pop().unwrap();
+    let close = |key: &str, expected: f64| assert!((last[key].as_f64().unwrap() - expected).abs() < 1e-9, "{key}: {last} vs {expected}");
+    close("train_lr", cosine_end(0.004 * 32.0 / 256.0, 1e-4, 12));
+    close("teacher_momentum", cosine_end(0.9, 1.0, 12));
+
+    let finished = checkpoint_tensors(&out.join("checkpoint.safetensors"));
+    let o = run(&args_for("40"));
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success() && stderr.contains("resuming from") && !stderr.contains("plan from --plan_steps"), "{stderr}");
+    assert_eq!(last_step(), Some(11));
+    assert_eq!(checkpoint_tensors(&out.join("checkpoint.safetensors")), finished);
+}
+
 /// Under `--max_minutes` the schedules are laid over the steps the budget buys: the run ends at
 /// its planned step, before the budget, with the learning rate and teacher momentum at the ends
 /// of their cosines and the temperature at its final value. Killed after the plan is fixed, a
@@ -237,11 +276,10 @@ fn time_budget_plans_the_schedules_and_resumes_bit_identically() {
     let steps = json_lines(&uninterrupted.join("metrics.jsonl"));
     assert_eq!(steps.iter().map(|s| s["step"].as_u64().unwrap()).max(), Some(total as u64 - 1));
     let last = json_lines(&uninterrupted.join("log.txt")).pop().unwrap();
-    // --warmup_epochs 1 of 1000 rounds to no warm-up step; the cosines' last step is i = n - 1.
-    let cosine_end = |base: f64, end: f64| end + 0.5 * (base - end) * (1.0 + (std::f64::consts::PI * (scheduled - 1) as f64 / scheduled as f64).cos());
+    // --warmup_epochs 1 of 1000 rounds to no warm-up step.
     let close = |key: &str, expected: f64| assert!((last[key].as_f64().unwrap() - expected).abs() < 1e-9, "{key}: {last} vs {expected}");
-    close("train_lr", cosine_end(0.004 * 16.0 / 256.0, 1e-4));
-    close("teacher_momentum", cosine_end(0.9, 1.0));
+    close("train_lr", cosine_end(0.004 * 16.0 / 256.0, 1e-4, scheduled));
+    close("teacher_momentum", cosine_end(0.9, 1.0, scheduled));
     close("teacher_temp", 0.05);
     assert!(last["teacher_momentum"].as_f64().unwrap() > 0.999);
     assert!(last["train_lr"].as_f64().unwrap() < 1.05e-4);

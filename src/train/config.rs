@@ -255,6 +255,12 @@ pub struct TrainConfig {
     /// fractions of that plan. The run stops cleanly with a checkpoint at the budget.
     #[arg(long, default_value_t = 0.0)]
     pub max_minutes: f64,
+    /// Lay the schedules over exactly N steps, as a time budget does once it has measured the
+    /// step rate, without measuring anything (0: none). Replays a budgeted run's plan (its
+    /// log's "total_steps") on any machine, or compares recipes at equal steps; epoch-based
+    /// settings are fractions of it as under --max_minutes, which may still stop the run.
+    #[arg(long, default_value_t = 0)]
+    pub plan_steps: usize,
     /// Weighted 20-NN accuracy (T = 0.07, the cls token) of the teacher every N epochs (and
     /// when the time budget stops the run), logged with the epoch (0: never). Train features
     /// come from --data, which must be labelled; test features from --val_data.

@@ -34,6 +34,12 @@ impl Plan {
         Self { calibration_steps: 0, scheduled_steps: epochs * steps_per_epoch, epochs }
     }
 
+    /// A plan of `steps` steps given outright (`--plan_steps`): a budget's plan without its
+    /// calibration.
+    pub fn of_steps(steps: usize, epochs: usize) -> Self {
+        Self { calibration_steps: 0, scheduled_steps: steps, epochs }
+    }
+
     /// The plan that fills what is left of a time budget: `remaining_s` seconds at
     /// `step_s` seconds a step, after `calibration_steps` already run, keeping back
     /// `PLAN_MARGIN` of the time for checkpoints and the epochs' ends; never longer than the

@@ -120,10 +120,19 @@ pub fn train(cfg: &TrainConfig, dist: &Dist) -> Result<Outcome> {
     // The student trains on the autodiff device; the teacher stays on the plain one.
     state.student = state.student.fork(&device.clone().autodiff()).train();
     let budget = (cfg.max_minutes > 0.0).then(|| Duration::from_secs_f64(cfg.max_minutes * 60.0));
-    // The plan the schedules run over: the one a resumed run fixed, the reference's --epochs,
-    // or, under a time budget, the steps it buys (fixed once the first steps are timed).
+    // The plan the schedules run over: the one a resumed run fixed, --plan_steps, the
+    // reference's --epochs, or, under a time budget, the steps it buys (fixed once the first
+    // steps are timed).
     let schedules = match (state.progress.plan, budget) {
         (Some(plan), _) => Some(Schedules::new(cfg, plan)),
+        (None, _) if cfg.plan_steps > 0 => {
+            let plan = Plan::of_steps(cfg.plan_steps, cfg.epochs);
+            if main {
+                eprintln!("plan from --plan_steps: {} steps (warm-up {} steps, one --epochs epoch = {:.1} steps)", plan.total_steps(), plan.steps_for(cfg.warmup_epochs), plan.epoch_steps());
+            }
+            state.progress.plan = Some(plan);
+            Some(Schedules::new(cfg, plan))
+        }
         (None, None) => Some(Schedules::new(cfg, Plan::epochs(cfg.epochs, steps))),
         (None, Some(_)) => None,
     };
@@ -238,6 +247,12 @@ struct Run<'a> {
 }
 
 impl Run<'_> {
+    /// The data epochs the run will pass through: those the plan's steps reach once a plan is
+    /// fixed (a budget or --plan_steps usually ends inside an epoch), --epochs until then.
+    fn epochs_to_run(&self) -> usize {
+        self.schedules.as_ref().map_or(self.cfg.epochs, |s| s.plan.total_steps().div_ceil(self.steps))
+    }
+
     fn plan_done(&self, state: &TrainState) -> bool {
         self.schedules.as_ref().is_some_and(|s| state.progress.global_step >= s.plan.total_steps())
     }
@@ -248,7 +263,7 @@ impl Run<'_> {
         let cfg = self.cfg;
         let epoch = state.progress.epoch;
         let loader = start_epoch(self.dataset.clone(), cfg.crops(), cfg.batch_size_per_gpu, self.shard, cfg.seed, epoch, state.progress.step_in_epoch, self.pool.clone());
-        let bar = progress_bar(self.dist.is_main(), self.steps as u64, state.progress.step_in_epoch as u64, epoch, cfg.epochs);
+        let bar = progress_bar(self.dist.is_main(), self.steps as u64, state.progress.step_in_epoch as u64, epoch, self.epochs_to_run());
         let mut sums = EpochSums { started: Some(Instant::now()), ..EpochSums::default() };
         let mut values = StepValues::start(cfg);
         let mut plan_done = false;
@@ -338,7 +353,7 @@ impl Run<'_> {
         let tenth = (self.steps / 10).max(1);
         if self.dist.is_main() && bar.is_hidden() && progress.step_in_epoch.is_multiple_of(tenth) {
             let seconds = sums.elapsed().as_secs_f64();
-            eprintln!("epoch {}/{} step {}/{} loss {:.4} ({seconds:.0}s)", progress.epoch + 1, self.cfg.epochs, progress.step_in_epoch, self.steps, sums.mean(sums.loss));
+            eprintln!("epoch {}/{} step {}/{} loss {:.4} ({seconds:.0}s)", progress.epoch + 1, self.epochs_to_run(), progress.step_in_epoch, self.steps, sums.mean(sums.loss));
         }
     }
 
