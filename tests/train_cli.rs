@@ -206,6 +206,8 @@ fn plan_steps_fixes_the_plan_without_a_budget() {
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success() && stderr.contains("plan from --plan_steps: 12 steps"), "{stderr}");
     assert!(stderr.contains("epoch 2/2 step") && !stderr.contains("/1000 step"), "progress counts the plan's 2 epochs, not --epochs: {stderr}");
+    let plan = plan_of(&out).expect("the plan's line in log.txt");
+    assert_eq!((plan["total_steps"].as_u64(), plan["step_seconds"].is_null()), (Some(12), true), "{plan}");
     let last_step = || json_lines(&out.join("metrics.jsonl")).iter().map(|s| s["step"].as_u64().unwrap()).max();
     assert_eq!(last_step(), Some(11), "8 steps an epoch: the plan ends 4 steps into the second");
     let last = json_lines(&out.join("log.txt")).pop().unwrap();

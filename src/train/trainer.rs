@@ -128,7 +128,7 @@ pub fn train(cfg: &TrainConfig, dist: &Dist) -> Result<Outcome> {
         (None, _) if cfg.plan_steps > 0 => {
             let plan = Plan::of_steps(cfg.plan_steps, cfg.epochs);
             if main {
-                eprintln!("plan from --plan_steps: {} steps (warm-up {} steps, one --epochs epoch = {:.1} steps)", plan.total_steps(), plan.steps_for(cfg.warmup_epochs), plan.epoch_steps());
+                announce_plan(&cfg.output_dir, cfg, &plan, None, dataset.len())?;
             }
             state.progress.plan = Some(plan);
             Some(Schedules::new(cfg, plan))
@@ -338,7 +338,7 @@ impl Run<'_> {
         let timed = self.calibration.after_step(state.progress.global_step, self.started.elapsed(), self.cfg.epochs, self.steps);
         if let Some((plan, step_seconds)) = self.dist.broadcast(timed)? {
             if self.dist.is_main() {
-                bar.suspend(|| announce_plan(&self.cfg.output_dir, self.cfg, &plan, step_seconds, self.dataset.len()))?;
+                bar.suspend(|| announce_plan(&self.cfg.output_dir, self.cfg, &plan, Some(step_seconds), self.dataset.len()))?;
             }
             state.progress.plan = Some(plan);
             self.schedules = Some(Schedules::new(self.cfg, plan));
@@ -471,8 +471,9 @@ impl Calibration {
     }
 }
 
-/// Says the plan once it is fixed: on the terminal and as a line of log.txt.
-fn announce_plan(run_dir: &std::path::Path, cfg: &TrainConfig, plan: &Plan, step_seconds: f64, dataset_len: usize) -> Result<()> {
+/// Says the plan once it is fixed, on the terminal and as a line of log.txt: with the step
+/// time a budget measured, or `None` for --plan_steps.
+fn announce_plan(run_dir: &std::path::Path, cfg: &TrainConfig, plan: &Plan, step_seconds: Option<f64>, dataset_len: usize) -> Result<()> {
     let warmup = plan.steps_for(cfg.warmup_epochs);
     let line = json!({
         "plan": plan,
@@ -482,16 +483,11 @@ fn announce_plan(run_dir: &std::path::Path, cfg: &TrainConfig, plan: &Plan, step
         "step_seconds": step_seconds,
     });
     append_line(&run_dir.join("log.txt"), &line)?;
-    eprintln!(
-        "plan for the {}-minute budget: {} steps ({} calibration at {:.3} s/step, then {} scheduled; warm-up {} steps, one --epochs epoch = {:.1} steps)",
-        cfg.max_minutes,
-        plan.total_steps(),
-        plan.calibration_steps,
-        step_seconds,
-        plan.scheduled_steps,
-        warmup,
-        plan.epoch_steps()
-    );
+    let origin = match step_seconds {
+        Some(seconds) => format!("for the {}-minute budget: {} steps ({} calibration at {seconds:.3} s/step, then {} scheduled;", cfg.max_minutes, plan.total_steps(), plan.calibration_steps, plan.scheduled_steps),
+        None => format!("from --plan_steps: {} steps (", plan.total_steps()),
+    };
+    eprintln!("plan {origin} warm-up {warmup} steps, one --epochs epoch = {:.1} steps)", plan.epoch_steps());
     Ok(())
 }
 
