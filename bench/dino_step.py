@@ -2,7 +2,8 @@
 on the global crops, student forward on all crops, DINO loss, backward, per-parameter gradient
 clipping, AdamW, teacher EMA), or feature extraction, with the ViT of
 python/torch_dino.py (the reference's layer structure: explicit attention, exact GELU).
-Prints one JSON line: median seconds per step, images per second, peak RSS.
+Prints one JSON line: median seconds per step, images per second, peak RSS (and peak GPU memory
+with --device cuda).
 
     python3 bench/dino_step.py --mode step --arch vit_tiny --patch 16 --batch 8 --out_dim 65536
 """
@@ -36,41 +37,52 @@ def main():
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--precision", choices=["f32", "bf16"], default="f32",
-                   help="bf16 runs the forward passes (and the loss) under CPU autocast (oneDNN, AMX "
+                   help="bf16 runs the forward passes (and the loss) under autocast (on CPUs oneDNN, AMX "
                         "where present), as the reference's mixed precision does on GPUs")
+    p.add_argument("--device", default="cpu", help="cpu, or cuda to time the same step on an NVIDIA GPU "
+                   "(f32 products stay f32 there: PyTorch leaves TF32 off unless asked)")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     dim, depth, heads = ARCHS[a.arch]
-    vit = Vit(a.global_size, a.patch, dim, depth, heads, 4)
+    dev = torch.device(a.device)
+    vit = Vit(a.global_size, a.patch, dim, depth, heads, 4).to(dev)
     times = []
 
     def autocast():
-        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=a.precision == "bf16")
+        return torch.autocast(dev.type, dtype=torch.bfloat16, enabled=a.precision == "bf16")
+
+    def now():
+        # GPU work is queued: a step's time ends when the device has finished it.
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter()
 
     if a.mode == "extract":
         vit.eval()
-        x = torch.randn(a.batch, 3, a.global_size, a.global_size)
+        x = torch.randn(a.batch, 3, a.global_size, a.global_size, device=dev)
         with torch.no_grad(), autocast():
             for i in range(a.warmup + a.steps):
-                t0 = time.perf_counter()
+                t0 = now()
                 vit(x)
-                times.append(time.perf_counter() - t0)
+                times.append(now() - t0)
     else:
         student = torch.nn.ModuleDict({"backbone": vit, "head": Head(dim, a.out_dim, 2048, 256, 3)})
         teacher = torch.nn.ModuleDict({"backbone": Vit(a.global_size, a.patch, dim, depth, heads, 4),
                                        "head": Head(dim, a.out_dim, 2048, 256, 3)})
+        student.to(dev)
+        teacher.to(dev)
         teacher.load_state_dict(student.state_dict())
         for q in teacher.parameters():
             q.requires_grad = False
         params = [q for q in student.parameters() if q.requires_grad]
         opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.04, eps=1e-8)
-        center = torch.zeros(1, a.out_dim)
+        center = torch.zeros(1, a.out_dim, device=dev)
         ncrops = 2 + a.nlocal
         for i in range(a.warmup + a.steps):
-            g = torch.randn(2 * a.batch, 3, a.global_size, a.global_size)
-            l = torch.randn(a.nlocal * a.batch, 3, a.local_size, a.local_size)
-            t0 = time.perf_counter()
+            g = torch.randn(2 * a.batch, 3, a.global_size, a.global_size, device=dev)
+            l = torch.randn(a.nlocal * a.batch, 3, a.local_size, a.local_size, device=dev)
+            t0 = now()
             with autocast():
                 with torch.no_grad():
                     t_out = teacher["head"](teacher["backbone"](g))
@@ -86,10 +98,14 @@ def main():
             with torch.no_grad():
                 for qs, qt in zip(student.parameters(), teacher.parameters()):
                     qt.mul_(0.996).add_((1 - 0.996) * qs.detach())
-            times.append(time.perf_counter() - t0)
+            times.append(now() - t0)
     median = statistics.median(times[a.warmup:])
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"impl": "pytorch " + torch.__version__, "median_s": median, "img_per_s": a.batch / median, "peak_rss_mb": rss_mb}))
+    result = {"impl": "pytorch " + torch.__version__, "device": a.device, "median_s": median,
+              "img_per_s": a.batch / median, "peak_rss_mb": rss_mb}
+    if dev.type == "cuda":
+        result["peak_gpu_mb"] = torch.cuda.max_memory_allocated(dev) / 2**20
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":

@@ -1,20 +1,24 @@
 #!/usr/bin/env bash
-# The check to run on a lent GPU machine (issue 15), which has no Rust: one GPU build of
-# `dino` and `examples/bench` (for cuda, scripts/build_cuda.sh --pack DIR writes DIR/dino.xz
-# and DIR/bench.xz, ~35 MB each, to carry over in two transfers and `xz -d` there; for vulkan,
-# `CARGO_TARGET_DIR=target-vulkan cargo build --release --features vulkan --bin dino --example bench`),
-# with a labelled IDX dataset (Fashion-MNIST's four .gz files, 31 MB). It prints
-#   1. the GPU, driver and the CUDA libraries found (cubecl needs libcuda, and libnvrtc or
-#      CUDA's libdevice);
+# The check to run on a lent GPU machine (issue 15), which has no Rust: a GPU build of `dino`
+# and `examples/bench`, and a labelled IDX dataset (Fashion-MNIST's four .gz files; the first
+# 4000 training and 1000 test images are enough). For cuda, bench/gpu_prepare.sh makes both in
+# .gpu/ (carry `.gpu` and run the line its header gives); for vulkan,
+# `CARGO_TARGET_DIR=target-vulkan cargo build --release --features vulkan --bin dino --example bench`.
+# Every case has its own timeout, and the whole check stops starting cases once CHECK_SECONDS
+# (default 480) have passed, so a hang or a slow start costs a case, not the machine's minutes.
+# The most wanted numbers come first:
+#   1. the GPU, driver and the CUDA libraries found (cubecl's LLVM path needs libcuda and CUDA's
+#      libdevice, found through CUDA_PATH, which this script sets from what it finds);
 #   2. the harness: ViT-S/16 extraction at batch 256, ViT-S/16 multi-crop steps at batch 32
-#      and 64 (out_dim 65536), each at f32 and at bf16 (Vulkan refuses bf16), with the peak
-#      GPU memory nvidia-smi saw during each case;
-#   3. 8 training steps of ViT-micro (f32 on the CPU, f32 and bf16 on the GPU) and of
-#      ResNet-micro (f32 on both), the losses side by side (f32 should agree to float rounding,
-#      bf16 within 0.5%: the first loss within 1e-3);
-#   4. the 20-NN of the ViT-micro teacher computed with --device cpu and with the GPU.
+#      and 64 (out_dim 65536), at bf16 and f32 (Vulkan refuses bf16), with the peak GPU
+#      memory nvidia-smi saw during each case;
+#   3. 8 training steps of ViT-micro (f32 on the CPU, f32 and bf16 on the GPU), the losses side
+#      by side (f32 should agree to float rounding, bf16 within 0.5%: the first loss within 1e-3);
+#   4. the reference's step and extraction in PyTorch on the same GPU (bench/dino_step.py), where
+#      the machine's python3 has a CUDA PyTorch;
+#   5. ResNet-micro's 8 steps (f32 on both) and the 20-NN of the ViT-micro teacher computed with
+#      --device cpu and with the GPU.
 #   bench/gpu_check.sh cuda|vulkan BIN_DIR IDX_DIR
-# Every case has its own timeout, so a hang costs one case, not the machine's minutes.
 set -u
 device="${1:?usage: bench/gpu_check.sh cuda|vulkan BIN_DIR IDX_DIR}"
 bin="${2:?usage: bench/gpu_check.sh cuda|vulkan BIN_DIR IDX_DIR}"
@@ -23,6 +27,17 @@ here="$(cd "$(dirname "$0")" && pwd)"
 # The lent NVIDIA machines expose Vulkan only through the headless EGL library (BENCHMARKS.md).
 [ "$device" = vulkan ] && export VK_ICD_FILENAMES="${VK_ICD_FILENAMES:-$here/nvidia_egl_icd.json}"
 out="$(mktemp -d)"
+deadline=$(( $(date +%s) + ${CHECK_SECONDS:-480} ))
+
+# Runs "$@" under a timeout of at most $1 seconds and never past the deadline; prints
+# "skipped" instead when less than 15 seconds are left.
+bounded() {
+  local limit=$1 left=$(( deadline - $(date +%s) ))
+  shift
+  if [ "$left" -lt 15 ]; then echo "skipped: the check's time is spent"; return 124; fi
+  [ "$left" -lt "$limit" ] && limit=$left
+  timeout "$limit" "$@"
+}
 
 # The largest GPU memory use nvidia-smi reports while "$@" runs, in MiB.
 peak_gpu_mib() {
@@ -31,42 +46,66 @@ peak_gpu_mib() {
   "$@"
   kill "$sampler" 2>/dev/null
   wait "$sampler" 2>/dev/null
-  echo "peak GPU memory $(sort -n "$out/memory.log" | tail -1) MiB"
+  echo "peak GPU memory $(sort -n "$out/memory.log" 2>/dev/null | tail -1) MiB"
 }
 
 echo "== 1. machine"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1 | head -2
 ldconfig -p 2>/dev/null | grep -oE 'lib(cuda|nvrtc|nvJitLink)\.so[.0-9]*' | sort -u | tr '\n' ' '; echo
-find / -name 'libdevice.10.bc' -not -path '/proc/*' 2>/dev/null | head -2
+if [ -z "${CUDA_PATH:-}" ]; then
+  libdevice=$(find /usr/local /opt /usr/lib -name libdevice.10.bc 2>/dev/null | head -1)
+  [ -n "$libdevice" ] && export CUDA_PATH="${libdevice%/nvvm/libdevice/libdevice.10.bc}"
+fi
+echo "CUDA_PATH=${CUDA_PATH:-unset}"
 
 echo "== 2. harness on $device (img/s; the first case compiles the kernels)"
-timeout 150 "$bin/bench" --device "$device" --mode extract --arch vit_tiny --patch 16 --batch 1 --steps 1 --warmup 0 2>&1 | tail -2
-for precision in f32 bf16; do
+precisions="bf16 f32"
+[ "$device" = vulkan ] && precisions=f32
+for precision in $precisions; do
   for case in "--mode extract --arch vit_small --patch 16 --batch 256" \
               "--mode step --arch vit_small --patch 16 --batch 32 --out_dim 65536" \
               "--mode step --arch vit_small --patch 16 --batch 64 --out_dim 65536"; do
     # shellcheck disable=SC2086
-    echo "$precision $case => $(peak_gpu_mib timeout 150 "$bin/bench" --device "$device" --precision "$precision" $case --steps 5 --warmup 2 2>&1 | tail -2 | paste -sd' ' -)"
+    echo "$precision $case => $(peak_gpu_mib bounded 120 "$bin/bench" --device "$device" --precision "$precision" $case --steps 5 --warmup 2 2>&1 | tail -2 | paste -sd' ' -)"
   done
 done
 
-echo "== 3. 8 training steps, losses: cpu f32 | $device f32 [| $device bf16]"
-for arch in vit_micro resnet_micro; do
-  runs="cpu:f32 $device:f32"
-  [ "$arch" = vit_micro ] && runs="$runs $device:bf16"
-  for run in $runs; do
-    dev="${run%:*}" precision="${run#*:}" name="${arch}_${run/:/_}"
-    timeout 200 "$bin/dino" train --device "$dev" --precision "$precision" --data "$data" --subset 256 --arch "$arch" --preset small \
+# 8 training steps of $1 on each "device:precision" that follows, then their losses side by side.
+train_runs() {
+  local arch=$1 run files=()
+  shift
+  for run in "$@"; do
+    local dev="${run%:*}" precision="${run#*:}" name="${arch}_${run/:/_}"
+    bounded 120 "$bin/dino" train --device "$dev" --precision "$precision" --data "$data" --subset 256 --arch "$arch" --preset small \
       --local_crops_number 2 --out_dim 256 --batch_size_per_gpu 32 --epochs 1 --warmup_epochs 1 --lr 0.004 \
       --output_dir "$out/$name" > "$out/$name.log" 2>&1
     echo "$arch $dev $precision: exit $? $(tail -1 "$out/$name.log" | cut -c1-160)"
     grep -o '"loss":[^,]*' "$out/$name/metrics.jsonl" > "$out/$name.losses" 2>/dev/null
+    files+=("$out/$name.losses")
   done
-  paste -d' ' $(for run in $runs; do echo "$out/${arch}_${run/:/_}.losses"; done)
-done
+  paste -d' ' "${files[@]}"
+}
 
-echo "== 4. 20-NN of the ViT-micro teacher, cpu | $device"
+echo "== 3. 8 training steps, losses: cpu f32 | $device f32 [| $device bf16]"
+if [ "$device" = vulkan ]; then train_runs vit_micro cpu:f32 vulkan:f32; else train_runs vit_micro cpu:f32 cuda:f32 cuda:bf16; fi
+
+echo "== 4. the reference in PyTorch on the same GPU"
+if [ "$device" = cuda ] && python3 -c 'import torch; assert torch.cuda.is_available()' 2>/dev/null; then
+  for case in "bf16 --mode extract --arch vit_small --patch 16 --batch 256" \
+              "bf16 --mode step --arch vit_small --patch 16 --batch 32 --out_dim 65536" \
+              "bf16 --mode step --arch vit_small --patch 16 --batch 64 --out_dim 65536" \
+              "f32 --mode step --arch vit_small --patch 16 --batch 32 --out_dim 65536" \
+              "f32 --mode extract --arch vit_small --patch 16 --batch 256"; do
+    # shellcheck disable=SC2086
+    echo "pytorch $case => $(bounded 90 python3 "$here/dino_step.py" --device cuda --precision $case --steps 5 --warmup 2 2>&1 | tail -1)"
+  done
+else
+  echo "no CUDA PyTorch here"
+fi
+
+echo "== 5. ResNet-micro steps, and the 20-NN of the ViT-micro teacher, cpu | $device"
+train_runs resnet_micro cpu:f32 "$device:f32"
 for dev in cpu "$device"; do
-  echo "$dev: $(timeout 150 "$bin/dino" knn --device "$dev" --weights "$out/vit_micro_cpu_f32/checkpoint.safetensors" --data_path "$data" \
+  echo "$dev: $(bounded 100 "$bin/dino" knn --device "$dev" --weights "$out/vit_micro_cpu_f32/checkpoint.safetensors" --data_path "$data" \
     --center_crop 1 --nb_knn 20 --subset_train 2000 --subset_test 500 2>&1 | tail -1)"
 done

@@ -7,8 +7,8 @@
 # alone). No CUDA toolkit is needed to build; at run time the GPU machine needs the NVIDIA
 # driver and CUDA's libdevice or libnvrtc (BENCHMARKS.md, GPUs).
 #   scripts/build_cuda.sh            # target-cuda/release/dino and examples/bench
-#   scripts/build_cuda.sh --pack DIR # also strips both and writes DIR/dino.xz, DIR/bench.xz
-# A cold build takes about 27 minutes on 2 cores (BENCHMARKS.md); not part of .ci/run.
+#   scripts/build_cuda.sh --pack DIR # also strips both into one archive, DIR/dino-gpu.tar.xz
+# A cold build takes 20 to 27 minutes on 2 cores (BENCHMARKS.md); not part of .ci/run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -43,14 +43,16 @@ cargo build --release --locked --features cuda --bin dino --example bench
 echo "built in $(( $(date +%s) - start )) s: $CARGO_TARGET_DIR/release/dino ($(du -h "$CARGO_TARGET_DIR/release/dino" | cut -f1))" >&2
 
 if [ "${1:-}" = "--pack" ]; then
-  # Each stripped binary is ~170 MB and compresses to ~35 MB with xz (zstd -19: ~40 MB), so
-  # they travel to a GPU machine one per transfer when a transfer is capped near 64 MiB.
+  # Both stripped binaries (~170 MB each, most of it the same static LLVM) in one archive for a
+  # GPU machine: with a dictionary larger than one binary, xz stores the second copy of LLVM as
+  # references to the first, 45 MB in all against 70 MB for two separate archives (5 minutes
+  # on one core), so both travel in one transfer capped near 64 MiB. Unpack with `tar -xJf`.
   out="${2:?scripts/build_cuda.sh --pack DIR}"
   mkdir -p "$out"
-  for b in dino examples/bench; do
-    name=$(basename "$b")
-    strip -o "$out/$name" "$CARGO_TARGET_DIR/release/$b"
-    xz -9e -T0 -f "$out/$name"
-    echo "packed: $out/$name.xz ($(du -h "$out/$name.xz" | cut -f1))" >&2
-  done
+  stripped=$(mktemp -d)
+  trap 'rm -rf "$stripped"' EXIT
+  strip -o "$stripped/dino" "$CARGO_TARGET_DIR/release/dino"
+  strip -o "$stripped/bench" "$CARGO_TARGET_DIR/release/examples/bench"
+  tar -C "$stripped" -cf - dino bench | xz -9e -T1 --lzma2=preset=9e,dict=384MiB > "$out/dino-gpu.tar.xz"
+  echo "packed: $out/dino-gpu.tar.xz ($(du -h "$out/dino-gpu.tar.xz" | cut -f1))" >&2
 fi
