@@ -543,7 +543,7 @@ fn bf16_training_follows_f32() {
     assert_eq!(auto_losses, expected, "--precision auto");
 }
 
-/// A checkpoint written in the first checkpoint format (tests/fixtures/make_checkpoint_v1.sh,
+/// A ResNet-micro checkpoint written in the first checkpoint format (make_checkpoint_v1.sh,
 /// by the code of 2026-12-02) still evaluates to the features that code extracted from it, and
 /// still resumes: its run goes on into a second epoch and is saved in today's format.
 #[test]
@@ -560,7 +560,7 @@ fn a_format_1_checkpoint_evaluates_and_resumes() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let features = dino::weights::npy::read(&out.join("features/features.npy")).unwrap();
     let expected = dino::weights::npy::read(&fixture.join("teacher_features.npy")).unwrap();
-    assert_eq!(features.shape, vec![16, 64]);
+    assert_eq!(features.shape, vec![16, 256]);
     let actual: Vec<f32> = features.values.iter().map(|&v| v as f32).collect();
     let expected: Vec<f32> = expected.values.iter().map(|&v| v as f32).collect();
     assert!(common::relative_error(&actual, &expected) < 1e-5, "features drift: {}", common::relative_error(&actual, &expected));
@@ -569,7 +569,7 @@ fn a_format_1_checkpoint_evaluates_and_resumes() {
     std::fs::create_dir_all(&run).unwrap();
     std::fs::copy(fixture.join("checkpoint.safetensors"), run.join("checkpoint.safetensors")).unwrap();
     let args = format!(
-        "train --data {} --output_dir {} --preset quick --subset 64 --batch_size_per_gpu 16 --epochs 2 --warmup_epochs 1 --out_dim 64 \
+        "train --data {} --output_dir {} --preset quick --arch resnet_micro --subset 64 --batch_size_per_gpu 16 --epochs 2 --warmup_epochs 1 --out_dim 64 \
          --head_hidden_dim 32 --head_bottleneck_dim 16 --saveckp_freq 0 --num_workers 1 --seed 3",
         fashion_mnist(),
         run.display()

@@ -159,13 +159,13 @@ mod tests {
     use crate::train::config::resolve_args;
     use rand::SeedableRng;
 
-    /// tests/fixtures/checkpoint_v1 (make_checkpoint_v1.sh) holds a format-1 checkpoint; it
-    /// reads back whole, and written again in today's format it holds the same tensors, progress
-    /// and optimiser record.
+    /// tests/fixtures/checkpoint_v1 (make_checkpoint_v1.sh) holds a format-1 checkpoint of a
+    /// ResNet-micro trained with SGD; it reads back whole, and written again in today's format it
+    /// holds the same tensors, progress and optimiser record.
     #[test]
     fn format_1_checkpoints_resume_and_rewrite_unchanged() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/checkpoint_v1/checkpoint.safetensors");
-        let flags = "dino train --data d --preset quick --subset 64 --batch_size_per_gpu 16 --epochs 1 --warmup_epochs 1 --out_dim 64 \
+        let flags = "dino train --data d --preset quick --arch resnet_micro --subset 64 --batch_size_per_gpu 16 --epochs 1 --warmup_epochs 1 --out_dim 64 \
                      --head_hidden_dim 32 --head_bottleneck_dim 16 --seed 3";
         let cfg = resolve_args(&flags.split_whitespace().collect::<Vec<_>>()).unwrap();
         let device = Device::flex();
@@ -178,7 +178,7 @@ mod tests {
         let old_bytes = std::fs::read(&path).unwrap();
         let old = from_bytes(&old_bytes, &path, fresh(), fresh(), &device).unwrap();
         assert_eq!(old.state.progress, Progress { epoch: 1, step_in_epoch: 0, global_step: 4, plan: None });
-        assert_eq!((old.processes, old.state.optimizer.kind), (1, OptimizerKind::Adamw));
+        assert_eq!((old.processes, old.state.optimizer.kind), (1, OptimizerKind::Sgd));
 
         let new_bytes = to_bytes(&old.state, &old.center, &cfg).unwrap();
         let (old_tensors, _) = weights::read_safetensors(&old_bytes, &path).unwrap();
