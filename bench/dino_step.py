@@ -40,7 +40,8 @@ def main():
                    help="bf16 runs the forward passes (and the loss) under autocast (on CPUs oneDNN, AMX "
                         "where present), as the reference's mixed precision does on GPUs")
     p.add_argument("--device", default="cpu", help="cpu, or cuda to time the same step on an NVIDIA GPU "
-                   "(f32 products stay f32 there: PyTorch leaves TF32 off unless asked)")
+                   "(at f32 its matrix products stay f32: PyTorch leaves TF32 off for them unless "
+                   "asked, though cuDNN's convolutions, here the patch embedding, use it)")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
