@@ -105,7 +105,8 @@ def main():
     result = {"impl": "pytorch " + torch.__version__, "device": a.device, "median_s": median,
               "img_per_s": a.batch / median, "peak_rss_mb": rss_mb}
     if dev.type == "cuda":
-        result["peak_gpu_mb"] = torch.cuda.max_memory_allocated(dev) / 2**20
+        # What PyTorch's allocator held at most (tensors and its cache; not the CUDA context).
+        result["peak_gpu_reserved_mib"] = torch.cuda.max_memory_reserved(dev) / 2**20
     print(json.dumps(result))
 
 

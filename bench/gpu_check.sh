@@ -4,8 +4,8 @@
 # 4000 training and 1000 test images are enough). For cuda, bench/gpu_prepare.sh makes both in
 # .gpu/ (carry `.gpu` and run the line its header gives); for vulkan,
 # `CARGO_TARGET_DIR=target-vulkan cargo build --release --features vulkan --bin dino --example bench`.
-# Every case has its own timeout, and the whole check stops starting cases once CHECK_SECONDS
-# (default 480) have passed, so a hang or a slow start costs a case, not the machine's minutes.
+# Every case has its own timeout, and no case starts with less than 15 of CHECK_SECONDS
+# (default 480) left, so a hang or a slow start costs a case, not the machine's minutes.
 # The most wanted numbers come first:
 #   1. the GPU, driver and the CUDA libraries found (cubecl's LLVM path needs libcuda and CUDA's
 #      libdevice, found through CUDA_PATH, which this script sets from what it finds);
@@ -39,22 +39,36 @@ bounded() {
   timeout "$limit" "$@"
 }
 
-# The largest GPU memory use nvidia-smi reports while "$@" runs, in MiB.
+# Runs "$@", then prints its exit status and the largest GPU memory use (the whole device's,
+# CUDA context included) nvidia-smi reported meanwhile, in MiB.
 peak_gpu_mib() {
+  : > "$out/memory.log"
   nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 -f "$out/memory.log" 2>/dev/null &
-  local sampler=$!
+  local sampler=$! status
   "$@"
+  status=$?
   kill "$sampler" 2>/dev/null
   wait "$sampler" 2>/dev/null
-  echo "peak GPU memory $(sort -n "$out/memory.log" 2>/dev/null | tail -1) MiB"
+  echo "exit $status, peak GPU memory $(sort -n "$out/memory.log" 2>/dev/null | tail -1) MiB"
 }
 
 echo "== 1. machine"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1 | head -2
 ldconfig -p 2>/dev/null | grep -oE 'lib(cuda|nvrtc|nvJitLink)\.so[.0-9]*' | sort -u | tr '\n' ' '; echo
-if [ -z "${CUDA_PATH:-}" ]; then
-  libdevice=$(find /usr/local /opt /usr/lib -name libdevice.10.bc 2>/dev/null | head -1)
-  [ -n "$libdevice" ] && export CUDA_PATH="${libdevice%/nvvm/libdevice/libdevice.10.bc}"
+# cubecl's LLVM path reads $CUDA_PATH/nvvm/libdevice/libdevice.10.bc (else /usr/local/cuda and
+# a few other roots). Where no toolkit has that layout, a copy elsewhere (Triton's, Debian's)
+# is linked into one.
+if [ -z "${CUDA_PATH:-}" ] && [ ! -d /usr/local/cuda/nvvm/libdevice ]; then
+  libdevice=$(timeout 60 find /usr/local /opt /usr/lib -path '*/nvvm/libdevice/libdevice.10.bc' 2>/dev/null | head -1)
+  if [ -n "$libdevice" ]; then
+    export CUDA_PATH="${libdevice%/nvvm/libdevice/libdevice.10.bc}"
+  else
+    libdevice=$(timeout 60 find /usr/local /opt /usr/lib -name libdevice.10.bc 2>/dev/null | head -1)
+    if [ -n "$libdevice" ]; then
+      mkdir -p "$out/cuda/nvvm/libdevice" && ln -s "$libdevice" "$out/cuda/nvvm/libdevice/"
+      export CUDA_PATH="$out/cuda"
+    fi
+  fi
 fi
 echo "CUDA_PATH=${CUDA_PATH:-unset}"
 
@@ -90,14 +104,14 @@ echo "== 3. 8 training steps, losses: cpu f32 | $device f32 [| $device bf16]"
 if [ "$device" = vulkan ]; then train_runs vit_micro cpu:f32 vulkan:f32; else train_runs vit_micro cpu:f32 cuda:f32 cuda:bf16; fi
 
 echo "== 4. the reference in PyTorch on the same GPU"
-if [ "$device" = cuda ] && python3 -c 'import torch; assert torch.cuda.is_available()' 2>/dev/null; then
+if [ "$device" = cuda ] && timeout 60 python3 -c 'import torch; assert torch.cuda.is_available()' 2>/dev/null; then
   for case in "bf16 --mode extract --arch vit_small --patch 16 --batch 256" \
               "bf16 --mode step --arch vit_small --patch 16 --batch 32 --out_dim 65536" \
               "bf16 --mode step --arch vit_small --patch 16 --batch 64 --out_dim 65536" \
               "f32 --mode step --arch vit_small --patch 16 --batch 32 --out_dim 65536" \
               "f32 --mode extract --arch vit_small --patch 16 --batch 256"; do
     # shellcheck disable=SC2086
-    echo "pytorch $case => $(bounded 90 python3 "$here/dino_step.py" --device cuda --precision $case --steps 5 --warmup 2 2>&1 | tail -1)"
+    echo "pytorch $case => $(peak_gpu_mib bounded 90 python3 "$here/dino_step.py" --device cuda --precision $case --steps 5 --warmup 2 2>&1 | tail -2 | paste -sd' ' -)"
   done
 else
   echo "no CUDA PyTorch here"
