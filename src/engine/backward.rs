@@ -46,58 +46,6 @@ impl Norm {
         add(&mut grads.weight, &dweight);
         add(&mut grads.bias, &dbias);
     }
-
-    /// x̂·γ + β transposed into `t` [D, rows]: the left operand of the next layer's weight
-    /// gradient, recomputed from the kept x̂ instead of kept.
-    fn output_transposed<E: Element>(&self, saved: &Standardized, t: &mut Matrix<E>) {
-        let dim = self.weight.len();
-        transpose_into(t, saved.inv.len(), |r, c0, segment| {
-            let w = segment.len();
-            rows::affine_to(segment, &saved.xhat[r * dim + c0..][..w], &self.weight[c0..][..w], &self.bias[c0..][..w]);
-        });
-    }
-}
-
-/// Writes the transpose [cols, rows] of a rows × cols matrix into `t` (made by
-/// `Matrix::zeros(cols, rows)`): weight gradients take an activation's transpose
-/// as their left operand. `fill(r, c0, segment)` writes the source's row r, columns
-/// c0..c0 + segment.len(), so the caller's conversion runs on contiguous slices. Threaded over
-/// 32-column strips of the source, each strip transposed through 32×32 tiles so that reads
-/// and writes are whole 64-byte rows.
-fn transpose_into<E: Element>(t: &mut Matrix<E>, rows: usize, fill: impl Fn(usize, usize, &mut [E]) + Sync) {
-    let (cols, stride) = (t.rows(), t.stride());
-    debug_assert_eq!(t.cols(), rows);
-    t.data_mut().par_chunks_mut(BLOCK * stride).enumerate().for_each(|(strip, out)| {
-        let c0 = strip * BLOCK;
-        let width = cols.saturating_sub(c0).min(BLOCK);
-        if width == 0 {
-            return;
-        }
-        let mut segment = [E::default(); BLOCK];
-        let mut tile = [[E::default(); BLOCK]; BLOCK];
-        for r0 in (0..rows).step_by(BLOCK) {
-            let height = (rows - r0).min(BLOCK);
-            for r in 0..height {
-                // Whole 32-wide segments and columns as constant-length copies (inlined
-                // moves, not a memmove call per 128 bytes).
-                if width == BLOCK {
-                    fill(r0 + r, c0, &mut segment);
-                } else {
-                    fill(r0 + r, c0, &mut segment[..width]);
-                }
-                for (column, &v) in tile.iter_mut().zip(&segment[..width]) {
-                    column[r] = v;
-                }
-            }
-            for (i, column) in tile[..width].iter().enumerate() {
-                if height == BLOCK {
-                    out[i * stride + r0..][..BLOCK].copy_from_slice(column);
-                } else {
-                    out[i * stride + r0..][..height].copy_from_slice(&column[..height]);
-                }
-            }
-        }
-    });
 }
 
 /// Buffers of one backward pass, reused from block to block.
@@ -110,27 +58,24 @@ struct Workspace<E: Element> {
     /// With one spare block of rows, for per-image head views.
     d_mixed: Matrix<E>,
     d_qkv: Matrix<E>,
-    /// Transposed layer inputs: [D, rows] and [hidden, rows].
-    inputs_t: Matrix<E>,
-    hidden_t: Matrix<E>,
     packed: Packed<E>,
 }
 
-/// grad [in, out] += inputsᵀ · dy, with `inputs_t` the transposed layer input [in, rows] and
-/// `dy` the output gradient [rows, out]. The sum runs over the batch's token rows, thousands
-/// deep, so it is split into chunks whose packed `dy` (about 1 MB) stays in cache while every
-/// row block of inputsᵀ passes over it; one product over all rows would stream the whole `dy`
-/// from memory once per 32 input channels.
-fn weight_gradient<E: Element>(inputs_t: &Matrix<E>, dy: &Matrix<E>, rows: usize, packed: &mut Packed<E>, grad: &mut [f32]) {
+/// grad [in, out] += inputsᵀ · dy, with `inputs` the layer input [rows, in] (read by
+/// columns, no transposed copy) and `dy` the output gradient [rows, out]. The sum runs over
+/// the batch's token rows, thousands deep, so it is split into chunks whose packed `dy` (about
+/// 1 MB) stays in cache while every row block of inputsᵀ passes over it; one product over all
+/// rows would stream the whole `dy` from memory once per 32 input channels.
+fn weight_gradient<E: Element>(inputs: &Matrix<E>, dy: &Matrix<E>, rows: usize, packed: &mut Packed<E>, grad: &mut [f32]) {
     let out = dy.cols();
     let (data, stride) = (dy.view_data(), dy.stride());
-    let (inputs, inputs_stride) = (inputs_t.view_data(), inputs_t.stride());
+    let (input_data, input_stride) = (inputs.view_data(), inputs.stride());
     let chunk = ((1 << 20) / (2 * out)).clamp(BLOCK, 2048) / BLOCK * BLOCK;
     for first in (0..rows).step_by(chunk) {
         let depth = (rows - first).min(chunk);
         packed.repack(depth, out, |i| &data[(first + i) * stride..][..out]);
-        // Past `rows` the transposed input's columns are zero padding.
-        let a = View::new(&inputs[first..], inputs_t.rows(), depth.div_ceil(BLOCK) * BLOCK, inputs_stride);
+        // Past `rows` the input's rows are zero padding.
+        let a = View::transposed(&input_data[first * input_stride..], inputs.cols(), depth, input_stride);
         matmul::matmul(a, packed, grad, out, |dst, v, _, _| add(dst, v));
     }
 }
@@ -184,20 +129,10 @@ fn branch_gradient<E: Element>(dx: &[f32], keep: Option<&[f32]>, tokens: usize, 
     add(bias_grad, &total);
 }
 
-/// Transposes the tokens × tokens block of `src` into `dst`.
-fn transpose_square<E: Element>(src: &Matrix<E>, dst: &mut Matrix<E>, tokens: usize) {
-    for r in 0..tokens {
-        for (c, &v) in src.row(r).iter().enumerate() {
-            dst.row_mut(c)[r] = v;
-        }
-    }
-}
-
 /// Per-thread buffers of the attention backward pass.
 struct AttentionScratch<E: Element> {
     d_weights: Vec<f32>,
     d_scores: Matrix<E>,
-    transposed: Matrix<E>,
     packed: Packed<E>,
 }
 
@@ -246,36 +181,29 @@ impl<E: Element> Vit<E> {
             d_hidden: Matrix::zeros(rows, hidden_dim),
             d_mixed: Matrix::zeros(rows + BLOCK, dim),
             d_qkv: Matrix::zeros(rows, 3 * dim),
-            inputs_t: Matrix::zeros(dim, rows),
-            hidden_t: Matrix::zeros(hidden_dim, rows),
             packed: Packed::default(),
         };
         for ((layers, saved), g) in self.blocks.iter().zip(&tape.blocks).zip(grads.blocks.iter_mut()).rev() {
             // MLP branch: x += keep · (gelu(h)·W2 + b2), h = n2·W1 + b1.
             branch_gradient(&dx, saved.keep_mlp.as_deref(), tokens_per_image, &mut ws.dy, &mut g.fc2.bias);
-            let (activated, hidden_stride) = (saved.activated.view_data(), saved.activated.stride());
-            transpose_into(&mut ws.hidden_t, rows, |r, c0, segment| segment.copy_from_slice(&activated[r * hidden_stride + c0..][..segment.len()]));
-            weight_gradient(&ws.hidden_t, &ws.dy, rows, &mut ws.packed, &mut g.fc2.weight);
+            let hidden_stride = saved.activated.stride();
+            weight_gradient(&saved.activated, &ws.dy, rows, &mut ws.packed, &mut g.fc2.weight);
             let hidden = saved.hidden.as_ref().expect("a training tape keeps fc1's output").view_data();
             matmul::matmul(ws.dy.view(), transposed_weight(&layers.fc2), ws.d_hidden.data_mut(), hidden_stride, |dst, v, r, c| {
                 rows::gelu_backward_to(dst, v, &hidden[r * hidden_stride + c..]);
             });
             add_column_sums(&ws.d_hidden, rows, &mut g.fc1.bias);
-            layers.norm2.output_transposed(&saved.norm2, &mut ws.inputs_t);
-            weight_gradient(&ws.inputs_t, &ws.d_hidden, rows, &mut ws.packed, &mut g.fc1.weight);
+            weight_gradient(&saved.normed2, &ws.d_hidden, rows, &mut ws.packed, &mut g.fc1.weight);
             matmul::matmul(ws.d_hidden.view(), transposed_weight(&layers.fc1), &mut ws.dn, dim, |dst, v, _, _| dst.copy_from_slice(v));
             layers.norm2.backward(&saved.norm2, &ws.dn, &mut dx, &mut g.norm2);
 
             // Attention branch: x += keep · (attention(n1·Wqkv + bqkv)·Wp + bp).
             branch_gradient(&dx, saved.keep_attn.as_deref(), tokens_per_image, &mut ws.dy, &mut g.proj.bias);
-            let (mixed, mixed_stride) = (saved.mixed.view_data(), saved.mixed.stride());
-            transpose_into(&mut ws.inputs_t, rows, |r, c0, segment| segment.copy_from_slice(&mixed[r * mixed_stride + c0..][..segment.len()]));
-            weight_gradient(&ws.inputs_t, &ws.dy, rows, &mut ws.packed, &mut g.proj.weight);
-            matmul::matmul(ws.dy.view(), transposed_weight(&layers.proj), ws.d_mixed.data_mut(), mixed_stride, |dst, v, _, _| rows::convert_row(dst, v));
+            weight_gradient(&saved.mixed, &ws.dy, rows, &mut ws.packed, &mut g.proj.weight);
+            matmul::matmul(ws.dy.view(), transposed_weight(&layers.proj), ws.d_mixed.data_mut(), saved.mixed.stride(), |dst, v, _, _| rows::convert_row(dst, v));
             self.attention_backward(saved, &ws.d_mixed, images, tokens_per_image, &mut ws.d_qkv);
             add_column_sums(&ws.d_qkv, rows, &mut g.qkv.bias);
-            layers.norm1.output_transposed(&saved.norm1, &mut ws.inputs_t);
-            weight_gradient(&ws.inputs_t, &ws.d_qkv, rows, &mut ws.packed, &mut g.qkv.weight);
+            weight_gradient(&saved.normed1, &ws.d_qkv, rows, &mut ws.packed, &mut g.qkv.weight);
             matmul::matmul(ws.d_qkv.view(), transposed_weight(&layers.qkv), &mut ws.dn, dim, |dst, v, _, _| dst.copy_from_slice(v));
             layers.norm1.backward(&saved.norm1, &ws.dn, &mut dx, &mut g.norm1);
         }
@@ -296,7 +224,6 @@ impl<E: Element> Vit<E> {
             || AttentionScratch {
                 d_weights: zeros(tokens * tokens),
                 d_scores: Matrix::zeros(tokens, tokens),
-                transposed: Matrix::zeros(tokens, tokens),
                 packed: Packed::default(),
             },
             |s, (image, out)| {
@@ -314,18 +241,16 @@ impl<E: Element> Vit<E> {
                         rows::softmax_backward_to(s.d_scores.row_mut(t), &s.d_weights[t * tokens..][..tokens], weights.row(t));
                     }
 
-                    transpose_square(weights, &mut s.transposed, tokens);
                     s.packed.repack(tokens, head_dim, d_head_row);
                     let v_at = 2 * dim + head * head_dim;
-                    matmul::matmul_serial(s.transposed.view(), &s.packed, &mut out[v_at..], out_stride, |dst, v, _, _| rows::convert_row(dst, v));
+                    matmul::matmul_serial(weights.transposed(), &s.packed, &mut out[v_at..], out_stride, |dst, v, _, _| rows::convert_row(dst, v));
 
                     s.packed.repack(tokens, head_dim, |t| row(1, t));
                     matmul::matmul_serial(s.d_scores.view(), &s.packed, &mut out[head * head_dim..], out_stride, |dst, v, _, _| rows::scale_to(dst, v, scale));
 
-                    transpose_square(&s.d_scores, &mut s.transposed, tokens);
                     s.packed.repack(tokens, head_dim, |t| row(0, t));
                     let k_at = dim + head * head_dim;
-                    matmul::matmul_serial(s.transposed.view(), &s.packed, &mut out[k_at..], out_stride, |dst, v, _, _| rows::convert_row(dst, v));
+                    matmul::matmul_serial(s.d_scores.transposed(), &s.packed, &mut out[k_at..], out_stride, |dst, v, _, _| rows::convert_row(dst, v));
                 }
             },
         );
@@ -377,16 +302,13 @@ impl<E: Element> Vit<E> {
             }
         }
         // d W_patch [D, 3p²] = d patchesᵀ · patches.
-        let mut d_patches_t = Matrix::zeros(dim, images * patches);
-        transpose_into(&mut d_patches_t, images * patches, |r, c0, segment| {
+        let mut d_patches = Matrix::<E>::zeros(images * patches, dim);
+        let stride = d_patches.stride();
+        d_patches.data_mut()[..images * patches * stride].par_chunks_mut(stride).enumerate().for_each(|(r, row)| {
             let token = (r / patches) * tokens_per_image + 1 + r % patches;
-            rows::convert_row(segment, &dx[token * dim + c0..][..segment.len()]);
+            rows::convert_row(&mut row[..dim], &dx[token * dim..][..dim]);
         });
-        let k = 3 * p * p;
-        let (data, stride) = (tape.patches.view_data(), tape.patches.stride());
-        let mut packed = Packed::default();
-        packed.repack(images * patches, k, |i| &data[i * stride..][..k]);
-        matmul::matmul(d_patches_t.view(), &packed, &mut grads.patch.weight, k, |dst, v, _, _| add(dst, v));
+        weight_gradient(&d_patches, &tape.patches, images * patches, &mut Packed::default(), &mut grads.patch.weight);
     }
 }
 

@@ -260,34 +260,58 @@ impl Products {
     }
 
     /// One 32×32 block of A·B into `out` from f32 inputs: as [`Products::block_bf16`] with
-    /// one k value per entry, `depth` deep (a multiple of 32). AMX and AVX512-BF16 machines
-    /// use their AVX-512 units.
-    pub fn block_f32(&self, a: &[f32], a_stride: usize, b0: &[f32], b1: &[f32], depth: usize, out: &mut [f32; BLOCK * BLOCK]) {
+    /// one k value per entry, `depth` deep (a multiple of 32), A laid out as `layout` says
+    /// (by columns: A's k-th column is the 32 values at `a[k · a_stride..]`, so a product with
+    /// the transpose of a row-major matrix needs no transposed copy). AMX and AVX512-BF16
+    /// machines use their AVX-512 units.
+    pub fn block_f32(&self, a: &[f32], a_stride: usize, layout: Layout, b0: &[f32], b1: &[f32], depth: usize, out: &mut [f32; BLOCK * BLOCK]) {
         assert!(depth.is_multiple_of(16) && depth > 0, "k comes in whole slices");
-        assert!(a.len() >= (BLOCK - 1) * a_stride + depth && a_stride >= depth, "A's block is out of bounds");
+        let (lines, line_len) = match layout {
+            Layout::Rows => (BLOCK, depth),
+            Layout::Columns => (depth, BLOCK),
+        };
+        assert!(a.len() >= (lines - 1) * a_stride + line_len && a_stride >= line_len, "A's block is out of bounds");
         assert!(b0.len() >= 16 * depth && b1.len() >= 16 * depth, "B's strips are out of bounds");
-        match self.cpu.path {
+        match (self.cpu.path, layout) {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: AMX and AVX512-BF16 paths are granted only where AVX512F was detected;
             // the asserts above keep every load inside `a`, `b0` and `b1`.
-            Path::Amx | Path::Avx512Bf16 => unsafe { block_f32_avx512(a.as_ptr(), a_stride, b0.as_ptr(), b1.as_ptr(), depth, out) },
+            (Path::Amx | Path::Avx512Bf16, Layout::Rows) => unsafe { block_f32_avx512::<false>(a.as_ptr(), a_stride, b0.as_ptr(), b1.as_ptr(), depth, out) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: as above, for A by columns.
+            (Path::Amx | Path::Avx512Bf16, Layout::Columns) => unsafe { block_f32_avx512::<true>(a.as_ptr(), a_stride, b0.as_ptr(), b1.as_ptr(), depth, out) },
             #[cfg(target_arch = "x86_64")]
             // SAFETY: the AVX2 path is granted only where AVX2 and FMA were detected; the
             // asserts above keep every load inside `a`, `b0` and `b1`.
-            Path::Avx2 => unsafe { block_f32_avx2(a.as_ptr(), a_stride, [b0.as_ptr(), b1.as_ptr()], depth, out) },
-            _ => block_f32_plain(a, a_stride, b0, b1, depth, out),
+            (Path::Avx2, Layout::Rows) => unsafe { block_f32_avx2::<false>(a.as_ptr(), a_stride, [b0.as_ptr(), b1.as_ptr()], depth, out) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: as above, for A by columns.
+            (Path::Avx2, Layout::Columns) => unsafe { block_f32_avx2::<true>(a.as_ptr(), a_stride, [b0.as_ptr(), b1.as_ptr()], depth, out) },
+            _ => block_f32_plain(a, a_stride, layout, b0, b1, depth, out),
         }
     }
 }
 
+/// How a product's left operand A lies in memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// Row-major: A[i][k] at `i · stride + k`.
+    Rows,
+    /// Column-major: A[i][k] at `k · stride + i`, A being the transpose of a row-major
+    /// matrix (the weight gradients' layer inputs, the attention backward's weights).
+    Columns,
+}
+
 /// Runs an AVX-512 row kernel over a 32-row block as three groups: rows 0..12, 12..24 and
-/// 24..32 (12 rows × 32 columns of accumulators fill 24 of the 32 vector registers).
+/// 24..32 (12 rows × 32 columns of accumulators fill 24 of the 32 vector registers), the
+/// groups' first rows `row_step` apart in A; the kernel's generic arguments after its row
+/// count in brackets.
 #[cfg(target_arch = "x86_64")]
 macro_rules! in_row_groups {
-    ($rows:ident, $a:expr, $a_stride:expr, $strips:expr, $depth:expr, $out:expr) => {{
-        $rows::<12>($a, $a_stride, $strips, $depth, &mut $out[..]);
-        $rows::<12>($a.add(12 * $a_stride), $a_stride, $strips, $depth, &mut $out[12 * BLOCK..]);
-        $rows::<8>($a.add(24 * $a_stride), $a_stride, $strips, $depth, &mut $out[24 * BLOCK..]);
+    ($rows:ident [$($g:tt),*], $a:expr, $row_step:expr, $a_stride:expr, $strips:expr, $depth:expr, $out:expr) => {{
+        $rows::<12, $($g),*>($a, $a_stride, $strips, $depth, &mut $out[..]);
+        $rows::<12, $($g),*>($a.add(12 * $row_step), $a_stride, $strips, $depth, &mut $out[12 * BLOCK..]);
+        $rows::<8, $($g),*>($a.add(24 * $row_step), $a_stride, $strips, $depth, &mut $out[24 * BLOCK..]);
     }};
 }
 
@@ -306,36 +330,69 @@ fn store_rows<const R: usize>(acc: &[[std::arch::x86_64::__m512; 2]; R], out: &m
     }
 }
 
+/// Depth of one pass of the AVX-512 f32 block: the three row groups run over the same
+/// 128-deep slice of A and the strips (16 KB each) while it is in L1, instead of each
+/// streaming the whole depth from L2 (the weight gradients are thousands deep).
+#[cfg(target_arch = "x86_64")]
+const F32_SLICE: usize = 128;
+
 /// The f32 block with AVX-512: twelve, twelve and eight rows at a time, each row in two
 /// 16-lane accumulators (24 of the 32 registers at most), each A value broadcast against the
-/// two strips' 16 columns.
+/// two strips' 16 columns, slice by slice of the depth. A by rows, or by columns where
+/// `COLUMNS`.
 ///
-/// Safety: AVX512F present; `a` readable for 32 rows of `a_stride` f32, `depth` wide; `b0`,
-/// `b1` readable for 16·`depth` f32.
+/// Safety: AVX512F present; `a` readable for 32 rows of `a_stride` f32, `depth` wide (by
+/// columns: `depth` columns of `a_stride`, 32 high); `b0`, `b1` readable for 16·`depth` f32.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn block_f32_avx512(a: *const f32, a_stride: usize, b0: *const f32, b1: *const f32, depth: usize, out: &mut [f32; BLOCK * BLOCK]) {
-    // SAFETY: the split keeps each group within the caller's 32 rows.
-    unsafe { in_row_groups!(rows_f32_avx512, a, a_stride, [b0, b1], depth, out) }
+unsafe fn block_f32_avx512<const COLUMNS: bool>(a: *const f32, a_stride: usize, b0: *const f32, b1: *const f32, depth: usize, out: &mut [f32; BLOCK * BLOCK]) {
+    let row_step = if COLUMNS { 1 } else { a_stride };
+    for k0 in (0..depth).step_by(F32_SLICE) {
+        let slice = (depth - k0).min(F32_SLICE);
+        let a = a.wrapping_add(a_offset::<COLUMNS>(0, k0, a_stride));
+        let strips = [b0.wrapping_add(16 * k0), b1.wrapping_add(16 * k0)];
+        let added = k0 > 0;
+        // SAFETY: each group's rows and this slice of the depth lie within the caller's
+        // bounds.
+        unsafe {
+            rows_f32_avx512::<12, COLUMNS>(a, a_stride, strips, slice, &mut out[..], added);
+            rows_f32_avx512::<12, COLUMNS>(a.add(12 * row_step), a_stride, strips, slice, &mut out[12 * BLOCK..], added);
+            rows_f32_avx512::<8, COLUMNS>(a.add(24 * row_step), a_stride, strips, slice, &mut out[24 * BLOCK..], added);
+        }
+    }
 }
 
-/// `R` rows of the f32 block: out[i · 32 + c] for i < R, c < 32.
+/// Where A[i][k] lies from the start of `a`: by rows or, where `COLUMNS`, by columns.
+#[inline(always)]
+fn a_offset<const COLUMNS: bool>(i: usize, k: usize, a_stride: usize) -> usize {
+    if COLUMNS { k * a_stride + i } else { i * a_stride + k }
+}
+
+/// `R` rows of the f32 block: out[i · 32 + c] for i < R, c < 32, or added to them where
+/// `added` (the block's later depth slices).
 ///
-/// Safety: AVX512F present; `a` readable for `R` rows of `a_stride`, `depth` wide; both
-/// strips for 16·`depth` f32.
+/// Safety: AVX512F present; `a` readable for `R` rows of `a_stride`, `depth` wide (by
+/// columns: `depth` columns of `a_stride`, `R` high); both strips for 16·`depth` f32.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn rows_f32_avx512<const R: usize>(a: *const f32, a_stride: usize, [b0, b1]: [*const f32; 2], depth: usize, out: &mut [f32]) {
+unsafe fn rows_f32_avx512<const R: usize, const COLUMNS: bool>(a: *const f32, a_stride: usize, [b0, b1]: [*const f32; 2], depth: usize, out: &mut [f32], added: bool) {
     use std::arch::x86_64::*;
     assert!(out.len() >= R * BLOCK);
     let mut acc = [[_mm512_setzero_ps(); 2]; R];
+    if added {
+        for (i, acc) in acc.iter_mut().enumerate() {
+            let row = &out[i * BLOCK..][..BLOCK];
+            // SAFETY: `row` holds 32 f32, two unaligned 16-lane loads.
+            unsafe { *acc = [_mm512_loadu_ps(row.as_ptr()), _mm512_loadu_ps(row.as_ptr().add(16))] };
+        }
+    }
     // SAFETY: the caller's bounds cover every A value and B strip entry read here.
     unsafe {
         for r in 0..depth {
             let w0 = _mm512_loadu_ps(b0.add(16 * r));
             let w1 = _mm512_loadu_ps(b1.add(16 * r));
             for (i, acc) in acc.iter_mut().enumerate() {
-                let x = _mm512_set1_ps(*a.add(i * a_stride + r));
+                let x = _mm512_set1_ps(*a.add(a_offset::<COLUMNS>(i, r, a_stride)));
                 acc[0] = _mm512_fmadd_ps(x, w0, acc[0]);
                 acc[1] = _mm512_fmadd_ps(x, w1, acc[1]);
             }
@@ -346,28 +403,31 @@ unsafe fn rows_f32_avx512<const R: usize>(a: *const f32, a_stride: usize, [b0, b
 
 /// The f32 block with AVX2: strip by strip, six rows at a time in twelve 8-lane
 /// accumulators (the register file holds those, the strip's two vectors and a broadcast).
+/// A by rows, or by columns where `COLUMNS`.
 ///
 /// Safety: AVX2 and FMA present; bounds as [`block_f32_avx512`].
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn block_f32_avx2(a: *const f32, a_stride: usize, strips: [*const f32; 2], depth: usize, out: &mut [f32; BLOCK * BLOCK]) {
+unsafe fn block_f32_avx2<const COLUMNS: bool>(a: *const f32, a_stride: usize, strips: [*const f32; 2], depth: usize, out: &mut [f32; BLOCK * BLOCK]) {
+    let row_step = if COLUMNS { 1 } else { a_stride };
     for (s, &strip) in strips.iter().enumerate() {
         for first in (0..30).step_by(6) {
             // SAFETY: rows first..first + 6 and this strip are within the caller's bounds.
-            unsafe { rows_f32_avx2::<6>(a.add(first * a_stride), a_stride, strip, depth, &mut out[first * BLOCK + 16 * s..]) };
+            unsafe { rows_f32_avx2::<6, COLUMNS>(a.add(first * row_step), a_stride, strip, depth, &mut out[first * BLOCK + 16 * s..]) };
         }
         // SAFETY: rows 30 and 31 are within the caller's bounds.
-        unsafe { rows_f32_avx2::<2>(a.add(30 * a_stride), a_stride, strip, depth, &mut out[30 * BLOCK + 16 * s..]) };
+        unsafe { rows_f32_avx2::<2, COLUMNS>(a.add(30 * row_step), a_stride, strip, depth, &mut out[30 * BLOCK + 16 * s..]) };
     }
 }
 
 /// `R` rows of one 16-column strip: out[i · 32 + c] for i < R, c < 16.
 ///
-/// Safety: AVX2 and FMA present; `a` readable for `R` rows of `a_stride`, `depth` wide;
-/// `strip` for 16·`depth` f32; `out` at least (R - 1)·32 + 16 long.
+/// Safety: AVX2 and FMA present; `a` readable for `R` rows of `a_stride`, `depth` wide (by
+/// columns: `depth` columns of `a_stride`, `R` high); `strip` for 16·`depth` f32; `out` at
+/// least (R - 1)·32 + 16 long.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn rows_f32_avx2<const R: usize>(a: *const f32, a_stride: usize, strip: *const f32, depth: usize, out: &mut [f32]) {
+unsafe fn rows_f32_avx2<const R: usize, const COLUMNS: bool>(a: *const f32, a_stride: usize, strip: *const f32, depth: usize, out: &mut [f32]) {
     use std::arch::x86_64::*;
     assert!(out.len() >= (R - 1) * BLOCK + 16);
     let mut acc = [[_mm256_setzero_ps(); 2]; R];
@@ -377,7 +437,7 @@ unsafe fn rows_f32_avx2<const R: usize>(a: *const f32, a_stride: usize, strip: *
             let w0 = _mm256_loadu_ps(strip.add(16 * r));
             let w1 = _mm256_loadu_ps(strip.add(16 * r + 8));
             for (i, acc) in acc.iter_mut().enumerate() {
-                let x = _mm256_broadcast_ss(&*a.add(i * a_stride + r));
+                let x = _mm256_broadcast_ss(&*a.add(a_offset::<COLUMNS>(i, r, a_stride)));
                 acc[0] = _mm256_fmadd_ps(x, w0, acc[0]);
                 acc[1] = _mm256_fmadd_ps(x, w1, acc[1]);
             }
@@ -394,10 +454,14 @@ unsafe fn rows_f32_avx2<const R: usize>(a: *const f32, a_stride: usize, strip: *
 }
 
 /// The f32 block in plain code.
-fn block_f32_plain(a: &[f32], a_stride: usize, b0: &[f32], b1: &[f32], depth: usize, out: &mut [f32; BLOCK * BLOCK]) {
+fn block_f32_plain(a: &[f32], a_stride: usize, layout: Layout, b0: &[f32], b1: &[f32], depth: usize, out: &mut [f32; BLOCK * BLOCK]) {
     for (i, out_row) in out.chunks_exact_mut(BLOCK).enumerate() {
         let mut acc = [0f32; BLOCK];
-        for (r, &x) in a[i * a_stride..][..depth].iter().enumerate() {
+        for r in 0..depth {
+            let x = match layout {
+                Layout::Rows => a[a_offset::<false>(i, r, a_stride)],
+                Layout::Columns => a[a_offset::<true>(i, r, a_stride)],
+            };
             for (c, (&p, &q)) in b0[16 * r..][..16].iter().zip(&b1[16 * r..][..16]).enumerate() {
                 acc[c] += x * p;
                 acc[16 + c] += x * q;
@@ -462,7 +526,7 @@ unsafe fn block_amx(a: *const u16, a_stride: usize, b0: *const u32, b1: *const u
 #[target_feature(enable = "avx512f,avx512bf16")]
 unsafe fn block_avx512bf16(a: *const u16, a_stride: usize, b0: *const u32, b1: *const u32, pairs: usize, out: &mut [f32; BLOCK * BLOCK]) {
     // SAFETY: the split keeps each group within the caller's 32 rows.
-    unsafe { in_row_groups!(rows_avx512bf16, a, a_stride, [b0, b1], pairs, out) }
+    unsafe { in_row_groups!(rows_avx512bf16 [], a, a_stride, a_stride, [b0, b1], pairs, out) }
 }
 
 /// `R` rows of the bf16 block: out[i · 32 + c] for i < R, c < 32.

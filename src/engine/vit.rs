@@ -129,6 +129,10 @@ pub(super) struct BlockActivations<E: Element> {
     /// The two norms' inputs (training only).
     pub norm1: Standardized,
     pub norm2: Standardized,
+    /// The two norms' outputs: the inputs of the qkv and fc1 products (and of their weight
+    /// gradients).
+    pub normed1: Matrix<E>,
+    pub normed2: Matrix<E>,
     /// [rows + one spare block, 3D], queries scaled: each image's heads are read in whole
     /// 32-row blocks.
     pub qkv: Matrix<E>,
@@ -306,12 +310,10 @@ impl<E: Element> Vit<E> {
     /// handed to `after_block(block, x)` on the way; in training mode also the patch rows and
     /// every block's activations for the tape.
     fn stream(&self, pixels: &[f32], images: usize, (h, w): (usize, usize), mut rng: Option<&mut StdRng>, mut after_block: impl FnMut(usize, &[f32])) -> (Vec<f32>, Matrix<E>, Vec<BlockActivations<E>>) {
-        let (dim, p) = (self.dim, self.patch_size);
+        let p = self.patch_size;
         let tokens_per_image = 1 + (h / p) * (w / p);
-        let rows = images * tokens_per_image;
         let patches = patch_rows(pixels, images, (h, w), p);
         let mut x = tokens(&patches, &self.patch, &self.cls_token, &self.position_embedding(h, w), images);
-        let mut normed = Matrix::zeros(rows, dim);
         let mut kept = Vec::new();
         // Inference hands one block's buffers on to the next; training keeps each block's.
         let mut spare = None;
@@ -321,7 +323,7 @@ impl<E: Element> Vit<E> {
                 Some(rng) if block.drop_path > 0.0 => (Some(keep_factors(block.drop_path, images, rng)), Some(keep_factors(block.drop_path, images, rng))),
                 _ => (None, None),
             };
-            self.block_forward(block, &mut x, &mut normed, &mut a, images, tokens_per_image);
+            self.block_forward(block, &mut x, &mut a, images, tokens_per_image);
             after_block(i, &x);
             match self.mode {
                 Mode::Training => kept.push(a),
@@ -341,6 +343,8 @@ impl<E: Element> Vit<E> {
             keep_mlp: None,
             norm1: Standardized::new(rows, dim, training),
             norm2: Standardized::new(rows, dim, training),
+            normed1: Matrix::zeros(rows, dim),
+            normed2: Matrix::zeros(rows, dim),
             qkv: Matrix::zeros(rows + BLOCK, 3 * dim),
             weights: if training { (0..images * self.num_heads).map(|_| Matrix::zeros(tokens, tokens)).collect() } else { Vec::new() },
             mixed: Matrix::zeros(rows, dim),
@@ -350,7 +354,7 @@ impl<E: Element> Vit<E> {
     }
 
     /// One block over the residual stream `x` [rows, D], in place, its activations written into `a`.
-    fn block_forward(&self, block: &PackedBlock<E>, x: &mut [f32], normed: &mut Matrix<E>, a: &mut BlockActivations<E>, images: usize, tokens: usize) {
+    fn block_forward(&self, block: &PackedBlock<E>, x: &mut [f32], a: &mut BlockActivations<E>, images: usize, tokens: usize) {
         let training = self.mode == Mode::Training;
         let dim = self.dim;
         let rows = images * tokens;
@@ -360,24 +364,24 @@ impl<E: Element> Vit<E> {
             Some(keep) => rows::bias_accumulate_scaled(dst, v, &bias[c..], keep[r / tokens]),
         };
 
-        block.norm1.forward_into(x, normed, training.then_some(&mut a.norm1));
+        block.norm1.forward_into(x, &mut a.normed1, training.then_some(&mut a.norm1));
         let qkv_stride = a.qkv.stride();
-        matmul::matmul(normed.view(), &block.qkv.weight, a.qkv.data_mut(), qkv_stride, |dst, v, _, c| {
+        matmul::matmul(a.normed1.view(), &block.qkv.weight, a.qkv.data_mut(), qkv_stride, |dst, v, _, c| {
             rows::bias_scale_to(dst, v, &block.qkv.bias[c..], &self.qkv_scale[c..]);
         });
         self.attention(&a.qkv, images, tokens, &mut a.mixed, &mut a.weights);
         matmul::matmul(a.mixed.view(), &block.proj.weight, x, dim, |dst, v, r, c| residual(&a.keep_attn, &block.proj.bias, dst, v, r, c));
 
-        block.norm2.forward_into(x, normed, training.then_some(&mut a.norm2));
+        block.norm2.forward_into(x, &mut a.normed2, training.then_some(&mut a.norm2));
         let stride = a.activated.stride();
         match &mut a.hidden {
             Some(hidden) => {
-                matmul::matmul(normed.view(), &block.fc1.weight, hidden.data_mut(), stride, |dst, v, _, c| rows::bias_to(dst, v, &block.fc1.bias[c..]));
+                matmul::matmul(a.normed2.view(), &block.fc1.weight, hidden.data_mut(), stride, |dst, v, _, c| rows::bias_to(dst, v, &block.fc1.bias[c..]));
                 a.activated.data_mut().par_chunks_mut(stride).zip(hidden.view_data().par_chunks(stride)).for_each(|(dst, h)| rows::gelu_to(dst, h));
             }
             None => {
                 let activated = &mut a.activated.data_mut()[..rows * stride];
-                matmul::matmul(normed.view(), &block.fc1.weight, activated, stride, |dst, v, _, c| rows::bias_gelu_to(dst, v, &block.fc1.bias[c..]));
+                matmul::matmul(a.normed2.view(), &block.fc1.weight, activated, stride, |dst, v, _, c| rows::bias_gelu_to(dst, v, &block.fc1.bias[c..]));
             }
         }
         matmul::matmul(a.activated.view(), &block.fc2.weight, x, dim, |dst, v, r, c| residual(&a.keep_mlp, &block.fc2.bias, dst, v, r, c));
