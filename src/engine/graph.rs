@@ -213,6 +213,34 @@ mod tests {
         assert_ne!(at(Precision::F32), at(Precision::Bf16), "bf16 products round their inputs");
     }
 
+    /// The activation buffers a pass leaves behind are reused by the next pass of the same
+    /// shape without zeroing: a pass over X after one over Y computes X's features and
+    /// gradients bit for bit as before, so nothing reads what an earlier pass left there.
+    #[test]
+    fn reused_buffers_leave_no_trace() {
+        let plain = Device::flex();
+        let config = VitConfig { img_size: 48, patch_size: 8, embed_dim: 64, depth: 2, num_heads: 2, mlp_ratio: 4, drop_path_rate: 0.3 };
+        let vit = config.init(&mut StdRng::seed_from_u64(2), &plain.clone().autodiff());
+        let input = |seed: u64| {
+            let mut rng = StdRng::seed_from_u64(seed);
+            [(3, 48), (2, 24)].map(|(batch, size)| {
+                let values: Vec<f32> = (0..batch * 3 * size * size).map(|_| rand::Rng::random_range(&mut rng, -2.0..2.0)).collect();
+                Tensor::<4>::from_data(burn::tensor::TensorData::new(values, [batch, 3, size, size]), &plain).autodiff()
+            })
+        };
+        let pass = |seed: u64| {
+            let features = features(&vit, &input(seed), Some(&mut StdRng::seed_from_u64(5)), Precision::F32);
+            let grads = (features.clone() * features.clone()).sum().backward();
+            let patch_grad = vit.patch_embed.weight.grad(&grads).expect("a gradient");
+            let fc1_grad = vit.blocks[0].mlp.fc1.weight.grad(&grads).expect("a gradient");
+            (host(features.without_autodiff()), host(patch_grad), host(fc1_grad))
+        };
+        let first = pass(1);
+        let other = pass(2);
+        assert_ne!(first.0, other.0, "two inputs, two sets of features");
+        assert_eq!(pass(1), first);
+    }
+
     /// Off burn's autodiff device the same call runs the network in inference mode: at f32 the
     /// same forward pass computes the same features, bit for bit (inference only fuses GELU
     /// into fc1's store, which at f32 rounds nothing in between).
