@@ -368,8 +368,14 @@ fn product_rows<E: Element, T>(products: &Products, a: View<E>, b: &Packed<E>, (
         row_block(products, a, row0, b, &mut block, |col0, values| {
             let cols = (b.n - col0).min(BLOCK);
             for r in 0..valid_rows {
-                let at = (local0 + r) * out_stride + col0;
-                emit(&mut out[at..at + cols], &values[r * BLOCK..r * BLOCK + cols], first_row + local0 + r, col0);
+                let (at, row) = ((local0 + r) * out_stride + col0, first_row + local0 + r);
+                if cols == BLOCK {
+                    // Whole segments as slices of constant length: a store that copies them
+                    // compiles to vector moves, not a memmove call per 128 bytes.
+                    emit(&mut out[at..][..BLOCK], &values[r * BLOCK..][..BLOCK], row, col0);
+                } else {
+                    emit(&mut out[at..at + cols], &values[r * BLOCK..r * BLOCK + cols], row, col0);
+                }
             }
         });
     }
