@@ -292,6 +292,87 @@ impl Products {
     }
 }
 
+impl Products {
+    /// The 32-row band of A = Mᵀ whose columns are M's rows: writes A's 32 rows, `depth`
+    /// values each, row-major into `panel` (rows `depth` apart) from M's first `depth` rows,
+    /// each read for 32 values from `columns[k · stride..]`. `depth` is a multiple of 32.
+    /// With AVX-512, as 16×16 transposes of k-pairs in registers.
+    pub fn bf16_columns_to_rows(&self, columns: &[u16], stride: usize, depth: usize, panel: &mut [u16]) {
+        assert!(depth.is_multiple_of(BLOCK) && depth > 0, "depth comes in whole 32-deep slices");
+        assert!(stride >= BLOCK && columns.len() >= (depth - 1) * stride + BLOCK, "M's rows are out of bounds");
+        assert!(panel.len() >= BLOCK * depth, "the panel holds 32 rows of the depth");
+        match self.cpu.rows() {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: the AVX-512 row level is granted only where AVX512F and AVX512BW were
+            // detected; the asserts above keep every load inside `columns` and every store
+            // inside `panel`.
+            RowLevel::Avx512 => unsafe { bf16_columns_to_rows_avx512(columns.as_ptr(), stride, depth, panel.as_mut_ptr()) },
+            _ => columns_to_rows_plain(columns, stride, depth, panel),
+        }
+    }
+}
+
+/// [`Products::bf16_columns_to_rows`] in plain code, for any element: through a 32×32 tile,
+/// so that both reads and writes are whole 32-value runs.
+pub fn columns_to_rows_plain<T: Copy + Default>(columns: &[T], stride: usize, depth: usize, panel: &mut [T]) {
+    let mut tile = [[T::default(); BLOCK]; BLOCK];
+    for k0 in (0..depth).step_by(BLOCK) {
+        for (k, column) in columns[k0 * stride..].chunks(stride).take(BLOCK).enumerate() {
+            for (row, &v) in tile.iter_mut().zip(&column[..BLOCK]) {
+                row[k] = v;
+            }
+        }
+        for (i, row) in tile.iter().enumerate() {
+            panel[i * depth + k0..][..BLOCK].copy_from_slice(row);
+        }
+    }
+}
+
+/// [`Products::bf16_columns_to_rows`] with AVX-512: per 32-deep slice and 16-row half, the 16
+/// k-pairs of each row packed into one u32 (the low half the even k) and the 16×16 u32 block
+/// transposed in registers (32-bit and 64-bit unpacks within 128-bit lanes, then two rounds
+/// of lane shuffles), so each of A's rows gets 32 consecutive k in one store.
+///
+/// Safety: AVX512F and AVX512BW present; `columns` readable for `depth` rows of `stride`, 32
+/// values each; `panel` writable for 32 rows of `depth`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn bf16_columns_to_rows_avx512(columns: *const u16, stride: usize, depth: usize, panel: *mut u16) {
+    use std::arch::x86_64::*;
+    for k0 in (0..depth).step_by(BLOCK) {
+        for half in 0..2 {
+            // SAFETY: rows k0..k0 + 32 of `columns`, values 16·half..16·half + 16, are within
+            // the caller's bounds.
+            let t: [__m512i; 16] = std::array::from_fn(|pair| unsafe {
+                let at = |k: usize| columns.add((k0 + k) * stride + 16 * half).cast::<__m256i>();
+                let (even, odd) = (_mm256_loadu_si256(at(2 * pair)), _mm256_loadu_si256(at(2 * pair + 1)));
+                _mm512_or_si512(_mm512_cvtepu16_epi32(even), _mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(odd)))
+            });
+            // t[pair][i] → out[i][pair]. After the unpacks, b[4q + j] holds in its 128-bit lane
+            // L the pairs 4q..4q + 4 of row 4L + j.
+            let a: [__m512i; 16] = std::array::from_fn(|x| if x % 2 == 0 { _mm512_unpacklo_epi32(t[x], t[x + 1]) } else { _mm512_unpackhi_epi32(t[x - 1], t[x]) });
+            let b: [__m512i; 16] = std::array::from_fn(|x| {
+                let (q, j) = (x / 4, x % 4);
+                let (lo, hi) = (a[4 * q + j / 2], a[4 * q + 2 + j / 2]);
+                if j % 2 == 0 { _mm512_unpacklo_epi64(lo, hi) } else { _mm512_unpackhi_epi64(lo, hi) }
+            });
+            for j in 0..4 {
+                let c0 = _mm512_shuffle_i32x4::<0x88>(b[j], b[4 + j]);
+                let c1 = _mm512_shuffle_i32x4::<0xdd>(b[j], b[4 + j]);
+                let c2 = _mm512_shuffle_i32x4::<0x88>(b[8 + j], b[12 + j]);
+                let c3 = _mm512_shuffle_i32x4::<0xdd>(b[8 + j], b[12 + j]);
+                let rows = [_mm512_shuffle_i32x4::<0x88>(c0, c2), _mm512_shuffle_i32x4::<0x88>(c1, c3), _mm512_shuffle_i32x4::<0xdd>(c0, c2), _mm512_shuffle_i32x4::<0xdd>(c1, c3)];
+                for (lane, row) in rows.into_iter().enumerate() {
+                    let i = 16 * half + 4 * lane + j;
+                    // SAFETY: row i of the panel, values k0..k0 + 32, is within the caller's
+                    // bounds.
+                    unsafe { _mm512_storeu_si512(panel.add(i * depth + k0).cast(), row) };
+                }
+            }
+        }
+    }
+}
+
 /// How a product's left operand A lies in memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Layout {

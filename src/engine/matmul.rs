@@ -10,7 +10,7 @@
 use rayon::prelude::*;
 
 pub use super::cpu::{BLOCK, Layout};
-use super::cpu::{Cpu, K_STEP, Products};
+use super::cpu::{Cpu, K_STEP, Products, columns_to_rows_plain};
 
 /// Matrices of at least this many values are packed on several threads.
 const PARALLEL_PACK_MIN: usize = 1 << 16;
@@ -48,6 +48,9 @@ pub trait Element: Copy + Default + PartialEq + Send + Sync + std::fmt::Debug + 
     /// One 32×32 block of A·B on the selected path (see [`Products`]); `entries` packed
     /// entries deep.
     fn block(products: &Products, a: &[Self], a_stride: usize, layout: Layout, b0: &[Self::Packed], b1: &[Self::Packed], entries: usize, out: &mut [f32; BLOCK * BLOCK]);
+    /// The 32-row band of a column-major A as a row-major panel (see
+    /// [`Products::bf16_columns_to_rows`]), for kernels that read rows only.
+    fn columns_to_rows(products: &Products, columns: &[Self], stride: usize, depth: usize, panel: &mut [Self]);
 }
 
 impl Element for u16 {
@@ -70,6 +73,9 @@ impl Element for u16 {
         debug_assert_eq!(layout, Layout::Rows, "bf16 blocks read A by rows");
         products.block_bf16(a, a_stride, b0, b1, entries, out);
     }
+    fn columns_to_rows(products: &Products, columns: &[u16], stride: usize, depth: usize, panel: &mut [u16]) {
+        products.bf16_columns_to_rows(columns, stride, depth, panel);
+    }
 }
 
 impl Element for f32 {
@@ -90,6 +96,9 @@ impl Element for f32 {
     }
     fn block(products: &Products, a: &[f32], a_stride: usize, layout: Layout, b0: &[f32], b1: &[f32], entries: usize, out: &mut [f32; BLOCK * BLOCK]) {
         products.block_f32(a, a_stride, layout, b0, b1, entries, out);
+    }
+    fn columns_to_rows(_: &Products, columns: &[f32], stride: usize, depth: usize, panel: &mut [f32]) {
+        columns_to_rows_plain(columns, stride, depth, panel);
     }
 }
 
@@ -329,28 +338,17 @@ fn row_block<E: Element>(products: &Products, a: View<E>, row0: usize, b: &Packe
 /// 32 apart for kernels that read columns (a straight copy; the kernel then reads one
 /// sequential stream instead of lines a whole source row apart, which at strides near a
 /// multiple of 4 KB fall into a few cache sets), else as a row-major 32-row matrix
-/// (transposed through 32×32 tiles).
-fn pack_band<'p, E: Element>(a: View<E>, row0: usize, panel: &'p mut Vec<E>) -> View<'p, E> {
+/// (transposed, [`Element::columns_to_rows`]).
+fn pack_band<'p, E: Element>(products: &Products, a: View<E>, row0: usize, panel: &'p mut Vec<E>) -> View<'p, E> {
     let depth = round_up(a.cols, K_STEP);
     panel.resize(BLOCK * depth, E::default());
-    let columns = a.data[row0..].chunks(a.stride).take(depth).map(|column| &column[..BLOCK]);
     if E::READS_COLUMNS {
-        for (dst, column) in panel.chunks_exact_mut(BLOCK).zip(columns) {
-            dst.copy_from_slice(column);
+        for (dst, column) in panel.chunks_exact_mut(BLOCK).zip(a.data[row0..].chunks(a.stride)) {
+            dst.copy_from_slice(&column[..BLOCK]);
         }
         return View { data: panel, rows: BLOCK, cols: a.cols, stride: BLOCK, layout: Layout::Columns };
     }
-    let mut tile = [[E::default(); BLOCK]; BLOCK];
-    for (k0, group) in (0..depth).step_by(BLOCK).zip(columns.collect::<Vec<_>>().chunks(BLOCK)) {
-        for (k, column) in group.iter().enumerate() {
-            for (row, &v) in tile.iter_mut().zip(column.iter()) {
-                row[k] = v;
-            }
-        }
-        for (i, row) in tile.iter().enumerate() {
-            panel[i * depth + k0..][..BLOCK].copy_from_slice(row);
-        }
-    }
+    E::columns_to_rows(products, &a.data[row0..], a.stride, depth, panel);
     View { data: panel, rows: BLOCK, cols: a.cols, stride: depth, layout: Layout::Rows }
 }
 
@@ -362,7 +360,7 @@ fn product_rows<E: Element, T>(products: &Products, a: View<E>, b: &Packed<E>, (
     for local0 in (0..rows).step_by(BLOCK) {
         let valid_rows = (rows - local0).min(BLOCK);
         let (a, row0) = match a.layout {
-            Layout::Columns => (pack_band(a, first_row + local0, &mut panel), 0),
+            Layout::Columns => (pack_band(products, a, first_row + local0, &mut panel), 0),
             _ => (a, first_row + local0),
         };
         row_block(products, a, row0, b, &mut block, |col0, values| {
