@@ -188,9 +188,9 @@ impl<E: Element> Vit<E> {
             branch_gradient(&dx, saved.keep_mlp.as_deref(), tokens_per_image, &mut ws.dy, &mut g.fc2.bias);
             let hidden_stride = saved.activated.stride();
             weight_gradient(&saved.activated, &ws.dy, rows, &mut ws.packed, &mut g.fc2.weight);
-            let hidden = saved.hidden.as_ref().expect("a training tape keeps fc1's output").view_data();
+            let slope = saved.gelu_slope.as_ref().expect("a training tape keeps GELU's slope").view_data();
             matmul::matmul(ws.dy.view(), transposed_weight(&layers.fc2), ws.d_hidden.data_mut(), hidden_stride, |dst, v, r, c| {
-                rows::gelu_backward_to(dst, v, &hidden[r * hidden_stride + c..]);
+                rows::multiply_to(dst, v, &slope[r * hidden_stride + c..]);
             });
             add_column_sums(&ws.d_hidden, rows, &mut g.fc1.bias);
             weight_gradient(&saved.normed2, &ws.d_hidden, rows, &mut ws.packed, &mut g.fc1.weight);

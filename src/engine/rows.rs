@@ -56,28 +56,35 @@ fn gelu(x: f32) -> f32 {
     0.5 * x * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2))
 }
 
-/// d GELU / dx = Φ(x) + x·φ(x). Φ's erf at x/√2 and φ share one exp(-x²/2).
+/// GELU(x) exactly as [`gelu`] computes it, and its slope d GELU / dx = Φ(x) + x·φ(x): Φ's
+/// erf at x/√2 and φ share one exp(-x²/2).
 #[inline(always)]
-fn gelu_slope(x: f32) -> f32 {
+fn gelu_with_slope(x: f32) -> (f32, f32) {
     const INV_SQRT_2PI: f32 = 0.398_942_3;
-    let gaussian = exp(-0.5 * x * x);
-    0.5 * (1.0 + erf_given_gaussian(x * std::f32::consts::FRAC_1_SQRT_2, gaussian)) + x * INV_SQRT_2PI * gaussian
+    let y = x * std::f32::consts::FRAC_1_SQRT_2;
+    let gaussian = exp(-y * y);
+    let cdf = 0.5 * (1.0 + erf_given_gaussian(y, gaussian));
+    (x * cdf, cdf + x * INV_SQRT_2PI * gaussian)
 }
 
 row_kernel! {
-    /// dst = gelu(h) for pre-activations h.
-    pub fn gelu_to<E: Element>(dst: &mut [E], h: &[E]) {
-        for (d, &x) in dst.iter_mut().zip(h) {
-            *d = E::from_f32(gelu(x.to_f32()));
+    /// dst = gelu(h) for pre-activations h, and h replaced by gelu'(h): the training forward
+    /// pass keeps the slope for the backward pass instead of the pre-activations, so the
+    /// backward pass multiplies instead of evaluating erf and exp again.
+    pub fn gelu_keeping_slope<E: Element>(dst: &mut [E], h: &mut [E]) {
+        for (d, x) in dst.iter_mut().zip(h) {
+            let (value, slope) = gelu_with_slope(x.to_f32());
+            (*d, *x) = (E::from_f32(value), E::from_f32(slope));
         }
     }
 }
 
 row_kernel! {
-    /// dst = dg · gelu'(h): the gradient through GELU at the pre-activations h.
-    pub fn gelu_backward_to<E: Element>(dst: &mut [E], dg: &[f32], h: &[E]) {
-        for ((d, &g), &x) in dst.iter_mut().zip(dg).zip(h) {
-            *d = E::from_f32(g * gelu_slope(x.to_f32()));
+    /// dst = v · factor, element by element (the gradient through GELU: the output gradient
+    /// times the kept slope).
+    pub fn multiply_to<E: Element>(dst: &mut [E], v: &[f32], factor: &[E]) {
+        for ((d, &g), &f) in dst.iter_mut().zip(v).zip(factor) {
+            *d = E::from_f32(g * f.to_f32());
         }
     }
 }
@@ -303,9 +310,15 @@ mod tests {
         assert_eq!(gelu(0.0), 0.0);
     }
 
-    /// The GELU slope against a central difference of the erf form in f64.
+    /// The GELU slope against a central difference of the erf form in f64, and the value
+    /// beside it equal to `gelu`'s bit for bit (training and inference compute one network).
     #[test]
     fn gelu_slope_is_the_derivative() {
+        let gelu_slope = |x: f32| gelu_with_slope(x).1;
+        for i in -400..=400 {
+            let x = i as f32 * 0.0125;
+            assert_eq!(gelu_with_slope(x).0.to_bits(), gelu(x).to_bits(), "gelu({x})");
+        }
         let gelu64 = |x: f64| 0.5 * x * (1.0 + libm_erf(x / std::f64::consts::SQRT_2));
         for i in -40..=40 {
             let x = i as f64 * 0.125;

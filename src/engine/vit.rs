@@ -143,8 +143,8 @@ pub(super) struct BlockActivations<E: Element> {
     /// computes them in per-thread scratch).
     pub weights: Vec<Matrix<E>>,
     pub mixed: Matrix<E>,
-    /// fc1's output before GELU (training only; inference applies GELU in fc1's store).
-    pub hidden: Option<Matrix<E>>,
+    /// GELU's slope at fc1's outputs (training only; inference applies GELU in fc1's store).
+    pub gelu_slope: Option<Matrix<E>>,
     /// fc1's output after GELU.
     pub activated: Matrix<E>,
 }
@@ -406,7 +406,7 @@ impl<E: Element> Vit<E> {
             qkv: Matrix::zeros(rows + BLOCK, 3 * dim),
             weights: if training { (0..images * self.num_heads).map(|_| Matrix::zeros(tokens, tokens)).collect() } else { Vec::new() },
             mixed: Matrix::zeros(rows, dim),
-            hidden: training.then(|| Matrix::zeros(rows, hidden_dim)),
+            gelu_slope: training.then(|| Matrix::zeros(rows, hidden_dim)),
             activated: Matrix::zeros(rows, hidden_dim),
         }
     }
@@ -432,10 +432,12 @@ impl<E: Element> Vit<E> {
 
         block.norm2.forward_into(x, &mut a.normed2, training.then_some(&mut a.norm2));
         let stride = a.activated.stride();
-        match &mut a.hidden {
-            Some(hidden) => {
-                matmul::matmul(a.normed2.view(), &block.fc1.weight, hidden.data_mut(), stride, |dst, v, _, c| rows::bias_to(dst, v, &block.fc1.bias[c..]));
-                a.activated.data_mut().par_chunks_mut(stride).zip(hidden.view_data().par_chunks(stride)).for_each(|(dst, h)| rows::gelu_to(dst, h));
+        match &mut a.gelu_slope {
+            Some(slope) => {
+                matmul::matmul(a.normed2.view(), &block.fc1.weight, slope.data_mut(), stride, |dst, v, _, c| rows::bias_to(dst, v, &block.fc1.bias[c..]));
+                let (width, valid) = (slope.cols(), rows * stride);
+                let pairs = a.activated.data_mut()[..valid].par_chunks_mut(stride).zip(slope.data_mut()[..valid].par_chunks_mut(stride));
+                pairs.for_each(|(dst, h)| rows::gelu_keeping_slope(&mut dst[..width], &mut h[..width]));
             }
             None => {
                 let activated = &mut a.activated.data_mut()[..rows * stride];
