@@ -42,6 +42,18 @@ fn peak_rss_mb() -> f64 {
     status.lines().find_map(|l| l.strip_prefix("VmHWM:")).and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok()).map_or(0.0, |kb| kb / 1024.0)
 }
 
+/// CPU seconds this process has used, all threads, user and system.
+fn cpu_seconds() -> f64 {
+    // SAFETY: getrusage writes one rusage struct, which lives on this stack frame.
+    let usage = unsafe {
+        let mut usage = std::mem::zeroed::<libc::rusage>();
+        libc::getrusage(libc::RUSAGE_SELF, &mut usage);
+        usage
+    };
+    let seconds = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 * 1e-6;
+    seconds(usage.ru_utime) + seconds(usage.ru_stime)
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
@@ -66,6 +78,8 @@ fn main() {
     let mut rng = StdRng::seed_from_u64(0);
     let backbone = vit.init(&mut rng, &dev);
     let mut times = Vec::new();
+    // CPU seconds of each timed step or batch, for the threads' average occupancy.
+    let mut busy = Vec::new();
     let mut parts: Vec<[f64; 3]> = Vec::new();
     if mode == "allreduce" {
         let head = DinoHeadConfig { hidden_dim: hidden, bottleneck_dim: bottleneck, ..DinoHeadConfig::new(vit.embed_dim, out_dim) }.init(&mut rng, &dev);
@@ -88,9 +102,10 @@ fn main() {
         let network = FeatureNetwork::new(&network, precision).expect("--precision available here");
         for _ in 0..warmup + steps {
             let x = Tensor::<4>::random([batch, 3, gsize, gsize], Distribution::Normal(0.0, 1.0), &dev);
-            let t0 = Instant::now();
+            let (t0, cpu0) = (Instant::now(), cpu_seconds());
             let _ = network.kind(FeatureLayout::CLS).features(x).into_data();
             times.push(t0.elapsed().as_secs_f64());
+            busy.push(cpu_seconds() - cpu0);
         }
     } else {
         let head = DinoHeadConfig { hidden_dim: hidden, bottleneck_dim: bottleneck, ..DinoHeadConfig::new(vit.embed_dim, out_dim) }.init(&mut rng, &dev);
@@ -110,19 +125,21 @@ fn main() {
                 t.into_data().try_to_vec::<f32>().expect("f32 pixels")
             };
             let crops = step::Crops { images: batch, global: pixels(2 * batch, gsize), global_size: gsize, local: pixels(nlocal * batch, lsize), local_size: lsize, local_number: nlocal };
-            let t0 = Instant::now();
+            let (t0, cpu0) = (Instant::now(), cpu_seconds());
             let report;
             (state, report) = train_step.run(state, &crops, &values, &mut rng);
             assert!(report.loss.is_finite(), "non-finite loss {}", report.loss);
             // Waits for queued GPU work before the clock stops.
             let _ = state.teacher.head.last_layer.weight_v.val().into_data();
             times.push(t0.elapsed().as_secs_f64());
+            busy.push(cpu_seconds() - cpu0);
             let t = report.times;
             parts.push([t.forward_backward, t.optimizer, t.ema]);
         }
     }
     let m = median(times[warmup..].to_vec());
-    let mut line = serde_json::json!({ "impl": format!("dino ({device}, {precision:?})"), "median_s": m, "img_per_s": batch as f64 / m, "peak_rss_mb": peak_rss_mb() });
+    let threads_busy = busy[warmup..].iter().sum::<f64>() / times[warmup..].iter().sum::<f64>();
+    let mut line = serde_json::json!({ "impl": format!("dino ({device}, {precision:?})"), "median_s": m, "img_per_s": batch as f64 / m, "peak_rss_mb": peak_rss_mb(), "threads_busy": threads_busy });
     if !parts.is_empty() {
         let names = ["forward_backward", "adamw", "ema"];
         for (i, name) in names.iter().enumerate() {

@@ -21,10 +21,12 @@ pub struct HostTensor {
 }
 
 impl HostTensor {
-    /// Copies a tensor to the host as f32.
+    /// A tensor's values on the host as f32 (the tensor's own buffer where its backend hands
+    /// it over whole, as burn's CPU backend does for a tensor nothing else holds; a copy
+    /// otherwise).
     pub fn from_tensor<const D: usize>(t: Tensor<D>) -> Self {
         let data = t.into_data();
-        Self { shape: data.shape().to_vec(), values: data.convert::<f32>().try_to_vec::<f32>().expect("float tensor") }
+        Self { shape: data.shape().to_vec(), values: data.try_into_vec_as::<f32>().expect("float tensor") }
     }
 }
 
