@@ -1,7 +1,8 @@
 //! The engine's matrix products: C = A·B with f32 accumulation, on bf16 inputs (the way AMX's
 //! `tdpbf16ps` and AVX512-BF16's `vdpbf16ps` compute it) or on f32 inputs. A is a row-major
 //! matrix padded to whole 32×32 blocks, or the transpose of one (read by columns, so weight
-//! gradients and the attention's backward pass need no transposed copies); B is packed once into 16-column strips (for bf16, the
+//! gradients and the attention's backward pass need no transposed copies); B is packed once
+//! into 16-column strips (for bf16, the
 //! pairs of k interleaved in 16×16 tiles as both instructions read them); results come out
 //! 32×32 f32 blocks at a time through a caller's closure, so bias, activation and residual
 //! passes fuse into the store. The blocks themselves are computed by the selected path's
@@ -373,7 +374,7 @@ fn product_rows<E: Element, T>(products: &Products, a: View<E>, b: &Packed<E>, (
         let valid_rows = (rows - local0).min(BLOCK);
         let (a, row0) = match a.layout {
             Layout::Columns => (pack_band(products, a, first_row + local0, &mut panel), 0),
-            _ => (a, first_row + local0),
+            Layout::Rows => (a, first_row + local0),
         };
         row_block(products, a, row0, b, &mut block, |col0, values| {
             let cols = (b.n - col0).min(BLOCK);
