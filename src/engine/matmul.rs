@@ -46,9 +46,9 @@ pub trait Element: Copy + Default + PartialEq + Send + Sync + std::fmt::Debug + 
     /// transposed to rows 32 at a time first (bf16: both bf16 instructions take k-pairs from
     /// rows).
     const READS_COLUMNS: bool;
-    /// One 32×32 block of A·B on the selected path (see [`Products`]); `entries` packed
-    /// entries deep.
-    fn block(products: &Products, a: &[Self], a_stride: usize, layout: Layout, b0: &[Self::Packed], b1: &[Self::Packed], entries: usize, out: &mut [f32; BLOCK * BLOCK]);
+    /// One 32×32 block of A·B on the selected path (see [`Products`]) from two strips of B;
+    /// `entries` packed entries deep.
+    fn block(products: &Products, a: &[Self], a_stride: usize, layout: Layout, strips: [&[Self::Packed]; 2], entries: usize, out: &mut [f32; BLOCK * BLOCK]);
     /// The 32-row band of a column-major A as a row-major panel (see
     /// [`Products::bf16_columns_to_rows`]), for kernels that read rows only.
     fn columns_to_rows(products: &Products, columns: &[Self], stride: usize, depth: usize, panel: &mut [Self]);
@@ -70,7 +70,7 @@ impl Element for u16 {
     fn pack([lo, hi]: [Self; 2]) -> u32 {
         lo as u32 | (hi as u32) << 16
     }
-    fn block(products: &Products, a: &[u16], a_stride: usize, layout: Layout, b0: &[u32], b1: &[u32], entries: usize, out: &mut [f32; BLOCK * BLOCK]) {
+    fn block(products: &Products, a: &[u16], a_stride: usize, layout: Layout, [b0, b1]: [&[u32]; 2], entries: usize, out: &mut [f32; BLOCK * BLOCK]) {
         debug_assert_eq!(layout, Layout::Rows, "bf16 blocks read A by rows");
         products.block_bf16(a, a_stride, b0, b1, entries, out);
     }
@@ -95,8 +95,8 @@ impl Element for f32 {
     fn pack([value, _]: [Self; 2]) -> f32 {
         value
     }
-    fn block(products: &Products, a: &[f32], a_stride: usize, layout: Layout, b0: &[f32], b1: &[f32], entries: usize, out: &mut [f32; BLOCK * BLOCK]) {
-        products.block_f32(a, a_stride, layout, b0, b1, entries, out);
+    fn block(products: &Products, a: &[f32], a_stride: usize, layout: Layout, strips: [&[f32]; 2], entries: usize, out: &mut [f32; BLOCK * BLOCK]) {
+        products.block_f32(a, a_stride, layout, strips, entries, out);
     }
     fn columns_to_rows(_: &Products, columns: &[f32], stride: usize, depth: usize, panel: &mut [f32]) {
         columns_to_rows_plain(columns, stride, depth, panel);
@@ -342,7 +342,7 @@ fn row_block<E: Element>(products: &Products, a: View<E>, row0: usize, b: &Packe
     };
     for pair in 0..b.n_strips / 2 {
         let strips = &b.entries[2 * pair * strip_len..];
-        E::block(products, first, a.stride, a.layout, &strips[..strip_len], &strips[strip_len..2 * strip_len], strip_len / 16, block);
+        E::block(products, first, a.stride, a.layout, [&strips[..strip_len], &strips[strip_len..2 * strip_len]], strip_len / 16, block);
         emit(pair * BLOCK, block);
     }
 }
