@@ -2,7 +2,9 @@
 //! training step — `dino train`'s own `TrainStep`: teacher forward on the global crops, student
 //! forward on all crops, loss, backward, clipped AdamW, teacher EMA — or feature extraction,
 //! timed part by part, at either precision.
-//! Prints one JSON line: median seconds, images per second, peak RSS, and the step's parts.
+//! Prints one JSON line: median seconds, images per second, peak RSS, the step's parts, and
+//! `threads_busy`, the CPU seconds of the timed steps over their wall seconds (2.0 on two
+//! threads that never wait).
 //!
 //!     cargo run --release --example bench -- --mode step --arch vit_tiny --patch 16 --batch 8 --out_dim 65536
 //!     cargo run --release --example bench -- --mode step --arch vit_tiny --patch 16 --batch 8 --out_dim 65536 --precision bf16
