@@ -385,15 +385,13 @@ pub enum Layout {
 }
 
 /// Runs an AVX-512 row kernel over a 32-row block as three groups: rows 0..12, 12..24 and
-/// 24..32 (12 rows × 32 columns of accumulators fill 24 of the 32 vector registers), the
-/// groups' first rows `row_step` apart in A; the kernel's generic arguments after its row
-/// count in brackets.
+/// 24..32 (12 rows × 32 columns of accumulators fill 24 of the 32 vector registers).
 #[cfg(target_arch = "x86_64")]
 macro_rules! in_row_groups {
-    ($rows:ident [$($g:tt),*], $a:expr, $row_step:expr, $a_stride:expr, $strips:expr, $depth:expr, $out:expr) => {{
-        $rows::<12, $($g),*>($a, $a_stride, $strips, $depth, &mut $out[..]);
-        $rows::<12, $($g),*>($a.add(12 * $row_step), $a_stride, $strips, $depth, &mut $out[12 * BLOCK..]);
-        $rows::<8, $($g),*>($a.add(24 * $row_step), $a_stride, $strips, $depth, &mut $out[24 * BLOCK..]);
+    ($rows:ident, $a:expr, $a_stride:expr, $strips:expr, $depth:expr, $out:expr) => {{
+        $rows::<12>($a, $a_stride, $strips, $depth, &mut $out[..]);
+        $rows::<12>($a.add(12 * $a_stride), $a_stride, $strips, $depth, &mut $out[12 * BLOCK..]);
+        $rows::<8>($a.add(24 * $a_stride), $a_stride, $strips, $depth, &mut $out[24 * BLOCK..]);
     }};
 }
 
@@ -413,8 +411,9 @@ fn store_rows<const R: usize>(acc: &[[std::arch::x86_64::__m512; 2]; R], out: &m
 }
 
 /// Depth of one pass of the AVX-512 f32 block: the three row groups run over the same
-/// 128-deep slice of A and the strips (16 KB each) while it is in L1, instead of each
-/// streaming the whole depth from L2 (the weight gradients are thousands deep).
+/// 128-deep slice of A's 32 rows and of the two strips (16 KB each) while it is in L1,
+/// instead of each streaming the whole depth from L2 (the weight gradients are thousands
+/// deep).
 #[cfg(target_arch = "x86_64")]
 const F32_SLICE: usize = 128;
 
@@ -611,7 +610,7 @@ unsafe fn block_amx(a: *const u16, a_stride: usize, b0: *const u32, b1: *const u
 #[target_feature(enable = "avx512f,avx512bf16")]
 unsafe fn block_avx512bf16(a: *const u16, a_stride: usize, b0: *const u32, b1: *const u32, pairs: usize, out: &mut [f32; BLOCK * BLOCK]) {
     // SAFETY: the split keeps each group within the caller's 32 rows.
-    unsafe { in_row_groups!(rows_avx512bf16 [], a, a_stride, a_stride, [b0, b1], pairs, out) }
+    unsafe { in_row_groups!(rows_avx512bf16, a, a_stride, [b0, b1], pairs, out) }
 }
 
 /// `R` rows of the bf16 block: out[i · 32 + c] for i < R, c < 32.

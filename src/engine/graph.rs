@@ -215,9 +215,16 @@ mod tests {
 
     /// The activation buffers a pass leaves behind are reused by the next pass of the same
     /// shape without zeroing: a pass over X after one over Y computes X's features and
-    /// gradients bit for bit as before, so nothing reads what an earlier pass left there.
+    /// gradients bit for bit as before, so nothing reads what an earlier pass left there; at
+    /// both precisions (bf16 products take transposed operands through another path).
     #[test]
     fn reused_buffers_leave_no_trace() {
+        for precision in [Precision::F32, Precision::Bf16] {
+            reuse_leaves_no_trace(precision);
+        }
+    }
+
+    fn reuse_leaves_no_trace(precision: Precision) {
         let plain = Device::flex();
         let config = VitConfig { img_size: 48, patch_size: 8, embed_dim: 64, depth: 2, num_heads: 2, mlp_ratio: 4, drop_path_rate: 0.3 };
         let vit = config.init(&mut StdRng::seed_from_u64(2), &plain.clone().autodiff());
@@ -229,7 +236,7 @@ mod tests {
             })
         };
         let pass = |seed: u64| {
-            let features = features(&vit, &input(seed), Some(&mut StdRng::seed_from_u64(5)), Precision::F32);
+            let features = features(&vit, &input(seed), Some(&mut StdRng::seed_from_u64(5)), precision);
             let grads = (features.clone() * features.clone()).sum().backward();
             let patch_grad = vit.patch_embed.weight.grad(&grads).expect("a gradient");
             let fc1_grad = vit.blocks[0].mlp.fc1.weight.grad(&grads).expect("a gradient");

@@ -2,11 +2,10 @@
 //! `tdpbf16ps` and AVX512-BF16's `vdpbf16ps` compute it) or on f32 inputs. A is a row-major
 //! matrix padded to whole 32×32 blocks, or the transpose of one (read by columns, so weight
 //! gradients and the attention's backward pass need no transposed copies); B is packed once
-//! into 16-column strips (for bf16, the
-//! pairs of k interleaved in 16×16 tiles as both instructions read them); results come out
-//! 32×32 f32 blocks at a time through a caller's closure, so bias, activation and residual
-//! passes fuse into the store. The blocks themselves are computed by the selected path's
-//! kernel in `cpu.rs`.
+//! into 16-column strips (for bf16, the pairs of k interleaved in 16×16 tiles as both
+//! instructions read them); results come out 32×32 f32 blocks at a time through a caller's
+//! closure, so bias, activation and residual passes fuse into the store. The blocks
+//! themselves are computed by the selected path's kernel in `cpu.rs`.
 
 use rayon::prelude::*;
 
@@ -50,8 +49,11 @@ pub trait Element: Copy + Default + PartialEq + Send + Sync + std::fmt::Debug + 
     /// `entries` packed entries deep.
     fn block(products: &Products, a: &[Self], a_stride: usize, layout: Layout, strips: [&[Self::Packed]; 2], entries: usize, out: &mut [f32; BLOCK * BLOCK]);
     /// The 32-row band of a column-major A as a row-major panel (see
-    /// [`Products::bf16_columns_to_rows`]), for kernels that read rows only.
-    fn columns_to_rows(products: &Products, columns: &[Self], stride: usize, depth: usize, panel: &mut [Self]);
+    /// [`Products::bf16_columns_to_rows`]), for elements whose kernels read rows only (not
+    /// `READS_COLUMNS`): in plain code unless the element has a faster one.
+    fn columns_to_rows(_: &Products, columns: &[Self], stride: usize, depth: usize, panel: &mut [Self]) {
+        columns_to_rows_plain(columns, stride, depth, panel);
+    }
 }
 
 impl Element for u16 {
@@ -71,7 +73,7 @@ impl Element for u16 {
         lo as u32 | (hi as u32) << 16
     }
     fn block(products: &Products, a: &[u16], a_stride: usize, layout: Layout, [b0, b1]: [&[u32]; 2], entries: usize, out: &mut [f32; BLOCK * BLOCK]) {
-        debug_assert_eq!(layout, Layout::Rows, "bf16 blocks read A by rows");
+        assert_eq!(layout, Layout::Rows, "bf16 blocks read A by rows");
         products.block_bf16(a, a_stride, b0, b1, entries, out);
     }
     fn columns_to_rows(products: &Products, columns: &[u16], stride: usize, depth: usize, panel: &mut [u16]) {
@@ -97,9 +99,6 @@ impl Element for f32 {
     }
     fn block(products: &Products, a: &[f32], a_stride: usize, layout: Layout, strips: [&[f32]; 2], entries: usize, out: &mut [f32; BLOCK * BLOCK]) {
         products.block_f32(a, a_stride, layout, strips, entries, out);
-    }
-    fn columns_to_rows(_: &Products, columns: &[f32], stride: usize, depth: usize, panel: &mut [f32]) {
-        columns_to_rows_plain(columns, stride, depth, panel);
     }
 }
 

@@ -143,7 +143,8 @@ pub(super) struct BlockActivations<E: Element> {
     /// computes them in per-thread scratch).
     pub weights: Vec<Matrix<E>>,
     pub mixed: Matrix<E>,
-    /// GELU's slope at fc1's outputs (training only; inference applies GELU in fc1's store).
+    /// GELU's slope at fc1's outputs (training only; inference applies GELU in fc1's store):
+    /// fc1's product stores its outputs here, and the GELU pass replaces them by the slope.
     pub gelu_slope: Option<Matrix<E>>,
     /// fc1's output after GELU.
     pub activated: Matrix<E>,
@@ -174,10 +175,20 @@ impl Spare {
         SETS.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
+    /// A kept set of `shape`, if there is one. When there is none, the kept sets of the same
+    /// element and mode (other shapes: a training run's last, smaller batch, or images of
+    /// many sizes through the inference engine) are dropped, so sets of shapes that no longer
+    /// come do not pile up.
     fn take<E: Element>(shape: ActivationShape) -> Option<BlockActivations<E>> {
         let mut sets = Self::sets();
-        let at = sets.iter().position(|set| set.downcast_ref::<BlockActivations<E>>().is_some_and(|a| a.shape == shape))?;
-        sets.remove(at).downcast().ok().map(|set| *set)
+        let same_kind = |set: &Box<dyn std::any::Any + Send>| set.downcast_ref::<BlockActivations<E>>().map(|a| a.shape);
+        match sets.iter().position(|set| same_kind(set) == Some(shape)) {
+            Some(at) => sets.remove(at).downcast().ok().map(|set| *set),
+            None => {
+                sets.retain(|set| same_kind(set).is_none_or(|kept| kept.mode != shape.mode));
+                None
+            }
+        }
     }
 
     fn keep<E: Element>(set: BlockActivations<E>) {
@@ -365,9 +376,9 @@ impl<E: Element> Vit<E> {
         let mut x = tokens(&patches, &self.patch, &self.cls_token, &self.position_embedding(h, w), images);
         let mut kept = Vec::new();
         // Inference hands one block's buffers on to the next; training keeps each block's.
-        let mut spare = None;
+        let mut handed_on = None;
         for (i, block) in self.blocks.iter().enumerate() {
-            let mut a = spare.take().unwrap_or_else(|| self.activations(images, tokens_per_image));
+            let mut a = handed_on.take().unwrap_or_else(|| self.activations(images, tokens_per_image));
             (a.keep_attn, a.keep_mlp) = match rng.as_deref_mut() {
                 Some(rng) if block.drop_path > 0.0 => (Some(keep_factors(block.drop_path, images, rng)), Some(keep_factors(block.drop_path, images, rng))),
                 _ => (None, None),
@@ -376,10 +387,10 @@ impl<E: Element> Vit<E> {
             after_block(i, &x);
             match self.mode {
                 Mode::Training => kept.push(a),
-                Mode::Inference => spare = Some(a),
+                Mode::Inference => handed_on = Some(a),
             }
         }
-        if let Some(a) = spare {
+        if let Some(a) = handed_on {
             Spare::keep(a);
         }
         (x, patches, kept)
