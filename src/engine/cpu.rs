@@ -261,10 +261,9 @@ impl Products {
 
     /// One 32×32 block of A·B into `out` from f32 inputs: as [`Products::block_bf16`] with
     /// one k value per entry and the two strips as one pair, `depth` deep (a multiple of 32),
-    /// A laid out as `layout` says
-    /// (by columns: A's k-th column is the 32 values at `a[k · a_stride..]`, so a product with
-    /// the transpose of a row-major matrix needs no transposed copy). AMX and AVX512-BF16
-    /// machines use their AVX-512 units.
+    /// A laid out as `layout` says (by columns: A's k-th column is the 32 values at
+    /// `a[k · a_stride..]`, so a product with the transpose of a row-major matrix needs no
+    /// transposed copy). AMX and AVX512-BF16 machines use their AVX-512 units.
     pub fn block_f32(&self, a: &[f32], a_stride: usize, layout: Layout, [b0, b1]: [&[f32]; 2], depth: usize, out: &mut [f32; BLOCK * BLOCK]) {
         assert!(depth.is_multiple_of(16) && depth > 0, "k comes in whole slices");
         let (lines, line_len) = match layout {
