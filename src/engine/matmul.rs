@@ -106,18 +106,64 @@ fn round_up(x: usize, to: usize) -> usize {
     x.div_ceil(to) * to
 }
 
+/// Bytes in a cache line.
+const LINE: usize = 64;
+
+/// A buffer of `len` values whose first value sits on a cache-line boundary. Rows of the
+/// engine's matrices and strips of packed B are whole lines long, so with the start aligned
+/// each tile row and each vector load reads one line instead of straddling two (the
+/// allocator aligns to 16 bytes only).
+pub struct Aligned<T> {
+    buffer: Vec<T>,
+    start: usize,
+    len: usize,
+}
+
+impl<T: Copy + Default> Aligned<T> {
+    pub fn new(len: usize) -> Self {
+        let mut aligned = Self { buffer: Vec::new(), start: 0, len: 0 };
+        aligned.resize(len);
+        aligned
+    }
+
+    /// Makes the buffer `len` values long. Its values are kept only while it does not grow
+    /// past its allocation (a new allocation starts zeroed): callers rewrite it after a resize.
+    pub fn resize(&mut self, len: usize) {
+        let slack = LINE / size_of::<T>();
+        if self.buffer.len() < len + slack {
+            self.buffer = vec![T::default(); len + slack];
+        }
+        self.start = self.buffer.as_ptr().align_offset(LINE);
+        assert!(self.start < slack, "a buffer of {} cannot start on a cache line", std::any::type_name::<T>());
+        self.len = len;
+    }
+}
+
+impl<T> std::ops::Deref for Aligned<T> {
+    type Target = [T];
+    fn deref(&self) -> &[T] {
+        &self.buffer[self.start..self.start + self.len]
+    }
+}
+
+impl<T> std::ops::DerefMut for Aligned<T> {
+    fn deref_mut(&mut self) -> &mut [T] {
+        &mut self.buffer[self.start..self.start + self.len]
+    }
+}
+
 /// A row-major matrix, zero-padded to whole 32×32 blocks (the kernels read whole blocks).
 pub struct Matrix<E> {
     rows: usize,
     cols: usize,
     stride: usize,
-    data: Vec<E>,
+    data: Aligned<E>,
 }
 
 impl<E: Element> Matrix<E> {
     pub fn zeros(rows: usize, cols: usize) -> Self {
         let stride = round_up(cols.max(1), K_STEP);
-        Self { rows, cols, stride, data: vec![E::default(); round_up(rows.max(1), BLOCK) * stride] }
+        Self { rows, cols, stride, data: Aligned::new(round_up(rows.max(1), BLOCK) * stride) }
     }
 
     pub fn rows(&self) -> usize {
@@ -214,12 +260,12 @@ pub struct Packed<E: Element> {
     n: usize,
     k_tiles: usize,
     n_strips: usize,
-    entries: Vec<E::Packed>,
+    entries: Aligned<E::Packed>,
 }
 
 impl<E: Element> Default for Packed<E> {
     fn default() -> Self {
-        Self { k: 0, n: 0, k_tiles: 0, n_strips: 0, entries: Vec::new() }
+        Self { k: 0, n: 0, k_tiles: 0, n_strips: 0, entries: Aligned::new(0) }
     }
 }
 
@@ -264,7 +310,7 @@ impl<E: Element> Packed<E> {
         self.n = n;
         self.k_tiles = k.div_ceil(K_STEP).max(1);
         self.n_strips = round_up(n.max(1), BLOCK) / 16;
-        self.entries.resize(self.n_strips * self.strip_len(), E::Packed::default());
+        self.entries.resize(self.n_strips * self.strip_len());
     }
 
     /// Packs the k×n matrix whose row i is `row(i)`, reusing this allocation: `DEPTH` rows at
@@ -351,9 +397,9 @@ fn row_block<E: Element>(products: &Products, a: View<E>, row0: usize, b: &Packe
 /// sequential stream instead of lines a whole source row apart, which at strides near a
 /// multiple of 4 KB fall into a few cache sets), else as a row-major 32-row matrix
 /// (transposed, [`Element::columns_to_rows`]).
-fn pack_band<'p, E: Element>(products: &Products, a: View<E>, row0: usize, panel: &'p mut Vec<E>) -> View<'p, E> {
+fn pack_band<'p, E: Element>(products: &Products, a: View<E>, row0: usize, panel: &'p mut Aligned<E>) -> View<'p, E> {
     let depth = round_up(a.cols, K_STEP);
-    panel.resize(BLOCK * depth, E::default());
+    panel.resize(BLOCK * depth);
     if E::READS_COLUMNS {
         for (dst, column) in panel.chunks_exact_mut(BLOCK).zip(a.data[row0..].chunks(a.stride)) {
             dst.copy_from_slice(&column[..BLOCK]);
@@ -364,18 +410,23 @@ fn pack_band<'p, E: Element>(products: &Products, a: View<E>, row0: usize, panel
     View { data: panel, rows: BLOCK, cols: a.cols, stride: depth, layout: Layout::Rows }
 }
 
+/// One 32×32 block of results, on its own cache lines (the AMX kernel stores whole tile rows).
+#[repr(align(64))]
+struct Block([f32; BLOCK * BLOCK]);
+
 /// Hands `rows` rows of A·B from `first_row` on to `emit(dst, values, row, col0)`, one destination
 /// row segment at a time.
 fn product_rows<E: Element, T>(products: &Products, a: View<E>, b: &Packed<E>, (first_row, rows): (usize, usize), out: &mut [T], out_stride: usize, emit: &impl Fn(&mut [T], &[f32], usize, usize)) {
-    let mut block = [0f32; BLOCK * BLOCK];
-    let mut panel = Vec::new();
+    let mut block = Block([0f32; BLOCK * BLOCK]);
+    let block = &mut block.0;
+    let mut panel = Aligned::new(0);
     for local0 in (0..rows).step_by(BLOCK) {
         let valid_rows = (rows - local0).min(BLOCK);
         let (a, row0) = match a.layout {
             Layout::Columns => (pack_band(products, a, first_row + local0, &mut panel), 0),
             Layout::Rows => (a, first_row + local0),
         };
-        row_block(products, a, row0, b, &mut block, |col0, values| {
+        row_block(products, a, row0, b, block, |col0, values| {
             let cols = (b.n - col0).min(BLOCK);
             for r in 0..valid_rows {
                 let (at, row) = ((local0 + r) * out_stride + col0, first_row + local0 + r);
@@ -460,7 +511,7 @@ mod tests {
         let b = Packed::<E>::pack(k, n, |i| &b_vals[i * n..(i + 1) * n]);
         let b_cols: Vec<Vec<f32>> = (0..n).map(|j| (0..k).map(|i| b_vals[i * n + j]).collect()).collect();
         let b_transposed = Packed::<E>::pack_transposed(k, n, |j| &b_cols[j]);
-        assert_eq!(b.entries, b_transposed.entries, "the two packings differ");
+        assert_eq!(b.entries[..], b_transposed.entries[..], "the two packings differ");
         // Packing into a buffer that held a larger matrix of ones leaves no trace of it.
         let (k2, n2) = (k + 40, n + 40);
         let ones = vec![1.0f32; k2 * n2];
@@ -468,10 +519,10 @@ mod tests {
         let columns: Vec<Vec<E>> = b_cols.iter().map(|c| c.iter().map(|&v| E::from_f32(v)).collect()).collect();
         let mut reused = Packed::<E>::pack(k2, n2, |i| &ones[i * n2..][..n2]);
         reused.repack(k, n, |i| &rows[i * n..][..n]);
-        assert_eq!(reused.entries, b.entries, "repack into a used buffer");
+        assert_eq!(reused.entries[..], b.entries[..], "repack into a used buffer");
         let mut reused = Packed::<E>::pack(k2, n2, |i| &ones[i * n2..][..n2]);
         reused.repack_transposed(k, n, |j| &columns[j]);
-        assert_eq!(reused.entries, b.entries, "repack_transposed into a used buffer");
+        assert_eq!(reused.entries[..], b.entries[..], "repack_transposed into a used buffer");
         // The same A stored as its transpose and read by columns.
         let mut a_t = Matrix::<E>::zeros(k, m);
         for i in 0..m {
