@@ -165,15 +165,12 @@ row_kernel! {
 /// Σ f(x) with sixteen partial sums, so the loop vectorises (a single running sum cannot).
 #[inline(always)]
 fn sum_by(x: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+    let (chunks, tail) = x.as_chunks::<16>();
     let mut lanes = [0f32; 16];
-    let chunks = x.chunks_exact(16);
-    let tail: f32 = chunks.remainder().iter().map(|&v| f(v)).sum();
     for chunk in chunks {
-        for (lane, &v) in lanes.iter_mut().zip(chunk) {
-            *lane += f(v);
-        }
+        lanes = std::array::from_fn(|l| lanes[l] + f(chunk[l]));
     }
-    lanes.iter().sum::<f32>() + tail
+    lanes.iter().sum::<f32>() + tail.iter().map(|&v| f(v)).sum::<f32>()
 }
 
 /// LayerNorm of one row (two-pass mean and biased variance, as PyTorch), handing the
@@ -218,11 +215,19 @@ row_kernel! {
     /// dx += inv · (g - mean(g) - x̂·mean(g·x̂)).
     pub fn layer_norm_backward(dx: &mut [f32], dn: &[f32], xhat: &[f32], weight: &[f32], inv: f32) {
         let n = dn.len() as f32;
-        let mut g_sum = [0f32; 16];
-        let mut gx_sum = [0f32; 16];
-        for (i, ((&d, &w), &x)) in dn.iter().zip(weight).zip(xhat).enumerate() {
-            g_sum[i % 16] += d * w;
-            gx_sum[i % 16] += d * w * x;
+        // Sixteen partial sums over whole chunks (indexing one array by i % 16 kept the loop
+        // scalar), the tail apart.
+        let (mut g_sum, mut gx_sum) = ([0f32; 16], [0f32; 16]);
+        let ((dn16, _), (weight16, _), (xhat16, _)) = (dn.as_chunks::<16>(), weight.as_chunks::<16>(), xhat.as_chunks::<16>());
+        for ((d, w), x) in dn16.iter().zip(weight16).zip(xhat16) {
+            let g: [f32; 16] = std::array::from_fn(|l| d[l] * w[l]);
+            g_sum = std::array::from_fn(|l| g_sum[l] + g[l]);
+            gx_sum = std::array::from_fn(|l| g[l].mul_add(x[l], gx_sum[l]));
+        }
+        for i in dn16.len() * 16..dn.len() {
+            let g = dn[i] * weight[i];
+            g_sum[0] += g;
+            gx_sum[0] += g * xhat[i];
         }
         let g_mean = g_sum.iter().sum::<f32>() / n;
         let gx_mean = gx_sum.iter().sum::<f32>() / n;
@@ -236,8 +241,12 @@ row_kernel! {
     /// Softmax's input gradient for one row: dst = p · (dp - Σ dp·p) for weights p.
     pub fn softmax_backward_to<E: Element>(dst: &mut [E], dp: &[f32], p: &[E]) {
         let mut lanes = [0f32; 16];
-        for (i, (&d, &w)) in dp.iter().zip(p).enumerate() {
-            lanes[i % 16] += d * w.to_f32();
+        let ((dp16, _), (p16, _)) = (dp.as_chunks::<16>(), p.as_chunks::<16>());
+        for (d, w) in dp16.iter().zip(p16) {
+            lanes = std::array::from_fn(|l| d[l].mul_add(w[l].to_f32(), lanes[l]));
+        }
+        for i in dp16.len() * 16..dp.len() {
+            lanes[0] += dp[i] * p[i].to_f32();
         }
         let dot: f32 = lanes.iter().sum();
         for ((o, &d), &w) in dst.iter_mut().zip(dp).zip(p) {
@@ -263,15 +272,15 @@ row_kernel! {
 row_kernel! {
     /// Softmax of a row of scores into attention weights.
     pub fn softmax_to<E: Element>(dst: &mut [E], scores: &mut [f32]) {
+        // The larger by a plain comparison (one vmaxps; f32::max's NaN rule costs a compare
+        // and a blend more, and NaN scores give NaN weights either way).
+        let larger = |m: f32, s: f32| if s > m { s } else { m };
+        let (chunks, tail) = scores.as_chunks::<16>();
         let mut lanes = [f32::NEG_INFINITY; 16];
-        let chunks = scores.chunks_exact(16);
-        let tail = chunks.remainder().iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
         for chunk in chunks {
-            for (lane, &s) in lanes.iter_mut().zip(chunk) {
-                *lane = lane.max(s);
-            }
+            lanes = std::array::from_fn(|l| larger(lanes[l], chunk[l]));
         }
-        let max = lanes.iter().fold(tail, |m, &s| m.max(s));
+        let max = lanes.iter().chain(tail).fold(f32::NEG_INFINITY, |m, &s| larger(m, s));
         for s in scores.iter_mut() {
             *s = exp(*s - max);
         }
