@@ -565,16 +565,18 @@ unsafe fn block_amx(a: *const u16, a_stride: usize, b0: *const u32, b1: *const u
         std::arch::asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3", options(nostack));
         for kt in 0..pairs / 16 {
             // Each load right before the first product that needs it, so the next tile's
-            // load overlaps the products already issued (tiles are not renamed: a load into
-            // tmm4 waits for the last product reading it).
+            // load overlaps the products already issued. Tiles are not renamed: a load waits
+            // for the last product reading the tile, and the B tiles (from L2; A's band is
+            // in L1) are read first, so their next loads have two products in flight to
+            // hide behind, A's (shorter latency) one.
             std::arch::asm!(
                 "tileloadd tmm4, [{a0} + {sa}*1]",
                 "tileloadd tmm6, [{b0} + {sb}*1]",
                 "tdpbf16ps tmm0, tmm4, tmm6",
-                "tileloadd tmm7, [{b1} + {sb}*1]",
-                "tdpbf16ps tmm1, tmm4, tmm7",
                 "tileloadd tmm5, [{a1} + {sa}*1]",
                 "tdpbf16ps tmm2, tmm5, tmm6",
+                "tileloadd tmm7, [{b1} + {sb}*1]",
+                "tdpbf16ps tmm1, tmm4, tmm7",
                 "tdpbf16ps tmm3, tmm5, tmm7",
                 a0 = in(reg) a.add(kt * K_STEP),
                 a1 = in(reg) a1.add(kt * K_STEP),
