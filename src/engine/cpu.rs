@@ -119,6 +119,13 @@ pub(super) fn keep_freed_memory() {
     }
 }
 
+/// Number types every bit pattern of which is a value, so kernels may move their bits as
+/// words of another width.
+pub trait Plain: Copy {}
+impl Plain for u16 {}
+impl Plain for u32 {}
+impl Plain for f32 {}
+
 /// Proof that CPU detection granted a path: the only way to reach the kernels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Cpu {
@@ -189,6 +196,30 @@ impl Cpu {
             Path::Amx | Path::Avx512Bf16 => RowLevel::Avx512,
             Path::Avx2 => RowLevel::Avx2,
             Path::Portable => RowLevel::Portable,
+        }
+    }
+
+    /// Transposes 16 rows of 32-bit words into `dst`: word w of row r lands at
+    /// `dst[16 · w + r]`, for `words` words (a multiple of 16). Rows of bf16 are read as
+    /// pairs (the low half the first value), so this packs a strip of B = Mᵀ from 16 of M's
+    /// rows. Returns false, having written nothing, where the CPU has no fast transpose
+    /// (callers then pack entry by entry).
+    pub fn transpose_words<T: Plain, P: Plain>(self, rows: [&[T]; 16], words: usize, dst: &mut [P]) -> bool {
+        assert!(size_of::<P>() == 4 && 4 % size_of::<T>() == 0, "words are 32 bits, rows hold whole words");
+        assert!(words.is_multiple_of(16), "words come in whole 16-word tiles");
+        assert!(rows.iter().all(|row| size_of_val(*row) >= 4 * words), "a row is shorter than {words} words");
+        assert!(dst.len() >= 16 * words, "the strip holds 16 · {words} words");
+        match self.rows() {
+            #[cfg(target_arch = "x86_64")]
+            RowLevel::Avx512 => {
+                let starts = rows.map(|row| row.as_ptr().cast::<u8>());
+                // SAFETY: the AVX-512 row level is granted only where AVX512F was detected;
+                // the asserts above keep every load inside `rows` and every store inside
+                // `dst`; every bit pattern is a value of T and P (`Plain`).
+                unsafe { transpose_words_avx512(starts, words, dst.as_mut_ptr().cast()) };
+                true
+            }
+            _ => false,
         }
     }
 
@@ -348,27 +379,59 @@ unsafe fn bf16_columns_to_rows_avx512(columns: *const u16, stride: usize, depth:
                 let (even, odd) = (_mm256_loadu_si256(at(2 * pair)), _mm256_loadu_si256(at(2 * pair + 1)));
                 _mm512_or_si512(_mm512_cvtepu16_epi32(even), _mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(odd)))
             });
-            // t[pair][i] → out[i][pair]. After the unpacks, b[4q + j] holds in its 128-bit lane
-            // L the pairs 4q..4q + 4 of row 4L + j.
-            let a: [__m512i; 16] = std::array::from_fn(|x| if x % 2 == 0 { _mm512_unpacklo_epi32(t[x], t[x + 1]) } else { _mm512_unpackhi_epi32(t[x - 1], t[x]) });
-            let b: [__m512i; 16] = std::array::from_fn(|x| {
-                let (q, j) = (x / 4, x % 4);
-                let (lo, hi) = (a[4 * q + j / 2], a[4 * q + 2 + j / 2]);
-                if j % 2 == 0 { _mm512_unpacklo_epi64(lo, hi) } else { _mm512_unpackhi_epi64(lo, hi) }
-            });
-            for j in 0..4 {
-                let c0 = _mm512_shuffle_i32x4::<0x88>(b[j], b[4 + j]);
-                let c1 = _mm512_shuffle_i32x4::<0xdd>(b[j], b[4 + j]);
-                let c2 = _mm512_shuffle_i32x4::<0x88>(b[8 + j], b[12 + j]);
-                let c3 = _mm512_shuffle_i32x4::<0xdd>(b[8 + j], b[12 + j]);
-                let rows = [_mm512_shuffle_i32x4::<0x88>(c0, c2), _mm512_shuffle_i32x4::<0x88>(c1, c3), _mm512_shuffle_i32x4::<0xdd>(c0, c2), _mm512_shuffle_i32x4::<0xdd>(c1, c3)];
-                for (lane, row) in rows.into_iter().enumerate() {
-                    let i = 16 * half + 4 * lane + j;
-                    // SAFETY: row i of the panel, values k0..k0 + 32, is within the caller's
-                    // bounds.
-                    unsafe { _mm512_storeu_si512(panel.add(i * depth + k0).cast(), row) };
-                }
+            for (i, row) in transpose_16x16(t).into_iter().enumerate() {
+                // SAFETY: row 16·half + i of the panel, values k0..k0 + 32, is within the
+                // caller's bounds.
+                unsafe { _mm512_storeu_si512(panel.add((16 * half + i) * depth + k0).cast(), row) };
             }
+        }
+    }
+}
+
+/// The 16×16 block of 32-bit words `t` (t[r][i]) transposed: out[i][r] (32-bit and 64-bit
+/// unpacks within 128-bit lanes, then two rounds of lane shuffles).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn transpose_16x16(t: [std::arch::x86_64::__m512i; 16]) -> [std::arch::x86_64::__m512i; 16] {
+    use std::arch::x86_64::*;
+    // After the unpacks, b[4q + j] holds in its 128-bit lane L the words 4q..4q + 4 of row
+    // 4L + j.
+    let a: [__m512i; 16] = std::array::from_fn(|x| if x % 2 == 0 { _mm512_unpacklo_epi32(t[x], t[x + 1]) } else { _mm512_unpackhi_epi32(t[x - 1], t[x]) });
+    let b: [__m512i; 16] = std::array::from_fn(|x| {
+        let (q, j) = (x / 4, x % 4);
+        let (lo, hi) = (a[4 * q + j / 2], a[4 * q + 2 + j / 2]);
+        if j % 2 == 0 { _mm512_unpacklo_epi64(lo, hi) } else { _mm512_unpackhi_epi64(lo, hi) }
+    });
+    let mut out = [_mm512_setzero_si512(); 16];
+    for j in 0..4 {
+        let c0 = _mm512_shuffle_i32x4::<0x88>(b[j], b[4 + j]);
+        let c1 = _mm512_shuffle_i32x4::<0xdd>(b[j], b[4 + j]);
+        let c2 = _mm512_shuffle_i32x4::<0x88>(b[8 + j], b[12 + j]);
+        let c3 = _mm512_shuffle_i32x4::<0xdd>(b[8 + j], b[12 + j]);
+        let rows = [_mm512_shuffle_i32x4::<0x88>(c0, c2), _mm512_shuffle_i32x4::<0x88>(c1, c3), _mm512_shuffle_i32x4::<0xdd>(c0, c2), _mm512_shuffle_i32x4::<0xdd>(c1, c3)];
+        for (lane, row) in rows.into_iter().enumerate() {
+            out[4 * lane + j] = row;
+        }
+    }
+    out
+}
+
+/// [`Cpu::transpose_words`] with AVX-512: 16 words of each row per load, a 16×16 transpose in
+/// registers, 16 words per store.
+///
+/// Safety: AVX512F present; each of `rows` readable for `words` 32-bit words; `dst` writable
+/// for 16 · `words` words; `words` a multiple of 16.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn transpose_words_avx512(rows: [*const u8; 16], words: usize, dst: *mut u8) {
+    use std::arch::x86_64::*;
+    for w0 in (0..words).step_by(16) {
+        // SAFETY: words w0..w0 + 16 of each row are within the caller's bounds.
+        let t: [__m512i; 16] = std::array::from_fn(|r| unsafe { _mm512_loadu_si512(rows[r].add(4 * w0).cast()) });
+        for (i, out) in transpose_16x16(t).into_iter().enumerate() {
+            // SAFETY: words 16·(w0 + i)..16·(w0 + i) + 16 of `dst` are within the caller's
+            // bounds.
+            unsafe { _mm512_storeu_si512(dst.add(64 * (w0 + i)).cast(), out) };
         }
     }
 }

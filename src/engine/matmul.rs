@@ -10,7 +10,7 @@
 use rayon::prelude::*;
 
 pub use super::cpu::{BLOCK, Layout};
-use super::cpu::{Cpu, K_STEP, Products, columns_to_rows_plain};
+use super::cpu::{Cpu, K_STEP, Plain, Products, columns_to_rows_plain};
 
 /// Matrices of at least this many values are packed on several threads.
 const PARALLEL_PACK_MIN: usize = 1 << 16;
@@ -32,9 +32,9 @@ pub fn from_bf16(x: u16) -> f32 {
 }
 
 /// A number type the products take as input: bf16 (its bits, `u16`) or `f32`.
-pub trait Element: Copy + Default + PartialEq + Send + Sync + std::fmt::Debug + 'static {
+pub trait Element: Plain + Default + PartialEq + Send + Sync + std::fmt::Debug + 'static {
     /// One packed entry of B: a k-pair of bf16 in a `u32`, or one `f32`.
-    type Packed: Copy + Default + PartialEq + Send + Sync + std::fmt::Debug;
+    type Packed: Plain + Default + PartialEq + Send + Sync + std::fmt::Debug;
     /// k values per packed entry.
     const DEPTH: usize;
     fn from_f32(x: f32) -> Self;
@@ -352,8 +352,18 @@ impl<E: Element> Packed<E> {
     pub fn repack_transposed<'a>(&mut self, k: usize, n: usize, row: impl Fn(usize) -> &'a [E] + Sync) {
         self.reset(k, n);
         let entry_rows = k.div_ceil(E::DEPTH);
+        let cpu = Cpu::current();
         let fill = |(strip, entries): (usize, &mut [E::Packed])| {
             let columns = strip * 16..(strip * 16 + 16).min(n);
+            // A strip of 16 columns whose entries fill whole 16-row tiles is one transpose of
+            // words (an entry is one f32 or one pair of bf16, as the rows hold them).
+            if columns.len() == 16 && entry_rows.is_multiple_of(16) && k == entry_rows * E::DEPTH {
+                let rows: [&[E]; 16] = std::array::from_fn(|c| &row(columns.start + c)[..k]);
+                if cpu.transpose_words(rows, entry_rows, &mut entries[..16 * entry_rows]) {
+                    entries[16 * entry_rows..].fill(E::Packed::default());
+                    return;
+                }
+            }
             if columns.len() < 16 {
                 entries.fill(E::Packed::default());
             }
@@ -512,6 +522,14 @@ mod tests {
         let b_cols: Vec<Vec<f32>> = (0..n).map(|j| (0..k).map(|i| b_vals[i * n + j]).collect()).collect();
         let b_transposed = Packed::<E>::pack_transposed(k, n, |j| &b_cols[j]);
         assert_eq!(b.entries[..], b_transposed.entries[..], "the two packings differ");
+        // Depth in whole 16-entry tiles: strips of 16 columns are packed as one transpose of
+        // words where the CPU has one, the last 8 columns entry by entry.
+        let (k3, n3) = (32 * E::DEPTH, 40);
+        let m3: Vec<Vec<f32>> = (0..n3).map(|_| (0..k3).map(|_| rng.random_range(-1.0..1.0)).collect()).collect();
+        let rows3: Vec<f32> = (0..k3).flat_map(|i| m3.iter().map(move |column| column[i])).collect();
+        let by_rows = Packed::<E>::pack(k3, n3, |i| &rows3[i * n3..][..n3]);
+        let by_columns = Packed::<E>::pack_transposed(k3, n3, |j| &m3[j]);
+        assert_eq!(by_rows.entries[..], by_columns.entries[..], "whole tiles: the two packings differ");
         // Packing into a buffer that held a larger matrix of ones leaves no trace of it.
         let (k2, n2) = (k + 40, n + 40);
         let ones = vec![1.0f32; k2 * n2];
