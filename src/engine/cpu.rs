@@ -119,12 +119,18 @@ pub(super) fn keep_freed_memory() {
     }
 }
 
-/// Number types every bit pattern of which is a value, so kernels may move their bits as
-/// words of another width.
-pub trait Plain: Copy {}
-impl Plain for u16 {}
-impl Plain for u32 {}
-impl Plain for f32 {}
+/// Number types that kernels may move as raw words of another width.
+///
+/// # Safety
+/// Implementors have no padding bytes and every bit pattern of their size is a value.
+pub unsafe trait Plain: Copy {}
+// SAFETY: integers and floats of these widths have no padding, and every bit pattern is one of
+// their values (for f32, some are NaNs).
+unsafe impl Plain for u16 {}
+// SAFETY: as for u16.
+unsafe impl Plain for u32 {}
+// SAFETY: as for u16.
+unsafe impl Plain for f32 {}
 
 /// Proof that CPU detection granted a path: the only way to reach the kernels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -207,15 +213,17 @@ impl Cpu {
     pub fn transpose_words<T: Plain, P: Plain>(self, rows: [&[T]; 16], words: usize, dst: &mut [P]) -> bool {
         assert!(size_of::<P>() == 4 && 4 % size_of::<T>() == 0, "words are 32 bits, rows hold whole words");
         assert!(words.is_multiple_of(16), "words come in whole 16-word tiles");
-        assert!(rows.iter().all(|row| size_of_val(*row) >= 4 * words), "a row is shorter than {words} words");
-        assert!(dst.len() >= 16 * words, "the strip holds 16 · {words} words");
+        // Divided rather than multiplied, so no size overflows into a passing check.
+        assert!(rows.iter().all(|row| size_of_val(*row) / 4 >= words), "a row is shorter than {words} words");
+        assert!(dst.len() / 16 >= words, "the strip holds 16 · {words} words");
         match self.rows() {
             #[cfg(target_arch = "x86_64")]
             RowLevel::Avx512 => {
                 let starts = rows.map(|row| row.as_ptr().cast::<u8>());
                 // SAFETY: the AVX-512 row level is granted only where AVX512F was detected;
                 // the asserts above keep every load inside `rows` and every store inside
-                // `dst`; every bit pattern is a value of T and P (`Plain`).
+                // `dst`; T has no padding and every bit pattern is a value of P (`Plain`'s
+                // contract).
                 unsafe { transpose_words_avx512(starts, words, dst.as_mut_ptr().cast()) };
                 true
             }
@@ -392,10 +400,11 @@ unsafe fn bf16_columns_to_rows_avx512(columns: *const u16, stride: usize, depth:
 /// unpacks within 128-bit lanes, then two rounds of lane shuffles).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
+#[inline]
 fn transpose_16x16(t: [std::arch::x86_64::__m512i; 16]) -> [std::arch::x86_64::__m512i; 16] {
     use std::arch::x86_64::*;
-    // After the unpacks, b[4q + j] holds in its 128-bit lane L the words 4q..4q + 4 of row
-    // 4L + j.
+    // After the unpacks, b[4q + j] holds in its 128-bit lane L the words of output row
+    // 4L + j (input column 4L + j) from input rows 4q..4q + 4.
     let a: [__m512i; 16] = std::array::from_fn(|x| if x % 2 == 0 { _mm512_unpacklo_epi32(t[x], t[x + 1]) } else { _mm512_unpackhi_epi32(t[x - 1], t[x]) });
     let b: [__m512i; 16] = std::array::from_fn(|x| {
         let (q, j) = (x / 4, x % 4);
@@ -629,9 +638,8 @@ unsafe fn block_amx(a: *const u16, a_stride: usize, b0: *const u32, b1: *const u
         for kt in 0..pairs / 16 {
             // Each load right before the first product that needs it, so the next tile's
             // load overlaps the products already issued. Tiles are not renamed: a load waits
-            // for the last product reading the tile, and the B tiles (from L2; A's band is
-            // in L1) are read first, so their next loads have two products in flight to
-            // hide behind, A's (shorter latency) one.
+            // for the last product reading the tile. Both products of the first B tile (from
+            // L2; A's band is in L1) come first, so its next load hides behind two products.
             std::arch::asm!(
                 "tileloadd tmm4, [{a0} + {sa}*1]",
                 "tileloadd tmm6, [{b0} + {sb}*1]",

@@ -113,14 +113,15 @@ const LINE: usize = 64;
 /// engine's matrices and strips of packed B are whole lines long, so with the start aligned
 /// each tile row and each vector load reads one line instead of straddling two (the
 /// allocator aligns to 16 bytes only).
-pub struct Aligned<T> {
+struct Aligned<T> {
     buffer: Vec<T>,
     start: usize,
     len: usize,
 }
 
 impl<T: Copy + Default> Aligned<T> {
-    pub fn new(len: usize) -> Self {
+    fn new(len: usize) -> Self {
+        const { assert!(size_of::<T>() > 0 && LINE.is_multiple_of(size_of::<T>()), "values must tile a cache line") };
         let mut aligned = Self { buffer: Vec::new(), start: 0, len: 0 };
         aligned.resize(len);
         aligned
@@ -128,7 +129,7 @@ impl<T: Copy + Default> Aligned<T> {
 
     /// Makes the buffer `len` values long. Its values are kept only while it does not grow
     /// past its allocation (a new allocation starts zeroed): callers rewrite it after a resize.
-    pub fn resize(&mut self, len: usize) {
+    fn resize(&mut self, len: usize) {
         let slack = LINE / size_of::<T>();
         if self.buffer.len() < len + slack {
             self.buffer = vec![T::default(); len + slack];
@@ -523,13 +524,18 @@ mod tests {
         let b_transposed = Packed::<E>::pack_transposed(k, n, |j| &b_cols[j]);
         assert_eq!(b.entries[..], b_transposed.entries[..], "the two packings differ");
         // Depth in whole 16-entry tiles: strips of 16 columns are packed as one transpose of
-        // words where the CPU has one, the last 8 columns entry by entry.
-        let (k3, n3) = (32 * E::DEPTH, 40);
+        // words where the CPU has one (AVX-512), the last 8 columns entry by entry; for f32,
+        // 48 deep leaves 16 padding entries per strip.
+        let (k3, n3) = (48 * E::DEPTH, 40);
         let m3: Vec<Vec<f32>> = (0..n3).map(|_| (0..k3).map(|_| rng.random_range(-1.0..1.0)).collect()).collect();
         let rows3: Vec<f32> = (0..k3).flat_map(|i| m3.iter().map(move |column| column[i])).collect();
         let by_rows = Packed::<E>::pack(k3, n3, |i| &rows3[i * n3..][..n3]);
         let by_columns = Packed::<E>::pack_transposed(k3, n3, |j| &m3[j]);
+        let columns3: Vec<Vec<E>> = m3.iter().map(|c| c.iter().map(|&v| E::from_f32(v)).collect()).collect();
         assert_eq!(by_rows.entries[..], by_columns.entries[..], "whole tiles: the two packings differ");
+        let mut reused = Packed::<E>::pack(k3 + 40, n3 + 40, |_| &[1.0; 1000][..]);
+        reused.repack_transposed(k3, n3, |j| &columns3[j]);
+        assert_eq!(reused.entries[..], by_rows.entries[..], "whole tiles: repack_transposed into a used buffer");
         // Packing into a buffer that held a larger matrix of ones leaves no trace of it.
         let (k2, n2) = (k + 40, n + 40);
         let ones = vec![1.0f32; k2 * n2];

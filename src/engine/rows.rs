@@ -214,6 +214,7 @@ row_kernel! {
     /// LayerNorm's input gradient for one row, added to `dx`: with g = dn·weight,
     /// dx += inv · (g - mean(g) - x̂·mean(g·x̂)).
     pub fn layer_norm_backward(dx: &mut [f32], dn: &[f32], xhat: &[f32], weight: &[f32], inv: f32) {
+        assert!(weight.len() == dn.len() && xhat.len() == dn.len(), "LayerNorm backward: rows of different lengths");
         let n = dn.len() as f32;
         // Sixteen partial sums over whole chunks (indexing one array by i % 16 kept the loop
         // scalar), the tail apart.
@@ -240,6 +241,7 @@ row_kernel! {
 row_kernel! {
     /// Softmax's input gradient for one row: dst = p · (dp - Σ dp·p) for weights p.
     pub fn softmax_backward_to<E: Element>(dst: &mut [E], dp: &[f32], p: &[E]) {
+        assert_eq!(p.len(), dp.len(), "softmax backward: rows of different lengths");
         let mut lanes = [0f32; 16];
         let ((dp16, _), (p16, _)) = (dp.as_chunks::<16>(), p.as_chunks::<16>());
         for (d, w) in dp16.iter().zip(p16) {
