@@ -635,29 +635,45 @@ unsafe fn block_amx(a: *const u16, a_stride: usize, b0: *const u32, b1: *const u
     unsafe {
         let a1 = a.add(16 * a_stride);
         std::arch::asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3", options(nostack));
-        for kt in 0..pairs / 16 {
-            // Each load right before the first product that needs it, so the next tile's
-            // load overlaps the products already issued. Tiles are not renamed: a load waits
-            // for the last product reading the tile. Both products of the first B tile (from
-            // L2; A's band is in L1) come first, so its next load hides behind two products.
+        let (sa, sb) = (a_stride * 2, 64usize);
+        let load = |kt: usize| (a.add(kt * K_STEP), a1.add(kt * K_STEP), b0.add(kt * TILE_PAIRS), b1.add(kt * TILE_PAIRS));
+        let (a0_first, a1_first, b0_first, b1_first) = load(0);
+        std::arch::asm!(
+            "tileloadd tmm4, [{a0} + {sa}*1]",
+            "tileloadd tmm6, [{b0} + {sb}*1]",
+            "tileloadd tmm5, [{a1} + {sa}*1]",
+            "tileloadd tmm7, [{b1} + {sb}*1]",
+            a0 = in(reg) a0_first, a1 = in(reg) a1_first, b0 = in(reg) b0_first, b1 = in(reg) b1_first,
+            sa = in(reg) sa, sb = in(reg) sb,
+            options(nostack, readonly),
+        );
+        // Software-pipelined: each tile of the next k-step is loaded as soon as the last
+        // product reading it has been issued (tiles are not renamed), so a load runs while
+        // the products after it do: the first B tile's behind two, the others behind one or
+        // two. Every accumulator still adds its k-steps in order.
+        for kt in 1..pairs / 16 {
+            let (a0_next, a1_next, b0_next, b1_next) = load(kt);
             std::arch::asm!(
-                "tileloadd tmm4, [{a0} + {sa}*1]",
-                "tileloadd tmm6, [{b0} + {sb}*1]",
                 "tdpbf16ps tmm0, tmm4, tmm6",
-                "tileloadd tmm5, [{a1} + {sa}*1]",
                 "tdpbf16ps tmm2, tmm5, tmm6",
-                "tileloadd tmm7, [{b1} + {sb}*1]",
+                "tileloadd tmm6, [{b0} + {sb}*1]",
                 "tdpbf16ps tmm1, tmm4, tmm7",
+                "tileloadd tmm4, [{a0} + {sa}*1]",
                 "tdpbf16ps tmm3, tmm5, tmm7",
-                a0 = in(reg) a.add(kt * K_STEP),
-                a1 = in(reg) a1.add(kt * K_STEP),
-                b0 = in(reg) b0.add(kt * TILE_PAIRS),
-                b1 = in(reg) b1.add(kt * TILE_PAIRS),
-                sa = in(reg) a_stride * 2,
-                sb = in(reg) 64usize,
+                "tileloadd tmm5, [{a1} + {sa}*1]",
+                "tileloadd tmm7, [{b1} + {sb}*1]",
+                a0 = in(reg) a0_next, a1 = in(reg) a1_next, b0 = in(reg) b0_next, b1 = in(reg) b1_next,
+                sa = in(reg) sa, sb = in(reg) sb,
                 options(nostack, readonly),
             );
         }
+        std::arch::asm!(
+            "tdpbf16ps tmm0, tmm4, tmm6",
+            "tdpbf16ps tmm2, tmm5, tmm6",
+            "tdpbf16ps tmm1, tmm4, tmm7",
+            "tdpbf16ps tmm3, tmm5, tmm7",
+            options(nostack, nomem),
+        );
         std::arch::asm!(
             "tilestored [{o0} + {s}*1], tmm0",
             "tilestored [{o1} + {s}*1], tmm1",
