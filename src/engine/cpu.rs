@@ -636,15 +636,13 @@ unsafe fn block_amx(a: *const u16, a_stride: usize, b0: *const u32, b1: *const u
         let a1 = a.add(16 * a_stride);
         std::arch::asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3", options(nostack));
         let (sa, sb) = (a_stride * 2, 64usize);
-        let load = |kt: usize| (a.add(kt * K_STEP), a1.add(kt * K_STEP), b0.add(kt * TILE_PAIRS), b1.add(kt * TILE_PAIRS));
-        let (a0_first, a1_first, b0_first, b1_first) = load(0);
+        // The first k-step's four tiles.
         std::arch::asm!(
-            "tileloadd tmm4, [{a0} + {sa}*1]",
+            "tileloadd tmm4, [{a} + {sa}*1]",
             "tileloadd tmm6, [{b0} + {sb}*1]",
             "tileloadd tmm5, [{a1} + {sa}*1]",
             "tileloadd tmm7, [{b1} + {sb}*1]",
-            a0 = in(reg) a0_first, a1 = in(reg) a1_first, b0 = in(reg) b0_first, b1 = in(reg) b1_first,
-            sa = in(reg) sa, sb = in(reg) sb,
+            a = in(reg) a, a1 = in(reg) a1, b0 = in(reg) b0, b1 = in(reg) b1, sa = in(reg) sa, sb = in(reg) sb,
             options(nostack, readonly),
         );
         // Software-pipelined: each tile of the next k-step is loaded as soon as the last
@@ -652,7 +650,6 @@ unsafe fn block_amx(a: *const u16, a_stride: usize, b0: *const u32, b1: *const u
         // the products after it do: the first B tile's behind two, the others behind one or
         // two. Every accumulator still adds its k-steps in order.
         for kt in 1..pairs / 16 {
-            let (a0_next, a1_next, b0_next, b1_next) = load(kt);
             std::arch::asm!(
                 "tdpbf16ps tmm0, tmm4, tmm6",
                 "tdpbf16ps tmm2, tmm5, tmm6",
@@ -662,8 +659,12 @@ unsafe fn block_amx(a: *const u16, a_stride: usize, b0: *const u32, b1: *const u
                 "tdpbf16ps tmm3, tmm5, tmm7",
                 "tileloadd tmm5, [{a1} + {sa}*1]",
                 "tileloadd tmm7, [{b1} + {sb}*1]",
-                a0 = in(reg) a0_next, a1 = in(reg) a1_next, b0 = in(reg) b0_next, b1 = in(reg) b1_next,
-                sa = in(reg) sa, sb = in(reg) sb,
+                a0 = in(reg) a.add(kt * K_STEP),
+                a1 = in(reg) a1.add(kt * K_STEP),
+                b0 = in(reg) b0.add(kt * TILE_PAIRS),
+                b1 = in(reg) b1.add(kt * TILE_PAIRS),
+                sa = in(reg) sa,
+                sb = in(reg) sb,
                 options(nostack, readonly),
             );
         }
