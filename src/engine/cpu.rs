@@ -369,8 +369,8 @@ pub fn columns_to_rows_plain<T: Copy + Default>(columns: &[T], stride: usize, de
 
 /// [`Products::bf16_columns_to_rows`] with AVX-512: per 32-deep slice and 16-row half, the 16
 /// k-pairs of each row packed into one u32 (the low half the even k) and the 16×16 u32 block
-/// transposed in registers (32-bit and 64-bit unpacks within 128-bit lanes, then two rounds
-/// of lane shuffles), so each of A's rows gets 32 consecutive k in one store.
+/// transposed in registers ([`transpose_16x16`]), so each of A's rows gets 32 consecutive k in
+/// one store.
 ///
 /// Safety: AVX512F and AVX512BW present; `columns` readable for `depth` rows of `stride`, 32
 /// values each; `panel` writable for 32 rows of `depth`.

@@ -357,20 +357,18 @@ impl<E: Element> Packed<E> {
         let fill = |(strip, entries): (usize, &mut [E::Packed])| {
             let columns = strip * 16..(strip * 16 + 16).min(n);
             // A strip of 16 columns whose entries fill whole 16-row tiles is one transpose of
-            // words (an entry is one f32 or one pair of bf16, as the rows hold them).
-            if columns.len() == 16 && entry_rows.is_multiple_of(16) && k == entry_rows * E::DEPTH {
-                let rows: [&[E]; 16] = std::array::from_fn(|c| &row(columns.start + c)[..k]);
-                if cpu.transpose_words(rows, entry_rows, &mut entries[..16 * entry_rows]) {
-                    entries[16 * entry_rows..].fill(E::Packed::default());
-                    return;
+            // words (an entry is one f32 or one pair of bf16, as the rows hold them) where the
+            // CPU has one; otherwise entry by entry.
+            let whole_tiles = columns.len() == 16 && entry_rows.is_multiple_of(16) && k == entry_rows * E::DEPTH;
+            let transposed = whole_tiles && cpu.transpose_words(std::array::from_fn(|c| &row(columns.start + c)[..k]), entry_rows, &mut entries[..16 * entry_rows]);
+            if !transposed {
+                if columns.len() < 16 {
+                    entries.fill(E::Packed::default());
                 }
-            }
-            if columns.len() < 16 {
-                entries.fill(E::Packed::default());
-            }
-            for j in columns {
-                for (r, values) in row(j)[..k].chunks(E::DEPTH).enumerate() {
-                    entries[16 * r + j % 16] = E::pack([values[0], values.get(1).copied().unwrap_or_default()]);
+                for j in columns {
+                    for (r, values) in row(j)[..k].chunks(E::DEPTH).enumerate() {
+                        entries[16 * r + j % 16] = E::pack([values[0], values.get(1).copied().unwrap_or_default()]);
+                    }
                 }
             }
             entries[16 * entry_rows..].fill(E::Packed::default());
