@@ -153,7 +153,7 @@ fn main() {
 
 /// GFLOP/s of the engine's products at one ViT block's shapes (qkv, proj, fc1, fc2).
 fn products<E: dino::engine::matmul::Element>(vit: &VitConfig, batch: usize, repeats: usize) {
-    use dino::engine::matmul::{Matrix, Packed, matmul};
+    use dino::engine::matmul::{Matrix, Packed, add_weight_gradient, matmul};
     let (d, hidden) = (vit.embed_dim, vit.embed_dim * vit.mlp_ratio);
     let rows = batch * (1 + (vit.img_size / vit.patch_size).pow(2));
     let mut rng = StdRng::seed_from_u64(0);
@@ -178,6 +178,22 @@ fn products<E: dino::engine::matmul::Element>(vit: &VitConfig, batch: usize, rep
         }
         let gflops = |times: Vec<f64>| (2 * rows * k * n) as f64 / median(times[1..].to_vec()) / 1e9;
         line[name] = serde_json::json!(gflops(times));
+        // The same layer's weight gradient: [k, n] += Aᵀ · dy over the rows, dy [rows, n].
+        let mut dy = Matrix::<E>::zeros(rows, n);
+        for (i, v) in values(rows * n).chunks(n).enumerate() {
+            for (dst, &v) in dy.row_mut(i).iter_mut().zip(v) {
+                *dst = E::from_f32(v);
+            }
+        }
+        let (mut packed, mut grad) = (Packed::<E>::default(), vec![0f32; k * n]);
+        let times = (0..repeats + 1)
+            .map(|_| {
+                let t0 = Instant::now();
+                add_weight_gradient(&a, &dy, rows, &mut packed, &mut grad);
+                t0.elapsed().as_secs_f64()
+            })
+            .collect();
+        line[format!("{name}_weight_gradient")] = serde_json::json!(gflops(times));
         // The same f32 product through burn's flex backend (the `gemm` crate's kernels).
         let dev = burn::tensor::Device::flex();
         let (a, b) = (Tensor::<2>::from_data(burn::tensor::TensorData::new(a_values, [rows, k]), &dev), Tensor::<2>::from_data(burn::tensor::TensorData::new(b_values, [k, n]), &dev));

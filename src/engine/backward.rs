@@ -61,25 +61,6 @@ struct Workspace<E: Element> {
     packed: Packed<E>,
 }
 
-/// grad [in, out] += inputsᵀ · dy, with `inputs` the layer input [rows, in] (read by
-/// columns, no transposed copy) and `dy` the output gradient [rows, out]. The sum runs over
-/// the batch's token rows, thousands deep, so it is split into chunks whose packed `dy` (about
-/// 1 MB) stays in cache while every row block of inputsᵀ passes over it; one product over all
-/// rows would stream the whole `dy` from memory once per 32 input channels.
-fn weight_gradient<E: Element>(inputs: &Matrix<E>, dy: &Matrix<E>, rows: usize, packed: &mut Packed<E>, grad: &mut [f32]) {
-    let out = dy.cols();
-    let (data, stride) = (dy.view_data(), dy.stride());
-    let (input_data, input_stride) = (inputs.view_data(), inputs.stride());
-    let chunk = ((1 << 20) / (2 * out)).clamp(BLOCK, 2048) / BLOCK * BLOCK;
-    for first in (0..rows).step_by(chunk) {
-        let depth = (rows - first).min(chunk);
-        packed.repack(depth, out, |i| &data[(first + i) * stride..][..out]);
-        // Past `rows` the input's rows are zero padding.
-        let a = View::transposed(&input_data[first * input_stride..], inputs.cols(), depth, input_stride);
-        matmul::matmul(a, packed, grad, out, |dst, v, _, _| add(dst, v));
-    }
-}
-
 /// Column sums of the first `rows` rows of a matrix, added to `sums` (bias gradients). Partial
 /// sums over fixed 64-row chunks, added in order: the same result on every run.
 fn add_column_sums<E: Element>(m: &Matrix<E>, rows: usize, sums: &mut [f32]) {
@@ -187,23 +168,23 @@ impl<E: Element> Vit<E> {
             // MLP branch: x += keep · (gelu(h)·W2 + b2), h = n2·W1 + b1.
             branch_gradient(&dx, saved.keep_mlp.as_deref(), tokens_per_image, &mut ws.dy, &mut g.fc2.bias);
             let hidden_stride = saved.activated.stride();
-            weight_gradient(&saved.activated, &ws.dy, rows, &mut ws.packed, &mut g.fc2.weight);
+            matmul::add_weight_gradient(&saved.activated, &ws.dy, rows, &mut ws.packed, &mut g.fc2.weight);
             let slope = saved.gelu_slope.as_ref().expect("a training tape keeps GELU's slope").view_data();
             matmul::matmul(ws.dy.view(), transposed_weight(&layers.fc2), ws.d_hidden.data_mut(), hidden_stride, |dst, v, r, c| {
                 rows::multiply_to(dst, v, &slope[r * hidden_stride + c..]);
             });
             add_column_sums(&ws.d_hidden, rows, &mut g.fc1.bias);
-            weight_gradient(&saved.normed2, &ws.d_hidden, rows, &mut ws.packed, &mut g.fc1.weight);
+            matmul::add_weight_gradient(&saved.normed2, &ws.d_hidden, rows, &mut ws.packed, &mut g.fc1.weight);
             matmul::matmul(ws.d_hidden.view(), transposed_weight(&layers.fc1), &mut ws.dn, dim, |dst, v, _, _| dst.copy_from_slice(v));
             layers.norm2.backward(&saved.norm2, &ws.dn, &mut dx, &mut g.norm2);
 
             // Attention branch: x += keep · (attention(n1·Wqkv + bqkv)·Wp + bp).
             branch_gradient(&dx, saved.keep_attn.as_deref(), tokens_per_image, &mut ws.dy, &mut g.proj.bias);
-            weight_gradient(&saved.mixed, &ws.dy, rows, &mut ws.packed, &mut g.proj.weight);
+            matmul::add_weight_gradient(&saved.mixed, &ws.dy, rows, &mut ws.packed, &mut g.proj.weight);
             matmul::matmul(ws.dy.view(), transposed_weight(&layers.proj), ws.d_mixed.data_mut(), saved.mixed.stride(), |dst, v, _, _| rows::convert_row(dst, v));
             self.attention_backward(saved, &ws.d_mixed, images, tokens_per_image, &mut ws.d_qkv);
             add_column_sums(&ws.d_qkv, rows, &mut g.qkv.bias);
-            weight_gradient(&saved.normed1, &ws.d_qkv, rows, &mut ws.packed, &mut g.qkv.weight);
+            matmul::add_weight_gradient(&saved.normed1, &ws.d_qkv, rows, &mut ws.packed, &mut g.qkv.weight);
             matmul::matmul(ws.d_qkv.view(), transposed_weight(&layers.qkv), &mut ws.dn, dim, |dst, v, _, _| dst.copy_from_slice(v));
             layers.norm1.backward(&saved.norm1, &ws.dn, &mut dx, &mut g.norm1);
         }
@@ -308,7 +289,7 @@ impl<E: Element> Vit<E> {
             let token = (r / patches) * tokens_per_image + 1 + r % patches;
             rows::convert_row(&mut row[..dim], &dx[token * dim..][..dim]);
         });
-        weight_gradient(&d_patches, &tape.patches, images * patches, &mut Packed::default(), &mut grads.patch.weight);
+        matmul::add_weight_gradient(&d_patches, &tape.patches, images * patches, &mut Packed::default(), &mut grads.patch.weight);
     }
 }
 

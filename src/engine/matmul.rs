@@ -484,6 +484,26 @@ pub fn matmul_serial<E: Element, T>(a: View<E>, b: &Packed<E>, out: &mut [T], ou
     Cpu::current().with_products(|products| product_rows(&products, a, b, (0, a.rows), out, out_stride, &emit));
 }
 
+/// A linear layer's weight gradient: grad [in, out] += inputsᵀ · dy, with `inputs` the layer
+/// input [rows, in] (read by columns, no transposed copy) and `dy` the output gradient
+/// [rows, out]. The sum runs over
+/// the batch's token rows, thousands deep, so it is split into chunks whose packed `dy` (about
+/// 1 MB) stays in cache while every row block of inputsᵀ passes over it; one product over all
+/// rows would stream the whole `dy` from memory once per 32 input channels.
+pub fn add_weight_gradient<E: Element>(inputs: &Matrix<E>, dy: &Matrix<E>, rows: usize, packed: &mut Packed<E>, grad: &mut [f32]) {
+    let out = dy.cols();
+    let (data, stride) = (dy.view_data(), dy.stride());
+    let (input_data, input_stride) = (inputs.view_data(), inputs.stride());
+    let chunk = ((1 << 20) / (2 * out)).clamp(BLOCK, 2048) / BLOCK * BLOCK;
+    for first in (0..rows).step_by(chunk) {
+        let depth = (rows - first).min(chunk);
+        packed.repack(depth, out, |i| &data[(first + i) * stride..][..out]);
+        // Past `rows` the input's rows are zero padding.
+        let a = View::transposed(&input_data[first * input_stride..], inputs.cols(), depth, input_stride);
+        matmul(a, packed, grad, out, |dst, v, _, _| super::gradients::add(dst, v));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
