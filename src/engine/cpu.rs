@@ -119,10 +119,10 @@ pub(super) fn keep_freed_memory() {
     }
 }
 
-/// Asks the CPU to bring the cache lines that hold `values` into L1 ahead of use, for loops
-/// that read a matrix a row's width apart, where the hardware prefetchers do not follow (the
-/// packing of weight-gradient operands: 5-10% faster, BENCHMARKS.md). A hint only: it changes
-/// nothing but timing, and is a no-op off x86-64.
+/// Asks the CPU to bring the cache lines that hold `values` into L1 ahead of use, for accesses
+/// a matrix row's width apart, which the hardware prefetchers do not follow: the packing of
+/// weight-gradient operands, the destination rows of a product's next block (BENCHMARKS.md).
+/// A hint only: it changes nothing but timing, and is a no-op off x86-64.
 #[inline(always)]
 pub fn prefetch<T>(values: &[T]) {
     #[cfg(target_arch = "x86_64")]
