@@ -124,12 +124,19 @@ pub(super) fn keep_freed_memory() {
 /// weight-gradient operands, the destination rows of a product's next block (BENCHMARKS.md).
 /// A hint only: it changes nothing but timing, and is a no-op off x86-64.
 #[inline(always)]
-pub fn prefetch<T>(values: &[T]) {
+pub(super) fn prefetch<T>(values: &[T]) {
     #[cfg(target_arch = "x86_64")]
-    for line in (0..std::mem::size_of_val(values)).step_by(64) {
-        // SAFETY: `prefetcht0` (SSE, part of every x86-64) is a hint that never faults and
-        // writes nothing; the address lies within `values`.
-        unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(values.as_ptr().cast::<i8>().add(line)) };
+    {
+        let bytes = size_of_val(values);
+        // The first value's line, then every line that starts inside `values` (a slice that
+        // does not start on a line boundary spans one line more than its length suggests).
+        let next_line = 64 - values.as_ptr() as usize % 64;
+        for offset in (bytes > 0).then_some(0).into_iter().chain((next_line..bytes).step_by(64)) {
+            // SAFETY: `prefetcht0` (SSE, part of every x86-64) is a hint that never faults
+            // and writes nothing; `offset` < the slice's length in bytes, so the address lies
+            // within `values`.
+            unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(values.as_ptr().cast::<i8>().add(offset)) };
+        }
     }
     #[cfg(not(target_arch = "x86_64"))]
     let _ = values;

@@ -14,8 +14,8 @@ use super::cpu::{Cpu, K_STEP, Plain, Products, columns_to_rows_plain, prefetch};
 
 /// Matrices of at least this many values are packed on several threads.
 const PARALLEL_PACK_MIN: usize = 1 << 16;
-/// How many rows ahead the packing loops prefetch the rows they read (8 and 16 measured the
-/// same).
+/// How many packed entry rows ahead (8 matrix rows at f32, 16 at bf16) `repack` and
+/// `pack_band` prefetch the rows they read (8 and 16 measured the same).
 const PREFETCH_ROWS: usize = 8;
 
 /// f32 to bf16 with round-to-nearest-even (NaN stays NaN).
@@ -319,8 +319,9 @@ impl<E: Element> Packed<E> {
 
     /// Packs the k×n matrix whose row i is `row(i)`, reusing this allocation: `DEPTH` rows at
     /// a time into 16 contiguous entries per strip. Large matrices are packed strip by strip
-    /// on rayon's threads, each strip reading its rows a few ahead of use: one cache line a
-    /// row's width apart, which the prefetchers do not follow.
+    /// on rayon's threads, each strip prefetching its rows a few ahead of use: one cache line
+    /// a row's width apart, which the hardware prefetchers do not follow (small ones are in
+    /// cache already, and the hints would only cost).
     pub fn repack<'a>(&mut self, k: usize, n: usize, row: impl Fn(usize) -> &'a [E] + Sync) {
         self.reset(k, n);
         let zeros = [E::default(); 16];
@@ -508,21 +509,26 @@ pub fn matmul_serial<E: Element, T>(a: View<E>, b: &Packed<E>, out: &mut [T], ou
 
 /// A linear layer's weight gradient: grad [in, out] += inputsᵀ · dy, with `inputs` the layer
 /// input [rows, in] (read by columns, no transposed copy) and `dy` the output gradient
-/// [rows, out]. The sum runs over
-/// the batch's token rows, thousands deep, so it is split into chunks whose packed `dy` (about
-/// 1 MB) stays in cache while every row block of inputsᵀ passes over it; one product over all
-/// rows would stream the whole `dy` from memory once per 32 input channels.
+/// [rows, out]. The sum runs over the batch's token rows, thousands deep, so it is split into
+/// chunks whose packed `dy` (about 1 MB) stays in cache while every row block of inputsᵀ
+/// passes over it; one product over all rows would stream the whole `dy` from memory once per
+/// 32 input channels. The chunks fix the order of the sums: a change of chunk size changes the
+/// last bits of the gradients (runs stay deterministic).
 pub fn add_weight_gradient<E: Element>(inputs: &Matrix<E>, dy: &Matrix<E>, rows: usize, packed: &mut Packed<E>, grad: &mut [f32]) {
     let out = dy.cols();
     let (data, stride) = (dy.view_data(), dy.stride());
     let (input_data, input_stride) = (inputs.view_data(), inputs.stride());
-    let chunk = ((1 << 20) / (std::mem::size_of::<E>() * out)).clamp(BLOCK, 2048) / BLOCK * BLOCK;
+    let chunk = ((1 << 20) / (size_of::<E>() * out.max(1))).clamp(BLOCK, 2048) / BLOCK * BLOCK;
     for first in (0..rows).step_by(chunk) {
         let depth = (rows - first).min(chunk);
         packed.repack(depth, out, |i| &data[(first + i) * stride..][..out]);
         // Past `rows` the input's rows are zero padding.
         let a = View::transposed(&input_data[first * input_stride..], inputs.cols(), depth, input_stride);
-        matmul(a, packed, grad, out, |dst, v, _, _| super::gradients::add(dst, v));
+        matmul(a, packed, grad, out, |dst, v, _, _| {
+            for (d, &v) in dst.iter_mut().zip(v) {
+                *d += v;
+            }
+        });
     }
 }
 
@@ -625,7 +631,8 @@ mod tests {
     }
 
     fn check_weight_gradient<E: Element>() {
-        // Deep enough for two chunks of packed dy, added onto a gradient that holds values.
+        // Deep enough for two chunks of packed dy, added onto a gradient that holds values;
+        // the matrices hold rows past `rows`, which must not count.
         let (rows, inputs_width, out) = (2100, 40, 37);
         let mut rng = StdRng::seed_from_u64(1);
         let mut random = |r: usize, c: usize| {
@@ -635,7 +642,7 @@ mod tests {
             }
             m
         };
-        let (inputs, dy) = (random(rows, inputs_width), random(rows, out));
+        let (inputs, dy) = (random(rows + 50, inputs_width), random(rows + 50, out));
         let mut grad: Vec<f32> = (0..inputs_width * out).map(|i| i as f32).collect();
         add_weight_gradient(&inputs, &dy, rows, &mut Packed::default(), &mut grad);
         for i in 0..inputs_width {
