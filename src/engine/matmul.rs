@@ -522,13 +522,9 @@ pub fn add_weight_gradient<E: Element>(inputs: &Matrix<E>, dy: &Matrix<E>, rows:
     for first in (0..rows).step_by(chunk) {
         let depth = (rows - first).min(chunk);
         packed.repack(depth, out, |i| &data[(first + i) * stride..][..out]);
-        // Past `rows` the input's rows are zero padding.
+        // Input rows past `depth` meet the zero padding of packed dy's depth: they add nothing.
         let a = View::transposed(&input_data[first * input_stride..], inputs.cols(), depth, input_stride);
-        matmul(a, packed, grad, out, |dst, v, _, _| {
-            for (d, &v) in dst.iter_mut().zip(v) {
-                *d += v;
-            }
-        });
+        matmul(a, packed, grad, out, |dst, v, _, _| super::gradients::add(dst, v));
     }
 }
 
