@@ -512,7 +512,7 @@ fn store_rows<const R: usize>(acc: &[[std::arch::x86_64::__m512; 2]; R], out: &m
     }
 }
 
-/// Depth of one pass of the AVX-512 f32 block: the three row groups run over the same
+/// Depth of one pass of the f32 blocks (AVX-512 and AVX2): the row groups run over the same
 /// 128-deep slice of A's 32 rows and of the two strips (16 KB each) while it is in L1,
 /// instead of each streaming the whole depth from L2 (the weight gradients are thousands
 /// deep).
@@ -584,45 +584,69 @@ unsafe fn rows_f32_avx512<const R: usize, const COLUMNS: bool>(a: *const f32, a_
     store_rows(&acc, out);
 }
 
-/// The f32 block with AVX2: strip by strip, six rows at a time in twelve 8-lane
-/// accumulators (the register file holds those, the strip's two vectors and a broadcast).
-/// A by rows, or by columns where `COLUMNS`.
+/// The f32 block with AVX2, slice by slice of the depth as [`block_f32_avx512`]: strip by
+/// strip, six rows at a time in twelve 8-lane accumulators (the register file holds those,
+/// the strip's two vectors and a broadcast), the last eight rows four at a time (two rows
+/// alone would leave the FMA units waiting on four accumulators). A by rows, or by columns
+/// where `COLUMNS`.
 ///
 /// Safety: AVX2 and FMA present; bounds as [`block_f32_avx512`].
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn block_f32_avx2<const COLUMNS: bool>(a: *const f32, a_stride: usize, strips: [*const f32; 2], depth: usize, out: &mut [f32; BLOCK * BLOCK]) {
     let row_step = if COLUMNS { 1 } else { a_stride };
-    for (s, &strip) in strips.iter().enumerate() {
-        for first in (0..30).step_by(6) {
-            // SAFETY: rows first..first + 6 and this strip are within the caller's bounds.
-            unsafe { rows_f32_avx2::<6, COLUMNS>(a.add(first * row_step), a_stride, strip, depth, &mut out[first * BLOCK + 16 * s..]) };
+    for k0 in (0..depth).step_by(F32_SLICE) {
+        let slice = (depth - k0).min(F32_SLICE);
+        let a = a.wrapping_add(a_offset::<COLUMNS>(0, k0, a_stride));
+        let added = k0 > 0;
+        for (s, &strip) in strips.iter().enumerate() {
+            let strip = strip.wrapping_add(16 * k0);
+            for first in (0..24).step_by(6) {
+                // SAFETY: rows first..first + 6, this strip and this slice of the depth are
+                // within the caller's bounds.
+                unsafe { rows_f32_avx2::<6, COLUMNS>(a.add(first * row_step), a_stride, strip, slice, &mut out[first * BLOCK + 16 * s..], added) };
+            }
+            for first in [24, 28] {
+                // SAFETY: rows first..first + 4 are within the caller's bounds.
+                unsafe { rows_f32_avx2::<4, COLUMNS>(a.add(first * row_step), a_stride, strip, slice, &mut out[first * BLOCK + 16 * s..], added) };
+            }
         }
-        // SAFETY: rows 30 and 31 are within the caller's bounds.
-        unsafe { rows_f32_avx2::<2, COLUMNS>(a.add(30 * row_step), a_stride, strip, depth, &mut out[30 * BLOCK + 16 * s..]) };
     }
 }
 
-/// `R` rows of one 16-column strip: out[i · 32 + c] for i < R, c < 16.
+/// `R` rows of one 16-column strip: out[i · 32 + c] for i < R, c < 16, or added to them where
+/// `added`.
 ///
 /// Safety: AVX2 and FMA present; `a` readable for `R` rows of `a_stride`, `depth` wide (by
 /// columns: `depth` columns of `a_stride`, `R` high); `strip` for 16·`depth` f32; `out` at
 /// least (R - 1)·32 + 16 long.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn rows_f32_avx2<const R: usize, const COLUMNS: bool>(a: *const f32, a_stride: usize, strip: *const f32, depth: usize, out: &mut [f32]) {
+unsafe fn rows_f32_avx2<const R: usize, const COLUMNS: bool>(a: *const f32, a_stride: usize, strip: *const f32, depth: usize, out: &mut [f32], added: bool) {
     use std::arch::x86_64::*;
-    assert!(out.len() >= (R - 1) * BLOCK + 16);
+    assert!(out.len() >= (R - 1) * BLOCK + 16 && depth.is_multiple_of(4));
     let mut acc = [[_mm256_setzero_ps(); 2]; R];
+    if added {
+        for (i, acc) in acc.iter_mut().enumerate() {
+            let row = &out[i * BLOCK..][..16];
+            // SAFETY: `row` holds 16 f32, two unaligned 8-lane loads.
+            unsafe { *acc = [_mm256_loadu_ps(row.as_ptr()), _mm256_loadu_ps(row.as_ptr().add(8))] };
+        }
+    }
     // SAFETY: the caller's bounds cover every A value and strip entry read here.
     unsafe {
-        for r in 0..depth {
-            let w0 = _mm256_loadu_ps(strip.add(16 * r));
-            let w1 = _mm256_loadu_ps(strip.add(16 * r + 8));
-            for (i, acc) in acc.iter_mut().enumerate() {
-                let x = _mm256_broadcast_ss(&*a.add(a_offset::<COLUMNS>(i, r, a_stride)));
-                acc[0] = _mm256_fmadd_ps(x, w0, acc[0]);
-                acc[1] = _mm256_fmadd_ps(x, w1, acc[1]);
+        // Four depth steps per turn of the loop: with one, the counter, compare and branch
+        // took issue slots from the twelve FMAs (products +4-8%, BENCHMARKS.md). Depths are
+        // whole 32-deep tiles.
+        for r0 in (0..depth).step_by(4) {
+            for r in r0..r0 + 4 {
+                let w0 = _mm256_loadu_ps(strip.add(16 * r));
+                let w1 = _mm256_loadu_ps(strip.add(16 * r + 8));
+                for (i, acc) in acc.iter_mut().enumerate() {
+                    let x = _mm256_broadcast_ss(&*a.add(a_offset::<COLUMNS>(i, r, a_stride)));
+                    acc[0] = _mm256_fmadd_ps(x, w0, acc[0]);
+                    acc[1] = _mm256_fmadd_ps(x, w1, acc[1]);
+                }
             }
         }
     }
