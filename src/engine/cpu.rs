@@ -250,7 +250,15 @@ impl Cpu {
                 unsafe { transpose_words_avx512(starts, words, dst.as_mut_ptr().cast()) };
                 true
             }
-            _ => false,
+            #[cfg(target_arch = "x86_64")]
+            RowLevel::Avx2 => {
+                let starts = rows.map(|row| row.as_ptr().cast::<u8>());
+                // SAFETY: the AVX2 row level is granted only where AVX2 was detected; bounds
+                // and values as for AVX-512 above.
+                unsafe { transpose_words_avx2(starts, words, dst.as_mut_ptr().cast()) };
+                true
+            }
+            RowLevel::Portable => false,
         }
     }
 
@@ -472,6 +480,40 @@ unsafe fn transpose_words_avx512(rows: [*const u8; 16], words: usize, dst: *mut 
             // SAFETY: words 16·(w0 + i)..16·(w0 + i) + 16 of `dst` are within the caller's
             // bounds.
             unsafe { _mm512_storeu_si512(dst.add(64 * (w0 + i)).cast(), out) };
+        }
+    }
+}
+
+/// [`Cpu::transpose_words`] with AVX2: eight words of eight rows per 8×8 transpose in
+/// registers (32-bit unpacks, 64-bit shuffles within 128-bit lanes, then lane swaps), the
+/// 16 rows as two such halves of each stored 16-word row.
+///
+/// Safety: AVX2 present; bounds as [`transpose_words_avx512`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn transpose_words_avx2(rows: [*const u8; 16], words: usize, dst: *mut u8) {
+    use std::arch::x86_64::*;
+    for w0 in (0..words).step_by(8) {
+        for half in 0..2 {
+            // SAFETY: words w0..w0 + 8 of each row are within the caller's bounds.
+            let t: [__m256; 8] = std::array::from_fn(|r| unsafe { _mm256_loadu_ps(rows[8 * half + r].add(4 * w0).cast()) });
+            let a: [__m256; 8] = std::array::from_fn(|x| if x % 2 == 0 { _mm256_unpacklo_ps(t[x], t[x + 1]) } else { _mm256_unpackhi_ps(t[x - 1], t[x]) });
+            // b[4q + j] holds, lane by lane, output rows j (low lane) and 4 + j (high lane)
+            // from input rows 4q..4q + 4.
+            let b: [__m256; 8] = std::array::from_fn(|x| {
+                let (q, j) = (x / 4, x % 4);
+                let (lo, hi) = (a[4 * q + j / 2], a[4 * q + 2 + j / 2]);
+                if j % 2 == 0 { _mm256_shuffle_ps::<0x44>(lo, hi) } else { _mm256_shuffle_ps::<0xee>(lo, hi) }
+            });
+            for j in 0..4 {
+                let (low, high) = (_mm256_permute2f128_ps::<0x20>(b[j], b[4 + j]), _mm256_permute2f128_ps::<0x31>(b[j], b[4 + j]));
+                // SAFETY: words 16·(w0 + i) + 8·half..+ 8 of `dst`, i < 8, are within the
+                // caller's bounds.
+                unsafe {
+                    _mm256_storeu_ps(dst.add(64 * (w0 + j) + 32 * half).cast(), low);
+                    _mm256_storeu_ps(dst.add(64 * (w0 + 4 + j) + 32 * half).cast(), high);
+                }
+            }
         }
     }
 }

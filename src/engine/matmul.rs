@@ -566,7 +566,7 @@ mod tests {
         let b_transposed = Packed::<E>::pack_transposed(k, n, |j| &b_cols[j]);
         assert_eq!(b.entries[..], b_transposed.entries[..], "the two packings differ");
         // Depth in whole 16-entry tiles: strips of 16 columns are packed as one transpose of
-        // words where the CPU has one (AVX-512), the last 8 columns entry by entry; for f32,
+        // words where the CPU has one (AVX-512, AVX2), the last 8 columns entry by entry; for f32,
         // 48 deep leaves 16 padding entries per strip.
         let (k3, n3) = (48 * E::DEPTH, 40);
         let m3: Vec<Vec<f32>> = (0..n3).map(|_| (0..k3).map(|_| rng.random_range(-1.0..1.0)).collect()).collect();
