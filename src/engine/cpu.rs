@@ -653,7 +653,8 @@ unsafe fn block_f32_avx2<const COLUMNS: bool>(a: *const f32, a_stride: usize, st
                 unsafe { rows_f32_avx2::<6, COLUMNS>(a.add(first * row_step), a_stride, strip, slice, &mut out[first * BLOCK + 16 * s..], added) };
             }
             for first in (12..32).step_by(5) {
-                // SAFETY: rows first..first + 5 are within the caller's bounds.
+                // SAFETY: rows first..first + 5, this strip and this slice of the depth are
+                // within the caller's bounds.
                 unsafe { rows_f32_avx2::<5, COLUMNS>(a.add(first * row_step), a_stride, strip, slice, &mut out[first * BLOCK + 16 * s..], added) };
             }
         }
@@ -682,7 +683,7 @@ unsafe fn rows_f32_avx2<const R: usize, const COLUMNS: bool>(a: *const f32, a_st
     // SAFETY: the caller's bounds cover every A value and strip entry read here.
     unsafe {
         // Four depth steps per turn of the loop: with one, the counter, compare and branch
-        // took issue slots from the twelve FMAs (products +4-8%, BENCHMARKS.md). Depths are
+        // took issue slots from the twelve FMAs (forward products +3-9%, BENCHMARKS.md). Depths are
         // whole 32-deep tiles.
         for r0 in (0..depth).step_by(4) {
             for r in r0..r0 + 4 {
