@@ -574,11 +574,7 @@ const F32_SLICE: usize = 128;
 #[target_feature(enable = "avx512f")]
 unsafe fn block_f32_avx512<const COLUMNS: bool>(a: *const f32, a_stride: usize, b0: *const f32, b1: *const f32, depth: usize, out: &mut [f32; BLOCK * BLOCK]) {
     let row_step = if COLUMNS { 1 } else { a_stride };
-    for k0 in (0..depth).step_by(F32_SLICE) {
-        let slice = (depth - k0).min(F32_SLICE);
-        let a = a.wrapping_add(a_offset::<COLUMNS>(0, k0, a_stride));
-        let strips = [b0.wrapping_add(16 * k0), b1.wrapping_add(16 * k0)];
-        let added = k0 > 0;
+    for (a, strips, slice, added) in depth_slices::<COLUMNS>(a, a_stride, [b0, b1], depth) {
         // SAFETY: each group's rows and this slice of the depth lie within the caller's
         // bounds.
         unsafe {
@@ -587,6 +583,15 @@ unsafe fn block_f32_avx512<const COLUMNS: bool>(a: *const f32, a_stride: usize, 
             rows_f32_avx512::<8, COLUMNS>(a.add(24 * row_step), a_stride, strips, slice, &mut out[24 * BLOCK..], added);
         }
     }
+}
+
+/// The f32 blocks' passes over the depth, [`F32_SLICE`] deep: where each starts in A and in
+/// the two strips, how deep it is, and whether it adds to the results of the passes before
+/// it. (Pointer arithmetic only: the kernels read through them.)
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn depth_slices<const COLUMNS: bool>(a: *const f32, a_stride: usize, strips: [*const f32; 2], depth: usize) -> impl Iterator<Item = (*const f32, [*const f32; 2], usize, bool)> {
+    (0..depth).step_by(F32_SLICE).map(move |k0| (a.wrapping_add(a_offset::<COLUMNS>(0, k0, a_stride)), strips.map(|strip| strip.wrapping_add(16 * k0)), (depth - k0).min(F32_SLICE), k0 > 0))
 }
 
 /// Where A[i][k] lies from the start of `a`: by rows or, where `COLUMNS`, by columns.
@@ -641,12 +646,8 @@ unsafe fn rows_f32_avx512<const R: usize, const COLUMNS: bool>(a: *const f32, a_
 #[target_feature(enable = "avx2,fma")]
 unsafe fn block_f32_avx2<const COLUMNS: bool>(a: *const f32, a_stride: usize, strips: [*const f32; 2], depth: usize, out: &mut [f32; BLOCK * BLOCK]) {
     let row_step = if COLUMNS { 1 } else { a_stride };
-    for k0 in (0..depth).step_by(F32_SLICE) {
-        let slice = (depth - k0).min(F32_SLICE);
-        let a = a.wrapping_add(a_offset::<COLUMNS>(0, k0, a_stride));
-        let added = k0 > 0;
+    for (a, strips, slice, added) in depth_slices::<COLUMNS>(a, a_stride, strips, depth) {
         for (s, &strip) in strips.iter().enumerate() {
-            let strip = strip.wrapping_add(16 * k0);
             for first in [0, 6] {
                 // SAFETY: rows first..first + 6, this strip and this slice of the depth are
                 // within the caller's bounds.
@@ -683,8 +684,8 @@ unsafe fn rows_f32_avx2<const R: usize, const COLUMNS: bool>(a: *const f32, a_st
     // SAFETY: the caller's bounds cover every A value and strip entry read here.
     unsafe {
         // Four depth steps per turn of the loop: with one, the counter, compare and branch
-        // took issue slots from the twelve FMAs (forward products +3-9%, BENCHMARKS.md). Depths are
-        // whole 32-deep tiles.
+        // took issue slots from the twelve FMAs (forward products +3-9%, BENCHMARKS.md).
+        // Depths are whole 32-deep tiles.
         for r0 in (0..depth).step_by(4) {
             for r in r0..r0 + 4 {
                 let w0 = _mm256_loadu_ps(strip.add(16 * r));
