@@ -39,8 +39,9 @@ pub enum Preset {
     /// Small images in minutes on a CPU, with --max_minutes (the quickstart's recipe, chosen
     /// by 5-minute runs on Fashion-MNIST; BENCHMARKS.md): 28/14-px crops, ViT-Micro/7,
     /// global crops of 90-100% of the image (k-NN sees whole images: 0.25, 0.4, 0.7, 0.9 and
-    /// 1.0 scored 78.6, 80.8, 81.1, 81.8, 81.3 at 10000 steps of ViT-Mini), 2 local crops, head 512/128 to 1024 prototypes without a fixed last-layer norm, no drop
-    /// path, batch 32, lr 0.002, teacher momentum 0.97.
+    /// 1.0 scored 78.6, 80.8, 81.1, 81.8, 81.3 at 10000 steps of ViT-Mini), 2 local crops,
+    /// head 512/128 to 1024 prototypes without a fixed last-layer norm, no drop path,
+    /// batch 32, lr 0.002, teacher momentum 0.97.
     Quick,
     /// Small images in about an hour on a CPU (chosen by 25-minute runs on Fashion-MNIST,
     /// BENCHMARKS.md): the quick recipe with ViT-Mini/7 (128 wide, 4 blocks), which sees half
