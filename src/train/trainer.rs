@@ -484,10 +484,10 @@ fn announce_plan(run_dir: &std::path::Path, cfg: &TrainConfig, plan: &Plan, step
     });
     append_line(&run_dir.join("log.txt"), &line)?;
     let origin = match step_seconds {
-        Some(seconds) => format!("for the {}-minute budget: {} steps ({} calibration at {seconds:.3} s/step, then {} scheduled;", cfg.max_minutes, plan.total_steps(), plan.calibration_steps, plan.scheduled_steps),
+        Some(seconds) => format!("for the {}-minute budget: {} steps ({} calibration at {seconds:.3} s/step, then {} scheduled; ", cfg.max_minutes, plan.total_steps(), plan.calibration_steps, plan.scheduled_steps),
         None => format!("from --plan_steps: {} steps (", plan.total_steps()),
     };
-    eprintln!("plan {origin} warm-up {warmup} steps, one --epochs epoch = {:.1} steps)", plan.epoch_steps());
+    eprintln!("plan {origin}warm-up {warmup} steps, one --epochs epoch = {:.1} steps)", plan.epoch_steps());
     Ok(())
 }
 
