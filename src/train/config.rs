@@ -47,7 +47,8 @@ pub enum Preset {
     /// BENCHMARKS.md): the quick recipe with ViT-Mini/7 (128 wide, 4 blocks), which sees half
     /// the images of ViT-Micro in a budget and still learns better features from them, at
     /// twice the learning rate (0.004: ahead by 1.0-1.3 points at equal steps on two seeds
-    /// and by 0.4 over a Sapphire Rapids hour).
+    /// and by 0.4 over a Sapphire Rapids hour), and local crops of 20-50% of the image
+    /// instead of 5-40% (ahead by 0.9 and 3.0 points at 10000 steps on two seeds).
     Hour,
 }
 
@@ -67,7 +68,11 @@ impl Preset {
                 ("batch_size_per_gpu", json!(128)),
             ],
             Preset::Quick => Self::quick_recipe("vit_micro", 0.002),
-            Preset::Hour => Self::quick_recipe("vit_mini", 0.004),
+            Preset::Hour => {
+                let mut values = Self::quick_recipe("vit_mini", 0.004);
+                values.push(("local_crops_scale", json!([0.2, 0.5])));
+                values
+            }
         }
     }
 
@@ -498,6 +503,9 @@ mod tests {
         assert_eq!((c.arch.as_str(), c.patch_size, c.local_crop_size, c.out_dim, c.momentum_teacher), ("vit_mini", 7, 14, 1024, 0.97));
         assert_eq!(c.lr, 0.004, "the hour's learning rate is twice the quick one's");
         assert_eq!(c.global_crops_scale, vec![0.9, 1.0], "both small-image presets crop little of the image");
+        assert_eq!(c.local_crops_scale, vec![0.2, 0.5], "the hour's local crops are larger than the reference's");
+        let c = resolve(&["dino", "train", "--preset", "hour", "--local_crops_scale", "0.05", "0.4"]).unwrap();
+        assert_eq!(c.local_crops_scale, vec![0.05, 0.4], "a flag beats the preset");
 
         let dir = std::env::temp_dir().join(format!("dino-config-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
